@@ -1,0 +1,56 @@
+//! Command line of `neox-worker`. Errors meet `anyhow` here, at the binary's edge.
+
+mod offline;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "neox-worker", version, about = "GPT-NeoX inference worker (NeoX Serve)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt and print it.
+    Generate(offline::GenerateArgs),
+    /// Print the logits of the last prompt position (or all positions).
+    Logits(offline::LogitsArgs),
+    /// Perplexity over non-overlapping windows of a token-id file.
+    Perplexity(offline::PerplexityArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A HuggingFace GPT-NeoX checkpoint directory, or `builtin:shakespeare`.
+    #[arg(long, env = "NEOX_MODEL", default_value = neox_worker::model::BUILTIN_DEFAULT)]
+    pub model: String,
+    /// Compute dtype: fp32, fp16 or bf16.
+    #[arg(long, env = "NEOX_DTYPE", default_value = "fp32")]
+    pub dtype: String,
+    /// CPU threads for matrix work (default: all cores).
+    #[arg(long, env = "NEOX_THREADS")]
+    pub threads: Option<usize>,
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NEOX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(a) => offline::generate(a),
+        Command::Logits(a) => offline::logits(a),
+        Command::Perplexity(a) => offline::perplexity(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

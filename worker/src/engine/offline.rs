@@ -1,0 +1,189 @@
+//! Whole-batch generation without a server: used by `neox-worker generate`, the
+//! perplexity command, tests and benchmarks.
+
+use std::time::Instant;
+
+use crate::model::{GptNeoX, LogitsWanted, ModelError, SeqStep, SequenceCache};
+
+use super::sampling::{Sampler, SamplingParams};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    EosToken,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OfflineOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop a sequence at this token (included in its output).
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+}
+
+/// Timings of a batch generation.
+#[derive(Debug, Clone, Default)]
+pub struct BatchTimings {
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub decode_steps: usize,
+}
+
+/// Generates continuations of every prompt together: one prefill step over all prompts,
+/// then decode steps over the sequences still running.
+pub fn generate_batch(
+    model: &GptNeoX,
+    prompts: &[Vec<u32>],
+    opts: &OfflineOptions,
+) -> Result<(Vec<Generation>, BatchTimings), ModelError> {
+    let max_pos = model.config().max_position_embeddings;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ModelError::Input(format!("prompt {i} is empty")));
+        }
+        if p.len() + opts.max_new_tokens > max_pos {
+            return Err(ModelError::Input(format!(
+                "prompt {i} has {} tokens; with max_new_tokens {} it exceeds the context of {max_pos}",
+                p.len(),
+                opts.max_new_tokens
+            )));
+        }
+    }
+    let n = prompts.len();
+    let mut caches: Vec<SequenceCache> = prompts
+        .iter()
+        .map(|p| model.new_cache(p.len() + opts.max_new_tokens))
+        .collect();
+    let mut samplers: Vec<Sampler> = (0..n)
+        .map(|i| {
+            let mut s = opts.sampling.clone();
+            s.seed = s.seed.wrapping_add(i as u64);
+            Sampler::new(s)
+        })
+        .collect();
+    let mut out: Vec<Generation> = (0..n)
+        .map(|_| Generation {
+            ids: Vec::new(),
+            finish_reason: FinishReason::Length,
+        })
+        .collect();
+    let mut timings = BatchTimings::default();
+    if opts.max_new_tokens == 0 {
+        return Ok((out, timings));
+    }
+    let mut running: Vec<usize> = (0..n).collect();
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    let vocab = model.sampleable_vocab();
+    let mut first = true;
+    while !running.is_empty() {
+        let t0 = Instant::now();
+        let logits = {
+            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(running.len());
+            let mut cache_refs: Vec<Option<&mut SequenceCache>> = caches.iter_mut().map(Some).collect();
+            for &i in &running {
+                let cache = cache_refs[i]
+                    .take()
+                    .ok_or_else(|| ModelError::Internal("cache reused".into()))?;
+                steps.push(SeqStep {
+                    tokens: &next[i],
+                    cache,
+                    logits: LogitsWanted::Last,
+                });
+            }
+            model.forward(&mut steps)?
+        };
+        let mut still = Vec::with_capacity(running.len());
+        for (row, &i) in running.iter().enumerate() {
+            let l = logits[row]
+                .as_ref()
+                .ok_or_else(|| ModelError::Internal("missing logits".into()))?;
+            let l: Vec<f32> = l.flatten_all()?.to_vec1()?;
+            let context: Vec<u32> = prompts[i].iter().chain(out[i].ids.iter()).copied().collect();
+            let s = samplers[i].sample(&l, vocab, &context, &out[i].ids);
+            out[i].ids.push(s.id);
+            if Some(s.id) == opts.eos_token_id {
+                out[i].finish_reason = FinishReason::EosToken;
+            } else if out[i].ids.len() < opts.max_new_tokens {
+                next[i] = vec![s.id];
+                still.push(i);
+            }
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        if first {
+            timings.prefill_secs = dt;
+            first = false;
+        } else {
+            timings.decode_secs += dt;
+            timings.decode_steps += 1;
+        }
+        running = still;
+    }
+    Ok((out, timings))
+}
+
+#[derive(Debug, Clone)]
+pub struct Perplexity {
+    pub perplexity: f64,
+    pub mean_nll: f64,
+    pub windows: usize,
+    pub predicted_tokens: usize,
+}
+
+/// Perplexity over non-overlapping `window`-token windows of `ids` (no context carried between
+/// windows; a trailing partial window is dropped), each predicting its positions 1..window.
+pub fn perplexity(model: &GptNeoX, ids: &[u32], window: usize) -> Result<Perplexity, ModelError> {
+    if window < 2 {
+        return Err(ModelError::Input("window must be at least 2 tokens".into()));
+    }
+    let windows = ids.len() / window;
+    if windows == 0 {
+        return Err(ModelError::Input(format!(
+            "{} ids do not fill one window of {window}",
+            ids.len()
+        )));
+    }
+    let mut nll = 0.0f64;
+    let mut count = 0usize;
+    for w in 0..windows {
+        let chunk = &ids[w * window..(w + 1) * window];
+        let mut cache = model.new_cache(window);
+        let logits = model.forward(&mut [SeqStep {
+            tokens: chunk,
+            cache: &mut cache,
+            logits: LogitsWanted::All,
+        }])?;
+        let logits = logits
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| ModelError::Internal("missing logits".into()))?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        for (pos, row) in rows.iter().enumerate().take(window - 1) {
+            let lp = super::sampling::log_softmax_at(row, std::iter::once(chunk[pos + 1]));
+            nll -= lp[0] as f64;
+            count += 1;
+        }
+    }
+    let mean_nll = nll / count as f64;
+    Ok(Perplexity {
+        perplexity: mean_nll.exp(),
+        mean_nll,
+        windows,
+        predicted_tokens: count,
+    })
+}

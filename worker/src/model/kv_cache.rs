@@ -1,0 +1,91 @@
+//! Per-sequence key/value cache.
+//!
+//! Each sequence owns one K and one V buffer per layer, `[heads, capacity, head_dim]`,
+//! written in place. Capacity is reserved up front when the final length is known (the
+//! engine knows prompt + max_new_tokens) and doubles otherwise, so appends never copy the
+//! whole history each step.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+pub struct SequenceCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    capacity: usize,
+    reserve: usize,
+}
+
+impl SequenceCache {
+    /// A cache for `num_layers` layers that expects about `reserve` tokens in total.
+    pub fn new(num_layers: usize, reserve: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity: 0,
+            reserve: reserve.max(1),
+        }
+    }
+
+    /// Tokens already cached (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the K/V buffers.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Forgets every token after the first `len`, keeping the buffers.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Writes `k`, `v` (`[heads, n, head_dim]`) after the cached tokens of `layer` and returns
+    /// views of the whole history, `[heads, len + n, head_dim]`.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let (heads, n, hd) = k.dims3()?;
+        let needed = self.len + n;
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Internal(format!("no layer {layer}")))?;
+        let cap = slot.as_ref().map(|(k, _)| k.dim(1)).transpose()?.unwrap_or(0);
+        if needed > cap {
+            let new_cap = needed.max(self.reserve).max(cap * 2);
+            let (nk, nv) = alloc(heads, new_cap, hd, k.dtype(), k.device())?;
+            if let Some((ok, ov)) = slot.as_ref() {
+                if self.len > 0 {
+                    nk.slice_set(&ok.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&ov.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            *slot = Some((nk, nv));
+            self.capacity = self.capacity.max(new_cap);
+        }
+        let (ck, cv) = slot.as_ref().ok_or_else(|| ModelError::Internal("cache slot".into()))?;
+        ck.slice_set(k, 1, self.len)?;
+        cv.slice_set(v, 1, self.len)?;
+        Ok((ck.narrow(1, 0, needed)?, cv.narrow(1, 0, needed)?))
+    }
+}
+
+fn alloc(heads: usize, cap: usize, hd: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor), ModelError> {
+    Ok((
+        Tensor::zeros((heads, cap, hd), dtype, dev)?,
+        Tensor::zeros((heads, cap, hd), dtype, dev)?,
+    ))
+}

@@ -1,0 +1,122 @@
+//! GPT-NeoX on candle: configuration, checkpoint loading, forward pass, tokenizer.
+
+mod builtin;
+mod checkpoint;
+mod config;
+mod kv_cache;
+mod neox;
+mod tokenizer;
+
+pub use builtin::{builtin_names, BUILTIN_DEFAULT};
+pub use checkpoint::{Checkpoint, Slice};
+pub use config::{Activation, NeoXConfig};
+pub use kv_cache::SequenceCache;
+pub use neox::{GptNeoX, LogitsWanted, SeqStep};
+pub use tokenizer::{IncrementalDecoder, NeoXTokenizer};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use crate::parallel::Communicator;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("checkpoint {file}{}: {message}", tensor.as_ref().map(|t| format!(", tensor {t}")).unwrap_or_default())]
+    Checkpoint {
+        file: String,
+        tensor: Option<String>,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("tensor parallelism: {0}")]
+    Parallel(String),
+    #[error(transparent)]
+    Collective(#[from] crate::parallel::ParallelError),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("tensor op failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Parses a dtype name as used on the command line and in `config.json`.
+pub fn parse_dtype(name: &str) -> Result<DType, ModelError> {
+    match name.to_ascii_lowercase().as_str() {
+        "fp32" | "f32" | "float32" => Ok(DType::F32),
+        "fp16" | "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(ModelError::Config(format!(
+            "dtype {other:?} is not supported (fp32, fp16, bf16)"
+        ))),
+    }
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "fp32",
+        DType::F16 => "fp16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+/// A model and its tokenizer, ready to run on this rank.
+pub struct LoadedModel {
+    pub name: String,
+    pub model: GptNeoX,
+    pub tokenizer: NeoXTokenizer,
+}
+
+/// Where a model comes from: a HuggingFace checkpoint directory or a model built into the binary.
+pub enum ModelSource<'a> {
+    Dir(&'a Path),
+    Builtin(&'a str),
+}
+
+impl<'a> ModelSource<'a> {
+    /// `builtin:NAME` or a directory path.
+    pub fn parse(spec: &'a str) -> Self {
+        match spec.strip_prefix("builtin:") {
+            Some(name) => ModelSource::Builtin(name),
+            None => ModelSource::Dir(Path::new(spec)),
+        }
+    }
+}
+
+/// Loads config, tokenizer and this rank's weight shards.
+pub fn load(spec: &str, dtype: DType, device: &Device, comm: Arc<dyn Communicator>) -> Result<LoadedModel, ModelError> {
+    let (name, config_text, tokenizer_bytes, checkpoint) = match ModelSource::parse(spec) {
+        ModelSource::Builtin(name) => {
+            let b = builtin::find(name)?;
+            (
+                spec.to_owned(),
+                b.config.to_owned(),
+                b.tokenizer.to_vec(),
+                Checkpoint::from_static(b.weights_name, b.weights)?,
+            )
+        }
+        ModelSource::Dir(dir) => {
+            let cfg_path = dir.join("config.json");
+            let config_text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::Checkpoint {
+                file: cfg_path.display().to_string(),
+                tensor: None,
+                message: format!("cannot read: {e}"),
+            })?;
+            let tok_path = dir.join("tokenizer.json");
+            let tok = std::fs::read(&tok_path)
+                .map_err(|e| ModelError::Tokenizer(format!("cannot read {}: {e}", tok_path.display())))?;
+            (dir.display().to_string(), config_text, tok, Checkpoint::open_dir(dir)?)
+        }
+    };
+    let config = NeoXConfig::from_json(&config_text)?;
+    let tokenizer = NeoXTokenizer::from_bytes(&tokenizer_bytes, config.eos_token_id)?;
+    let model = GptNeoX::load(&config, &checkpoint, dtype, device, comm)?;
+    let model = model.with_sampleable_vocab(tokenizer.vocab_size().min(config.vocab_size));
+    Ok(LoadedModel { name, model, tokenizer })
+}

@@ -1,0 +1,526 @@
+//! The GPT-NeoX forward pass, sharded Megatron-style over the ranks of a [`Communicator`].
+//!
+//! A step runs any mix of sequences (prefill chunks and single decode tokens): their new
+//! tokens are stacked into one `[tokens, hidden]` matrix so every projection is one matmul,
+//! and only attention runs per sequence, against that sequence's own KV cache.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::{Checkpoint, Slice};
+use super::config::{Activation, NeoXConfig};
+use super::kv_cache::SequenceCache;
+use super::ModelError;
+use crate::parallel::{Communicator, RankInfo};
+
+/// Which logits a sequence wants back from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    /// Only the last new token's (for sampling).
+    Last,
+    /// Every new token's (prompt logprobs, perplexity).
+    All,
+}
+
+/// One sequence's part of a forward step.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SequenceCache,
+    pub logits: LogitsWanted,
+}
+
+struct Linear {
+    /// `[out, in]`, as stored by PyTorch.
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+struct Layer {
+    ln_attn: LayerNorm,
+    ln_mlp: LayerNorm,
+    /// This rank's heads of `query_key_value`: output rows laid out `[heads, 3, head_dim]`.
+    qkv: Linear,
+    /// Input columns of `attention.dense` for this rank's heads; bias kept apart.
+    attn_out: Linear,
+    mlp_up: Linear,
+    /// Input columns of `dense_4h_to_h` for this rank's slice; bias kept apart.
+    mlp_down: Linear,
+    /// Row-parallel biases, added once after the all-reduce.
+    attn_out_bias: Option<Tensor>,
+    mlp_down_bias: Tensor,
+    /// Both of the above, pre-summed for the parallel residual.
+    fused_bias: Tensor,
+}
+
+/// GPT-NeoX, holding this rank's shard of the weights.
+pub struct GptNeoX {
+    config: NeoXConfig,
+    rank: RankInfo,
+    comm: Arc<dyn Communicator>,
+    dtype: DType,
+    device: Device,
+    embed_in: Tensor,
+    layers: Vec<Layer>,
+    final_ln: LayerNorm,
+    /// This rank's vocabulary rows of `embed_out`.
+    embed_out: Tensor,
+    local_heads: usize,
+    cos: Tensor,
+    sin: Tensor,
+    /// Logits of rows at or past this id are never sampled (embedding rows padded past the
+    /// tokenizer's vocabulary).
+    sampleable_vocab: usize,
+    weight_bytes: usize,
+}
+
+fn ln(ckpt: &Checkpoint, prefix: &str, c: &NeoXConfig, dtype: DType, dev: &Device) -> Result<LayerNorm, ModelError> {
+    let h = c.hidden_size;
+    Ok(LayerNorm {
+        weight: ckpt.load(&format!("{prefix}.weight"), &[h], Slice::Full, dtype, dev)?,
+        bias: ckpt.load(&format!("{prefix}.bias"), &[h], Slice::Full, dtype, dev)?,
+        eps: c.layer_norm_eps as f32,
+    })
+}
+
+/// Checks that every sharded dimension divides by the group size, naming what does not.
+fn check_divisible(c: &NeoXConfig, tp: usize) -> Result<(), ModelError> {
+    for (what, n) in [
+        ("num_attention_heads", c.num_heads),
+        ("intermediate_size", c.intermediate_size),
+        ("vocab_size (embedding rows)", c.vocab_size),
+    ] {
+        if !n.is_multiple_of(tp) {
+            return Err(ModelError::Parallel(format!(
+                "tensor-parallel size {tp} does not divide {what} = {n}; choose a size that divides it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `cos`/`sin` tables `[max_positions, rotary_dims / 2]`, computed in f32 exactly as HF does.
+fn rotary_tables(c: &NeoXConfig, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor), ModelError> {
+    let half = c.rotary_dims / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / (c.rotary_base as f32).powf((2 * i) as f32 / c.rotary_dims as f32))
+        .collect();
+    let n = c.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv_freq {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (n, half), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+impl GptNeoX {
+    /// Loads this rank's shard of every weight from `ckpt`.
+    pub fn load(
+        c: &NeoXConfig,
+        ckpt: &Checkpoint,
+        dtype: DType,
+        dev: &Device,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self, ModelError> {
+        let rank = comm.rank_info();
+        let tp = rank.world_size;
+        check_divisible(c, tp)?;
+        let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim(), c.intermediate_size, c.vocab_size);
+        let (head0, local_heads) = rank.split(c.num_heads);
+        let (i0, local_inter) = rank.split(inter);
+        let (v0, local_vocab) = rank.split(vocab);
+        let load = |name: &str, shape: &[usize], s: Slice| ckpt.load(name, shape, s, dtype, dev);
+        let qkv_rows = Slice::Rows {
+            start: head0 * 3 * hd,
+            len: local_heads * 3 * hd,
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("gpt_neox.layers.{l}");
+            let bias = |name: &str, n: usize, s: Slice| -> Result<Option<Tensor>, ModelError> {
+                if c.attention_bias {
+                    Ok(Some(load(name, &[n], s)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let qkv = Linear {
+                weight: load(&format!("{p}.attention.query_key_value.weight"), &[3 * h, h], qkv_rows)?,
+                bias: bias(&format!("{p}.attention.query_key_value.bias"), 3 * h, qkv_rows)?,
+            };
+            let attn_out = Linear {
+                weight: load(
+                    &format!("{p}.attention.dense.weight"),
+                    &[h, h],
+                    Slice::Cols {
+                        start: head0 * hd,
+                        len: local_heads * hd,
+                    },
+                )?,
+                bias: None,
+            };
+            let attn_out_bias = bias(&format!("{p}.attention.dense.bias"), h, Slice::Full)?;
+            let up_rows = Slice::Rows {
+                start: i0,
+                len: local_inter,
+            };
+            let mlp_up = Linear {
+                weight: load(&format!("{p}.mlp.dense_h_to_4h.weight"), &[inter, h], up_rows)?,
+                bias: Some(load(&format!("{p}.mlp.dense_h_to_4h.bias"), &[inter], up_rows)?),
+            };
+            let mlp_down = Linear {
+                weight: load(
+                    &format!("{p}.mlp.dense_4h_to_h.weight"),
+                    &[h, inter],
+                    Slice::Cols {
+                        start: i0,
+                        len: local_inter,
+                    },
+                )?,
+                bias: None,
+            };
+            let mlp_down_bias = load(&format!("{p}.mlp.dense_4h_to_h.bias"), &[h], Slice::Full)?;
+            let fused_bias = match &attn_out_bias {
+                Some(b) => (b + &mlp_down_bias)?,
+                None => mlp_down_bias.clone(),
+            };
+            layers.push(Layer {
+                ln_attn: ln(ckpt, &format!("{p}.input_layernorm"), c, dtype, dev)?,
+                ln_mlp: ln(ckpt, &format!("{p}.post_attention_layernorm"), c, dtype, dev)?,
+                qkv,
+                attn_out,
+                mlp_up,
+                mlp_down,
+                attn_out_bias,
+                mlp_down_bias,
+                fused_bias,
+            });
+        }
+        let embed_in = load("gpt_neox.embed_in.weight", &[vocab, h], Slice::Full)?;
+        let out_rows = Slice::Rows {
+            start: v0,
+            len: local_vocab,
+        };
+        let embed_out = if c.tie_word_embeddings && !ckpt.contains("embed_out.weight") {
+            load("gpt_neox.embed_in.weight", &[vocab, h], out_rows)?
+        } else {
+            load("embed_out.weight", &[vocab, h], out_rows)?
+        };
+        let final_ln = ln(ckpt, "gpt_neox.final_layer_norm", c, dtype, dev)?;
+        let (cos, sin) = rotary_tables(c, dtype, dev)?;
+        let weight_bytes = Self::count_bytes(&embed_in, &layers, &embed_out, &final_ln);
+        Ok(Self {
+            config: c.clone(),
+            rank,
+            comm,
+            dtype,
+            device: dev.clone(),
+            embed_in,
+            layers,
+            final_ln,
+            embed_out,
+            local_heads,
+            cos,
+            sin,
+            sampleable_vocab: vocab,
+            weight_bytes,
+        })
+    }
+
+    fn count_bytes(embed_in: &Tensor, layers: &[Layer], embed_out: &Tensor, final_ln: &LayerNorm) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let ob = |t: &Option<Tensor>| t.as_ref().map(b).unwrap_or(0);
+        let lnb = |l: &LayerNorm| b(&l.weight) + b(&l.bias);
+        b(embed_in)
+            + b(embed_out)
+            + lnb(final_ln)
+            + layers
+                .iter()
+                .map(|l| {
+                    lnb(&l.ln_attn)
+                        + lnb(&l.ln_mlp)
+                        + b(&l.qkv.weight)
+                        + ob(&l.qkv.bias)
+                        + b(&l.attn_out.weight)
+                        + ob(&l.attn_out_bias)
+                        + b(&l.mlp_up.weight)
+                        + ob(&l.mlp_up.bias)
+                        + b(&l.mlp_down.weight)
+                        + b(&l.mlp_down_bias)
+                })
+                .sum::<usize>()
+    }
+
+    /// Limits sampling to the first `n` rows (the tokenizer's vocabulary).
+    pub fn with_sampleable_vocab(mut self, n: usize) -> Self {
+        self.sampleable_vocab = n.min(self.config.vocab_size).max(1);
+        self
+    }
+
+    pub fn config(&self) -> &NeoXConfig {
+        &self.config
+    }
+    pub fn rank(&self) -> RankInfo {
+        self.rank
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn sampleable_vocab(&self) -> usize {
+        self.sampleable_vocab
+    }
+    /// Bytes of weights resident on this rank.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+    /// Bytes of K+V cache one token takes on this rank.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.num_layers * self.local_heads * self.config.head_dim() * self.dtype.size_in_bytes()
+    }
+
+    /// A fresh, empty cache for one sequence expected to reach `reserve` tokens.
+    pub fn new_cache(&self, reserve: usize) -> SequenceCache {
+        SequenceCache::new(self.config.num_layers, reserve)
+    }
+
+    /// Runs one step over `seqs` and returns, for each, the logits it asked for as a
+    /// `[rows, vocab]` f32 tensor (full vocabulary on every rank).
+    pub fn forward(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let hidden = self.forward_hidden(seqs)?;
+        let mut rows = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut offset = 0u32;
+        for s in seqs.iter() {
+            let n = s.tokens.len() as u32;
+            let first = rows.len();
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => rows.push(offset + n - 1),
+                LogitsWanted::All => rows.extend(offset..offset + n),
+            }
+            spans.push((first, rows.len() - first));
+            offset += n;
+        }
+        if rows.is_empty() {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
+        let idx = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
+        let selected = hidden.index_select(&idx, 0)?;
+        let logits = self.lm_head(&selected)?;
+        spans
+            .into_iter()
+            .map(|(first, len)| {
+                if len == 0 {
+                    Ok(None)
+                } else {
+                    Ok(Some(logits.narrow(0, first, len)?))
+                }
+            })
+            .collect()
+    }
+
+    /// Full-vocabulary f32 logits for `hidden` rows (gathered across ranks).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        let local = hidden.matmul(&self.embed_out.t()?)?;
+        let full = self.comm.all_gather(&local, 1)?;
+        Ok(full.to_dtype(DType::F32)?)
+    }
+
+    /// Runs the transformer over the new tokens of `seqs`, appending to their caches, and
+    /// returns the final-layer-norm output `[total_new_tokens, hidden]`.
+    pub fn forward_hidden(&self, seqs: &mut [SeqStep<'_>]) -> Result<Tensor, ModelError> {
+        let max_pos = self.config.max_position_embeddings;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::Input(format!("sequence {i} has no new tokens")));
+            }
+            let start = s.cache.len();
+            if start + s.tokens.len() > max_pos {
+                return Err(ModelError::Input(format!(
+                    "sequence {i} reaches position {} but the model has {max_pos} positions",
+                    start + s.tokens.len()
+                )));
+            }
+            for (j, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= self.config.vocab_size {
+                    return Err(ModelError::Input(format!(
+                        "token id {t} is outside the vocabulary of {} rows",
+                        self.config.vocab_size
+                    )));
+                }
+                ids.push(t);
+                positions.push((start + j) as u32);
+            }
+        }
+        if ids.is_empty() {
+            return Err(ModelError::Input("a step needs at least one sequence".into()));
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let pos = Tensor::from_vec(positions, n, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed_in.index_select(&ids, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, li, &x, &cos, &sin, seqs)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        self.final_ln.forward(&x)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        li: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Tensor, ModelError> {
+        let attn = self.attention(layer, li, &layer.ln_attn.forward(x)?, cos, sin, seqs)?;
+        if self.config.use_parallel_residual {
+            // x + attn(ln1(x)) + mlp(ln2(x)): both partial sums reduced in ONE all-reduce.
+            let mlp = self.mlp(layer, &layer.ln_mlp.forward(x)?)?;
+            let reduced = self.comm.all_reduce_sum(&(attn + mlp)?)?;
+            Ok((x + reduced.broadcast_add(&layer.fused_bias)?)?)
+        } else {
+            let mut a = self.comm.all_reduce_sum(&attn)?;
+            if let Some(b) = &layer.attn_out_bias {
+                a = a.broadcast_add(b)?;
+            }
+            let x = (x + a)?;
+            let m = self
+                .comm
+                .all_reduce_sum(&self.mlp(layer, &layer.ln_mlp.forward(&x)?)?)?;
+            Ok((x + m.broadcast_add(&layer.mlp_down_bias)?)?)
+        }
+    }
+
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor, ModelError> {
+        let h = layer.mlp_up.forward(x)?;
+        let h = match self.config.activation {
+            Activation::GeluErf => h.gelu_erf()?,
+            Activation::GeluTanh => h.gelu()?,
+            Activation::Relu => h.relu()?,
+        };
+        layer.mlp_down.forward(&h)
+    }
+
+    /// Rotates the first `rotary_dims` of each head (`x`: `[heads, tokens, head_dim]`).
+    fn rotary(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
+        let (heads, t, hd) = x.dims3()?;
+        let rot = self.config.rotary_dims;
+        if rot == hd {
+            return Ok(candle_nn::rotary_emb::rope(&x.unsqueeze(0)?, cos, sin)?.reshape((heads, t, hd))?);
+        }
+        let x_rot = x.narrow(2, 0, rot)?.contiguous()?.unsqueeze(0)?;
+        let x_rot = candle_nn::rotary_emb::rope(&x_rot, cos, sin)?.reshape((heads, t, rot))?;
+        Ok(Tensor::cat(&[&x_rot, &x.narrow(2, rot, hd - rot)?], 2)?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        li: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Tensor, ModelError> {
+        let t = x.dim(0)?;
+        let (heads, hd) = (self.local_heads, self.config.head_dim());
+        let qkv = layer.qkv.forward(x)?.reshape((t, heads, 3, hd))?;
+        let part = |i: usize| -> Result<Tensor, ModelError> {
+            Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(0, 1)?.contiguous()?)
+        };
+        let q = self.rotary(&part(0)?, cos, sin)?;
+        let k = self.rotary(&part(1)?, cos, sin)?;
+        let v = part(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            let start = s.cache.len();
+            let qs = q.narrow(1, offset, n)?;
+            let ks = k.narrow(1, offset, n)?.contiguous()?;
+            let vs = v.narrow(1, offset, n)?.contiguous()?;
+            let (kc, vc) = s.cache.append(li, &ks, &vs)?;
+            let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
+            if n > 1 {
+                scores = scores.broadcast_add(&self.causal_mask(n, start)?)?;
+            }
+            let probs = softmax_f32(&scores)?;
+            outs.push(probs.matmul(&vc.contiguous()?)?);
+            offset += n;
+        }
+        let o = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
+        let o = o.transpose(0, 1)?.reshape((t, heads * hd))?;
+        layer.attn_out.forward(&o)
+    }
+
+    /// `[n, start + n]` additive mask: new token i (position start + i) sees positions ≤ its own.
+    fn causal_mask(&self, n: usize, start: usize) -> Result<Tensor, ModelError> {
+        let total = start + n;
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Ok(Tensor::from_vec(mask, (n, total), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// Softmax over the last dim, computed in f32 whatever the compute dtype.
+fn softmax_f32(x: &Tensor) -> Result<Tensor, ModelError> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return Ok(candle_nn::ops::softmax_last_dim(x)?);
+    }
+    Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
+}

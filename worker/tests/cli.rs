@@ -1,0 +1,132 @@
+//! The `neox-worker` offline commands, run as a user would, against HF goldens.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn worker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_neox-worker"))
+}
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = worker().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "neox-worker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn generate_json_matches_hf_greedy() {
+    let g = Goldens::load();
+    let dir = fixture_dir();
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let want = g.ids(&format!("case{i}.greedy"));
+        let n = want.len().to_string();
+        let v = run_json(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &csv(&ids),
+            "--max-new-tokens",
+            &n,
+            "--greedy",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let got: Vec<u32> = v["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(got, want, "case{i}");
+        assert_eq!(v["prompt_ids"].as_array().unwrap().len(), ids.len());
+        assert!(v["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn logits_json_matches_hf_last_position() {
+    let g = Goldens::load();
+    let i = g.cases()[1.min(g.cases().len() - 1)];
+    let ids = g.ids(&format!("case{i}.input_ids"));
+    let v = run_json(&[
+        "logits",
+        "--model",
+        fixture_dir().to_str().unwrap(),
+        "--prompt-ids",
+        &csv(&ids),
+        "--json",
+    ]);
+    let got: Vec<f32> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let want = g.f32_2d(&format!("case{i}.logits")).pop().unwrap();
+    assert!(max_abs_diff(&[got], &[want]) <= 1e-4);
+}
+
+#[test]
+fn default_model_writes_the_golden_romeo_text() {
+    let out = worker()
+        .args([
+            "generate",
+            "--prompt",
+            "ROMEO:\n",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("ROMEO:\nI'll not a man, I'll be a man."), "{text}");
+}
+
+#[test]
+fn perplexity_command_reports_hf_value() {
+    let dir = shakespeare_dir();
+    let v = run_json(&[
+        "perplexity",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids-file",
+        dir.join("hamlet_eval_ids.json").to_str().unwrap(),
+        "--window",
+        "256",
+        "--json",
+    ]);
+    assert!((v["perplexity"].as_f64().unwrap() - 65.65825).abs() < 0.01, "{v}");
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    for args in [
+        vec!["generate", "--model", "/nonexistent/dir", "--prompt", "x"],
+        vec!["generate", "--model", "builtin:nope", "--prompt", "x"],
+        vec!["generate", "--prompt", "x", "--top-p", "1.5"],
+        vec!["generate", "--prompt", "x", "--dtype", "int3"],
+        vec!["generate", "--prompt", "x", "--max-new-tokens", "100000"],
+        vec!["logits", "--prompt-ids", "999999"],
+    ] {
+        let out = worker().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains("error"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}

@@ -1,0 +1,97 @@
+//! Helpers shared by the model tests: where the HF fixture lives and how to read its goldens.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use neox_worker::model::{self, LoadedModel};
+use neox_worker::parallel::SingleRank;
+
+/// The HF checkpoint under test: `NEOX_FIXTURE_DIR`, else `../shared/fixtures/tiny-neox`.
+/// Every assertion is derived from its `golden.safetensors`, so any GPT-NeoX checkpoint with
+/// goldens made by `make_fixtures.py` can be swapped in.
+pub fn fixture_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("NEOX_FIXTURE_DIR") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-neox")
+}
+
+pub fn shakespeare_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox")
+}
+
+pub struct Goldens {
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Goldens {
+    pub fn load() -> Self {
+        let path = fixture_dir().join("golden.safetensors");
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        Self { tensors }
+    }
+
+    pub fn get(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("golden {name} missing"))
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        let t = self.get(name).to_dtype(DType::I64).unwrap().flatten_all().unwrap();
+        t.to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    }
+
+    pub fn ids2(&self, name: &str) -> Vec<Vec<u32>> {
+        let t = self.get(name).to_dtype(DType::I64).unwrap();
+        t.to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u32).collect())
+            .collect()
+    }
+
+    pub fn f32_2d(&self, name: &str) -> Vec<Vec<f32>> {
+        let t = self.get(name).to_dtype(DType::F32).unwrap();
+        let t = if t.rank() == 3 { t.squeeze(0).unwrap() } else { t };
+        t.to_vec2().unwrap()
+    }
+
+    /// Indices of the single-sequence cases (`case0`, `case1`, ...).
+    pub fn cases(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("case")?.strip_suffix(".input_ids")?.parse().ok())
+            .collect();
+        v.sort();
+        assert!(!v.is_empty(), "no cases in golden.safetensors");
+        v
+    }
+}
+
+pub fn load_model(spec: &str, dtype: DType) -> LoadedModel {
+    model::load(spec, dtype, &Device::Cpu, Arc::new(SingleRank)).unwrap_or_else(|e| panic!("loading {spec}: {e}"))
+}
+
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row count");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "row length");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Copies a checkpoint directory's non-weight files into `dst`.
+pub fn copy_side_files(src: &std::path::Path, dst: &std::path::Path) {
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+}

@@ -1,0 +1,222 @@
+//! The model against HuggingFace transformers' goldens (fp32): logits, hidden states,
+//! greedy continuations with the KV cache, a left-padded batch, fp16, sharded files.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use neox_worker::engine::{generate_batch, OfflineOptions, SamplingParams};
+use neox_worker::model::{LogitsWanted, SeqStep};
+
+const TOL: f32 = 1e-4;
+
+fn fixture() -> String {
+    fixture_dir().display().to_string()
+}
+
+fn all_logits(m: &neox_worker::model::GptNeoX, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache(ids.len());
+    let out = m
+        .forward(&mut [SeqStep {
+            tokens: ids,
+            cache: &mut cache,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap();
+    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn logits_and_hidden_states_match_hf() {
+    let g = Goldens::load();
+    let m = load_model(&fixture(), DType::F32);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let got = all_logits(&m.model, &ids);
+        let want = g.f32_2d(&format!("case{i}.logits"));
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= TOL, "case{i}: logits differ from HF by {d}");
+
+        let mut cache = m.model.new_cache(ids.len());
+        let hidden = m
+            .model
+            .forward_hidden(&mut [SeqStep {
+                tokens: &ids,
+                cache: &mut cache,
+                logits: LogitsWanted::None,
+            }])
+            .unwrap();
+        let d = max_abs_diff(&hidden.to_vec2().unwrap(), &g.f32_2d(&format!("case{i}.hidden_last")));
+        assert!(d <= TOL, "case{i}: final hidden states differ from HF by {d}");
+    }
+}
+
+#[test]
+fn greedy_continuations_with_kv_cache_match_hf() {
+    let g = Goldens::load();
+    let m = load_model(&fixture(), DType::F32);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let want = g.ids(&format!("case{i}.greedy"));
+        let opts = OfflineOptions {
+            max_new_tokens: want.len(),
+            sampling: SamplingParams::default(),
+            eos_token_id: None,
+        };
+        let (out, _) = generate_batch(&m.model, &[ids], &opts).unwrap();
+        assert_eq!(out[0].ids, want, "case{i}: greedy continuation differs from HF");
+    }
+}
+
+#[test]
+fn left_padded_batch_matches_hf() {
+    let g = Goldens::load();
+    let m = load_model(&fixture(), DType::F32);
+    let ids = g.ids2("batch.input_ids");
+    let mask = g.ids2("batch.attention_mask");
+    // Our batches are ragged: a padded row is just its unmasked tokens.
+    let prompts: Vec<Vec<u32>> = ids
+        .iter()
+        .zip(&mask)
+        .map(|(r, m)| r.iter().zip(m).filter(|(_, &k)| k == 1).map(|(&t, _)| t).collect())
+        .collect();
+    let want = g.ids2("batch.greedy");
+    let opts = OfflineOptions {
+        max_new_tokens: want[0].len(),
+        sampling: SamplingParams::default(),
+        eos_token_id: None,
+    };
+    let (out, _) = generate_batch(&m.model, &prompts, &opts).unwrap();
+    for (row, w) in want.iter().enumerate() {
+        assert_eq!(&out[row].ids, w, "batch row {row} differs from HF");
+    }
+    // Last-position logits of the whole batch in one forward step.
+    let mut caches: Vec<_> = prompts.iter().map(|p| m.model.new_cache(p.len())).collect();
+    let mut steps: Vec<SeqStep<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, c)| SeqStep {
+            tokens: p,
+            cache: c,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    let logits = m.model.forward(&mut steps).unwrap();
+    let got: Vec<Vec<f32>> = logits
+        .into_iter()
+        .map(|l| l.unwrap().to_vec2::<f32>().unwrap().remove(0))
+        .collect();
+    let d = max_abs_diff(&got, &g.f32_2d("batch.last_logits"));
+    assert!(d <= TOL, "batched last logits differ from HF by {d}");
+}
+
+#[test]
+fn prefill_in_chunks_equals_one_prefill() {
+    // Chunked prefill (the engine splits long prompts) must not change the numbers.
+    let g = Goldens::load();
+    let m = load_model(&fixture(), DType::F32);
+    let case = *g
+        .cases()
+        .iter()
+        .max_by_key(|i| g.ids(&format!("case{i}.input_ids")).len())
+        .unwrap();
+    let ids = g.ids(&format!("case{case}.input_ids"));
+    let want = g.f32_2d(&format!("case{case}.logits"));
+    let mut cache = m.model.new_cache(1);
+    let mut got = Vec::new();
+    for chunk in ids.chunks(5) {
+        let out = m
+            .model
+            .forward(&mut [SeqStep {
+                tokens: chunk,
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }])
+            .unwrap();
+        got.extend(out.into_iter().next().flatten().unwrap().to_vec2::<f32>().unwrap());
+    }
+    let d = max_abs_diff(&got, &want);
+    assert!(d <= TOL, "chunked prefill differs from HF by {d}");
+}
+
+/// Writes every tensor of the fixture converted to `dtype`, split over `shards` files.
+fn rewrite_checkpoint(dst: &std::path::Path, dtype: DType, shards: usize) {
+    let src = fixture_dir();
+    copy_side_files(&src, dst);
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    if shards == 1 {
+        let conv: HashMap<String, Tensor> = all
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&conv, dst.join("model.safetensors")).unwrap();
+        return;
+    }
+    let mut weight_map = serde_json::Map::new();
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards);
+        let part: HashMap<String, Tensor> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % shards == s)
+            .map(|(_, k)| {
+                weight_map.insert((*k).clone(), serde_json::Value::String(file.clone()));
+                ((*k).clone(), all[*k].to_dtype(dtype).unwrap())
+            })
+            .collect();
+        candle_core::safetensors::save(&part, dst.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dst.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn sharded_checkpoint_with_index_gives_identical_logits() {
+    let g = Goldens::load();
+    let dir = tempfile::tempdir().unwrap();
+    rewrite_checkpoint(dir.path(), DType::F32, 3);
+    assert!(!dir.path().join("model.safetensors").exists());
+    let m = load_model(dir.path().to_str().unwrap(), DType::F32);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let d = max_abs_diff(&all_logits(&m.model, &ids), &g.f32_2d(&format!("case{i}.logits")));
+        assert!(d <= TOL, "case{i}: sharded checkpoint logits differ from HF by {d}");
+    }
+}
+
+/// fp16 has a 10-bit mantissa: rounding each weight moves it by up to 2^-11 relative
+/// (≈ 4.9e-4). Logits are sums over `hidden` products of O(1) activations with weights
+/// rounded independently, so their error grows like sqrt(hidden) * |w| * 4.9e-4 per layer —
+/// a few 1e-3 for these shapes. We allow 2e-2 absolute (logits here have std ≈ 2.5), which
+/// still fails loudly on any layout or conversion bug (those give errors of order 1).
+const FP16_WEIGHTS_TOL: f32 = 2e-2;
+/// Computing in fp16 as well rounds every activation too (LayerNorm outputs, attention
+/// probabilities, the 4h MLP): allow 1e-1 absolute, still ≪ the logits' spread.
+const FP16_COMPUTE_TOL: f32 = 1e-1;
+
+#[test]
+fn fp16_weights_and_fp16_compute_stay_within_tolerance() {
+    let g = Goldens::load();
+    let dir = tempfile::tempdir().unwrap();
+    rewrite_checkpoint(dir.path(), DType::F16, 1);
+    let path = dir.path().to_str().unwrap().to_owned();
+    for (dtype, tol) in [
+        (DType::F32, FP16_WEIGHTS_TOL),
+        (DType::F16, FP16_COMPUTE_TOL),
+        (DType::BF16, 0.25),
+    ] {
+        let m = load_model(&path, dtype);
+        let mut worst = 0.0f32;
+        for i in g.cases() {
+            let ids = g.ids(&format!("case{i}.input_ids"));
+            let d = max_abs_diff(&all_logits(&m.model, &ids), &g.f32_2d(&format!("case{i}.logits")));
+            worst = worst.max(d);
+        }
+        eprintln!("fp16 weights, {dtype:?} compute: max |logit - HF| = {worst}");
+        assert!(worst <= tol, "{dtype:?} compute on fp16 weights: {worst} > {tol}");
+    }
+}
