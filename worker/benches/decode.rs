@@ -1,1 +1,194 @@
-fn main() {}
+//! Decode benchmark: a 125M-shaped GPT-NeoX (random weights written as an HF checkpoint by
+//! the benchmark itself), prefill and decode at batch 1 and 8, side by side with HF
+//! transformers on the same checkpoint and thread count when it is installed.
+//!
+//! `cargo bench -p neox-worker --bench decode` (env: NEOX_BENCH_THREADS=2,
+//! NEOX_BENCH_LAYERS=12, NEOX_HF_PYTHON=python3 with transformers, NEOX_BENCH_SKIP_HF=1).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use neox_worker::engine::sampling::argmax;
+use neox_worker::model::{Checkpoint, GptNeoX, LogitsWanted, NeoXConfig, SeqStep};
+use neox_worker::parallel::SingleRank;
+
+const PROMPT: usize = 32;
+const DECODE: usize = 32;
+const REPEATS: usize = 3;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn write_checkpoint(dir: &Path, layers: usize) -> anyhow::Result<NeoXConfig> {
+    let (h, inter, vocab) = (768usize, 3072usize, 50432usize);
+    let config = serde_json::json!({
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": vocab,
+        "hidden_size": h, "num_attention_heads": 12, "num_hidden_layers": layers, "intermediate_size": inter,
+        "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000, "max_position_embeddings": 2048,
+        "layer_norm_eps": 1e-5, "use_parallel_residual": true, "tie_word_embeddings": false,
+        "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    let dev = Device::Cpu;
+    let rand = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("gpt_neox.embed_in.weight".into(), rand(&[vocab, h])?);
+    t.insert("embed_out.weight".into(), rand(&[vocab, h])?);
+    t.insert(
+        "gpt_neox.final_layer_norm.weight".into(),
+        Tensor::ones(h, DType::F32, &dev)?,
+    );
+    t.insert(
+        "gpt_neox.final_layer_norm.bias".into(),
+        Tensor::zeros(h, DType::F32, &dev)?,
+    );
+    for l in 0..layers {
+        let p = format!("gpt_neox.layers.{l}");
+        for ln in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(format!("{p}.{ln}.weight"), Tensor::ones(h, DType::F32, &dev)?);
+            t.insert(format!("{p}.{ln}.bias"), Tensor::zeros(h, DType::F32, &dev)?);
+        }
+        for (name, out, inp) in [
+            ("attention.query_key_value", 3 * h, h),
+            ("attention.dense", h, h),
+            ("mlp.dense_h_to_4h", inter, h),
+            ("mlp.dense_4h_to_h", h, inter),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), rand(&[out, inp])?);
+            t.insert(format!("{p}.{name}.bias"), rand(&[out])?);
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    Ok(NeoXConfig::from_json(&std::fs::read_to_string(
+        dir.join("config.json"),
+    )?)?)
+}
+
+struct Figures {
+    prefill_ms: f64,
+    decode_ms_per_step: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run(model: &GptNeoX, batch: usize) -> anyhow::Result<Figures> {
+    let vocab = model.config().vocab_size as u32;
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for r in 0..REPEATS {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|b| {
+                (0..PROMPT)
+                    .map(|i| ((i * 7919 + b * 104729 + r * 31) as u32) % (vocab - 2) + 2)
+                    .collect()
+            })
+            .collect();
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache(PROMPT + DECODE)).collect();
+        let mut next: Vec<Vec<u32>> = prompts.clone();
+        let mut step = |next: &mut Vec<Vec<u32>>, caches: &mut Vec<_>| -> anyhow::Result<()> {
+            let mut steps: Vec<SeqStep<'_>> = next
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, c)| SeqStep {
+                    tokens: t,
+                    cache: c,
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            let logits = model.forward(&mut steps)?;
+            for (i, l) in logits.into_iter().enumerate() {
+                let row: Vec<f32> = l
+                    .ok_or_else(|| anyhow::anyhow!("no logits"))?
+                    .flatten_all()?
+                    .to_vec1()?;
+                next[i] = vec![argmax(&row)];
+            }
+            Ok(())
+        };
+        let t0 = Instant::now();
+        step(&mut next, &mut caches)?;
+        prefill.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for _ in 0..DECODE {
+            step(&mut next, &mut caches)?;
+        }
+        decode.push(t0.elapsed().as_secs_f64() / DECODE as f64);
+    }
+    Ok(Figures {
+        prefill_ms: median(prefill) * 1e3,
+        decode_ms_per_step: median(decode) * 1e3,
+    })
+}
+
+fn hf(dir: &Path, threads: usize) -> Option<serde_json::Value> {
+    if std::env::var("NEOX_BENCH_SKIP_HF").is_ok() {
+        return None;
+    }
+    let python = std::env::var("NEOX_HF_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/hf_decode.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(dir)
+        .args(["--threads", &threads.to_string(), "--prompt-len", &PROMPT.to_string()])
+        .args(["--decode-tokens", &DECODE.to_string(), "--batches", "1,8"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "HF side skipped ({python}): {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn main() -> anyhow::Result<()> {
+    let threads = env_or("NEOX_BENCH_THREADS", 2);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let layers = env_or("NEOX_BENCH_LAYERS", 12);
+    let dir = tempfile::tempdir()?;
+    let config = write_checkpoint(dir.path(), layers)?;
+    let ckpt = Checkpoint::open_dir(dir.path())?;
+    let model = GptNeoX::load(&config, &ckpt, DType::F32, &Device::Cpu, Arc::new(SingleRank))?;
+    println!(
+        "GPT-NeoX 125M-shaped (hidden 768, {layers} layers, vocab 50432), fp32, {threads} threads, prompt {PROMPT}, {DECODE} decode steps"
+    );
+    let hf = hf(dir.path(), threads);
+    println!(
+        "{:<8} {:>12} {:>14} {:>12} | {:>12} {:>14} {:>12} | {:>8}",
+        "batch", "prefill ms", "decode ms/step", "tok/s", "HF prefill", "HF ms/step", "HF tok/s", "speedup"
+    );
+    for batch in [1usize, 8] {
+        let f = run(&model, batch)?;
+        let tps = batch as f64 / f.decode_ms_per_step * 1e3;
+        let h = hf.as_ref().and_then(|v| v.get(format!("batch{batch}")).cloned());
+        match h {
+            Some(h) => {
+                let hf_tps = h["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "{batch:<8} {:>12.2} {:>14.2} {:>12.1} | {:>12.2} {:>14.2} {:>12.1} | {:>7.2}x",
+                    f.prefill_ms,
+                    f.decode_ms_per_step,
+                    tps,
+                    h["prefill_ms"].as_f64().unwrap_or(f64::NAN),
+                    h["decode_ms_per_step"].as_f64().unwrap_or(f64::NAN),
+                    hf_tps,
+                    tps / hf_tps
+                );
+            }
+            None => println!(
+                "{batch:<8} {:>12.2} {:>14.2} {:>12.1} | (HF transformers not available)",
+                f.prefill_ms, f.decode_ms_per_step, tps
+            ),
+        }
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@ mod builtin;
 mod checkpoint;
 mod config;
 mod kv_cache;
+mod linear;
 mod neox;
 mod tokenizer;
 

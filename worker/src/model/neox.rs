@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use super::checkpoint::{Checkpoint, Slice};
 use super::config::{Activation, NeoXConfig};
 use super::kv_cache::SequenceCache;
+use super::linear::{matmul_wt, Linear};
 use super::ModelError;
 use crate::parallel::{Communicator, RankInfo};
 
@@ -29,22 +30,6 @@ pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut SequenceCache,
     pub logits: LogitsWanted,
-}
-
-struct Linear {
-    /// `[out, in]`, as stored by PyTorch.
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = x.matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
 }
 
 struct LayerNorm {
@@ -360,7 +345,7 @@ impl GptNeoX {
 
     /// Full-vocabulary f32 logits for `hidden` rows (gathered across ranks).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        let local = hidden.matmul(&self.embed_out.t()?)?;
+        let local = matmul_wt(hidden, &self.embed_out)?;
         let full = self.comm.all_gather(&local, 1)?;
         Ok(full.to_dtype(DType::F32)?)
     }

@@ -1,0 +1,152 @@
+//! Small-batch `x · Wᵀ` for decode steps on CPU.
+//!
+//! At decode time a step multiplies a handful of activation rows by every weight matrix, so it
+//! is bound by streaming the weights from memory. General GEMM libraries pack the weight
+//! matrix first, which doubles that traffic; here each weight row is read exactly once and
+//! dotted with every activation row while it sits in L1. Kept in its own crate so it is always
+//! compiled with optimisations (see the workspace's dev profile).
+
+use rayon::prelude::*;
+
+/// Output columns per parallel task: large enough to amortise scheduling, small enough to
+/// balance 2–64 threads on the smallest matrices.
+const COLS_PER_TASK: usize = 64;
+
+/// `out[i][j] = Σₖ x[i][k] · w[j][k]` for `x`: `[m, k]`, `w`: `[n, k]`, `out`: `[m, n]`,
+/// all row-major and contiguous.
+///
+/// # Panics
+/// If a slice is shorter than its shape says.
+pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul_xwt: slice shorter than its shape"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dot = dot_fn();
+    if m == 1 {
+        out[..n]
+            .par_chunks_mut(COLS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let j0 = c * COLS_PER_TASK;
+                for (dj, o) in chunk.iter_mut().enumerate() {
+                    let j = j0 + dj;
+                    *o = dot(&x[..k], &w[j * k..(j + 1) * k]);
+                }
+            });
+        return;
+    }
+    // Column-major scratch so each task owns a contiguous block, transposed at the end.
+    let mut t = vec![0f32; n * m];
+    t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(c, chunk)| {
+        let j0 = c * COLS_PER_TASK;
+        for (dj, col) in chunk.chunks_mut(m).enumerate() {
+            let wj = &w[(j0 + dj) * k..(j0 + dj + 1) * k];
+            for (i, o) in col.iter_mut().enumerate() {
+                *o = dot(&x[i * k..(i + 1) * k], wj);
+            }
+        }
+    });
+    for (j, col) in t.chunks(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+}
+
+type DotFn = fn(&[f32], &[f32]) -> f32;
+
+fn dot_fn() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return |a, b| {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                unsafe { x86::dot_avx2(a, b) }
+            };
+        }
+    }
+    dot_scalar
+}
+
+fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums let the compiler vectorise and pipeline.
+    let mut acc = [0f32; 8];
+    let (ca, ra) = a.split_at(a.len() / 8 * 8);
+    let (cb, rb) = b.split_at(ca.len());
+    for (x, y) in ca.chunks_exact(8).zip(cb.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (u, a_u) in acc.iter_mut().enumerate() {
+                let off = i + 8 * u;
+                *a_u = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(off)), _mm256_loadu_ps(pb.add(off)), *a_u);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let hi = _mm256_extractf128_ps(s, 1);
+        let lo = _mm256_castps256_ps128(s);
+        let q = _mm_add_ps(hi, lo);
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mut sum = _mm_cvtss_f32(q);
+        while i < n {
+            sum += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_reference_on_ragged_shapes() {
+        for &(m, k, n) in &[(1, 1, 1), (1, 37, 130), (3, 64, 65), (8, 768, 200), (5, 33, 1)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 11 % 13) as f32 - 6.0) / 6.0).collect();
+            let mut out = vec![0f32; m * n];
+            matmul_xwt(&x, m, k, &w, n, &mut out);
+            let want = reference(&x, m, k, &w, n);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+            }
+            assert_eq!(dot_scalar(&x[..k], &w[..k]), dot_scalar(&x[..k], &w[..k]));
+        }
+    }
+}
