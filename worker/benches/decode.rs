@@ -92,7 +92,7 @@ fn run(model: &GptNeoX, batch: usize) -> anyhow::Result<Figures> {
             .collect();
         let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache(PROMPT + DECODE)).collect();
         let mut next: Vec<Vec<u32>> = prompts.clone();
-        let mut step = |next: &mut Vec<Vec<u32>>, caches: &mut Vec<_>| -> anyhow::Result<()> {
+        let step = |next: &mut Vec<Vec<u32>>, caches: &mut Vec<_>| -> anyhow::Result<()> {
             let mut steps: Vec<SeqStep<'_>> = next
                 .iter()
                 .zip(caches.iter_mut())
