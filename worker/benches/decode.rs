@@ -7,13 +7,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use neox_worker::engine::sampling::argmax;
 use neox_worker::model::{Checkpoint, GptNeoX, LogitsWanted, NeoXConfig, SeqStep};
-use neox_worker::parallel::SingleRank;
+use neox_worker::parallel::RankInfo;
 
 const PROMPT: usize = 32;
 const DECODE: usize = 32;
@@ -157,7 +156,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let config = write_checkpoint(dir.path(), layers)?;
     let ckpt = Checkpoint::open_dir(dir.path())?;
-    let model = GptNeoX::load(&config, &ckpt, DType::F32, &Device::Cpu, Arc::new(SingleRank))?;
+    let model = GptNeoX::load(&config, &ckpt, DType::F32, &Device::Cpu, RankInfo::SINGLE)?;
     println!(
         "GPT-NeoX 125M-shaped (hidden 768, {layers} layers, vocab 50432), fp32, {threads} threads, prompt {PROMPT}, {DECODE} decode steps"
     );

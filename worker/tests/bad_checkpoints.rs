@@ -2,15 +2,13 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use neox_worker::model;
-use neox_worker::parallel::SingleRank;
+use neox_worker::parallel::RankInfo;
 
 fn load_err(dir: &std::path::Path) -> String {
-    match model::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu, Arc::new(SingleRank)) {
+    match model::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu, RankInfo::SINGLE) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -6,6 +6,7 @@ use candle_core::DType;
 use common::*;
 use neox_worker::engine::{generate_batch, perplexity, OfflineOptions, SamplingParams};
 use neox_worker::model::IncrementalDecoder;
+use neox_worker::shard::LocalRunner;
 
 fn golden() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(shakespeare_dir().join("golden.json")).unwrap()).unwrap()
@@ -23,9 +24,11 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 fn builtin_greedy_continuations_equal_hf() {
     let g = golden();
     let m = load_model("builtin:shakespeare", DType::F32);
+    let tokenizer = m.tokenizer;
+    let mut runner = LocalRunner::new(m.model);
     for p in g["prompts"].as_array().unwrap() {
         let prompt = p["prompt"].as_str().unwrap();
-        let prompt_ids = m.tokenizer.encode(prompt).unwrap();
+        let prompt_ids = tokenizer.encode(prompt).unwrap();
         assert_eq!(
             prompt_ids,
             ids(&p["input_ids"]),
@@ -37,10 +40,10 @@ fn builtin_greedy_continuations_equal_hf() {
             sampling: SamplingParams::default(),
             eos_token_id: None,
         };
-        let (out, _) = generate_batch(&m.model, &[prompt_ids], &opts).unwrap();
+        let (out, _) = generate_batch(&mut runner, &[prompt_ids], &opts).unwrap();
         assert_eq!(out[0].ids, want, "greedy continuation of {prompt:?}");
         assert_eq!(
-            m.tokenizer.decode(&out[0].ids).unwrap(),
+            tokenizer.decode(&out[0].ids).unwrap(),
             p["output_text"].as_str().unwrap()
         );
     }
@@ -54,7 +57,7 @@ fn builtin_hamlet_perplexity_equals_hf() {
     let text = std::fs::read_to_string(shakespeare_dir().join("hamlet_eval_ids.json")).unwrap();
     let eval: Vec<u32> = serde_json::from_str(&text).unwrap();
     let m = load_model("builtin:shakespeare", DType::F32);
-    let p = perplexity(&m.model, &eval, window).unwrap();
+    let p = perplexity(&mut LocalRunner::new(m.model), &eval, window).unwrap();
     assert_eq!(
         p.predicted_tokens,
         g["hamlet_eval"]["predicted_tokens"].as_u64().unwrap() as usize
@@ -79,8 +82,11 @@ fn builtin_equals_the_checkpoint_directory() {
         eos_token_id: None,
     };
     assert_eq!(
-        generate_batch(&a.model, std::slice::from_ref(&ids), &opts).unwrap().0[0].ids,
-        generate_batch(&b.model, &[ids], &opts).unwrap().0[0].ids
+        generate_batch(&mut LocalRunner::new(a.model), std::slice::from_ref(&ids), &opts)
+            .unwrap()
+            .0[0]
+            .ids,
+        generate_batch(&mut LocalRunner::new(b.model), &[ids], &opts).unwrap().0[0].ids
     );
 }
 

@@ -1,5 +1,6 @@
 //! Command line of `neox-worker`. Errors meet `anyhow` here, at the binary's edge.
 
+mod group;
 mod offline;
 
 use clap::{Args, Parser, Subcommand};
@@ -19,6 +20,8 @@ enum Command {
     Logits(offline::LogitsArgs),
     /// Perplexity over non-overlapping windows of a token-id file.
     Perplexity(offline::PerplexityArgs),
+    /// Run as rank ≥ 1 of a tensor-parallel group (NEOX_RANK, NEOX_WORLD_SIZE, NEOX_LEADER_ADDR).
+    Follower(group::FollowerArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -30,7 +33,7 @@ pub struct ModelArgs {
     /// Compute dtype: fp32, fp16 or bf16.
     #[arg(long, env = "NEOX_DTYPE", default_value = "fp32")]
     pub dtype: String,
-    /// CPU threads for matrix work (default: all cores).
+    /// CPU threads for matrix work (default: all cores, split between local ranks).
     #[arg(long, env = "NEOX_THREADS")]
     pub threads: Option<usize>,
 }
@@ -45,6 +48,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Generate(a) => offline::generate(a),
         Command::Logits(a) => offline::logits(a),
         Command::Perplexity(a) => offline::perplexity(a),
+        Command::Follower(a) => group::follower(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

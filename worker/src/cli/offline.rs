@@ -1,23 +1,24 @@
 //! The offline commands: generate, logits, perplexity.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 
 use neox_worker::engine::{self, OfflineOptions, SamplingParams};
-use neox_worker::model::{self, LoadedModel, LogitsWanted, SeqStep};
-use neox_worker::parallel::SingleRank;
+use neox_worker::model::LogitsWanted;
+use neox_worker::shard::SeqPlan;
 
+use super::group::{start_leader, Group, GroupArgs};
 use super::ModelArgs;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    group: GroupArgs,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -49,6 +50,8 @@ pub struct GenerateArgs {
 pub struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    group: GroupArgs,
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
     /// Every position's logits instead of the last one's.
@@ -62,6 +65,8 @@ pub struct LogitsArgs {
 pub struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    group: GroupArgs,
     /// JSON file with a list of token ids (or an object with an "ids" list).
     #[arg(long)]
     ids_file: std::path::PathBuf,
@@ -69,20 +74,6 @@ pub struct PerplexityArgs {
     window: usize,
     #[arg(long)]
     json: bool,
-}
-
-fn load(args: &ModelArgs) -> Result<LoadedModel> {
-    if let Some(t) = args.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle and gemm size their pools from this before the first matmul.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
-    let dtype = model::parse_dtype(&args.dtype)?;
-    let loaded = model::load(&args.model, dtype, &Device::Cpu, Arc::new(SingleRank))
-        .with_context(|| format!("loading model {}", args.model))?;
-    Ok(loaded)
 }
 
 fn sampling(a: &GenerateArgs) -> Result<SamplingParams> {
@@ -115,7 +106,7 @@ fn sampling(a: &GenerateArgs) -> Result<SamplingParams> {
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let t_load = Instant::now();
-    let m = load(&a.model)?;
+    let mut m: Group = start_leader(&a.model, &a.group)?;
     let load_secs = t_load.elapsed().as_secs_f64();
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
         (Some(text), None) => m.tokenizer.encode(text)?,
@@ -130,7 +121,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         sampling: sampling(&a)?,
         eos_token_id: if a.ignore_eos { None } else { m.tokenizer.eos_token_id() },
     };
-    let (gens, t) = engine::generate_batch(&m.model, std::slice::from_ref(&prompt_ids), &opts)?;
+    let (gens, t) = engine::generate_batch(m.runner()?, std::slice::from_ref(&prompt_ids), &opts)?;
     let g = gens.into_iter().next().context("no generation")?;
     let text = m.tokenizer.decode(&g.ids)?;
     if a.json {
@@ -164,21 +155,22 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let m = load(&a.model)?;
+    let mut m = start_leader(&a.model, &a.group)?;
     if a.prompt_ids.is_empty() {
         bail!("--prompt-ids is empty");
     }
-    let mut cache = m.model.new_cache(a.prompt_ids.len());
     let wanted = if a.all_positions {
         LogitsWanted::All
     } else {
         LogitsWanted::Last
     };
-    let out = m.model.forward(&mut [SeqStep {
-        tokens: &a.prompt_ids,
-        cache: &mut cache,
+    let plan = [SeqPlan {
+        id: 0,
+        tokens: a.prompt_ids.clone(),
         logits: wanted,
-    }])?;
+        reserve: a.prompt_ids.len(),
+    }];
+    let out = m.runner()?.step(&plan)?;
     let rows: Vec<Vec<f32>> = out.into_iter().next().flatten().context("no logits")?.to_vec2()?;
     if a.json {
         let logits = if a.all_positions {
@@ -196,7 +188,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let m = load(&a.model)?;
+    let mut m = start_leader(&a.model, &a.group)?;
     let text = std::fs::read_to_string(&a.ids_file).with_context(|| format!("reading {}", a.ids_file.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", a.ids_file.display()))?;
@@ -217,7 +209,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         })
         .collect::<Result<Vec<u32>>>()?;
     let t0 = Instant::now();
-    let p = engine::perplexity(&m.model, &ids, a.window)?;
+    let p = engine::perplexity(m.runner()?, &ids, a.window)?;
     if a.json {
         println!(
             "{}",

@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use crate::model::{GptNeoX, LogitsWanted, ModelError, SeqStep, SequenceCache};
+use crate::model::{LogitsWanted, ModelError};
+use crate::shard::{SeqPlan, StepRunner};
 
 use super::sampling::{Sampler, SamplingParams};
 
@@ -47,11 +48,29 @@ pub struct BatchTimings {
 /// Generates continuations of every prompt together: one prefill step over all prompts,
 /// then decode steps over the sequences still running.
 pub fn generate_batch(
-    model: &GptNeoX,
+    runner: &mut dyn StepRunner,
     prompts: &[Vec<u32>],
     opts: &OfflineOptions,
 ) -> Result<(Vec<Generation>, BatchTimings), ModelError> {
-    let max_pos = model.config().max_position_embeddings;
+    let ids: Vec<u64> = (0..prompts.len() as u64).collect();
+    let result = run_batch(runner, &ids, prompts, opts);
+    // Free every cache, also after an error, so the runner can be reused.
+    let released = runner.release(&ids);
+    let out = result?;
+    released?;
+    Ok(out)
+}
+
+fn run_batch(
+    runner: &mut dyn StepRunner,
+    ids: &[u64],
+    prompts: &[Vec<u32>],
+    opts: &OfflineOptions,
+) -> Result<(Vec<Generation>, BatchTimings), ModelError> {
+    let (max_pos, vocab) = (
+        runner.model().config().max_position_embeddings,
+        runner.model().sampleable_vocab(),
+    );
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
             return Err(ModelError::Input(format!("prompt {i} is empty")));
@@ -65,10 +84,6 @@ pub fn generate_batch(
         }
     }
     let n = prompts.len();
-    let mut caches: Vec<SequenceCache> = prompts
-        .iter()
-        .map(|p| model.new_cache(p.len() + opts.max_new_tokens))
-        .collect();
     let mut samplers: Vec<Sampler> = (0..n)
         .map(|i| {
             let mut s = opts.sampling.clone();
@@ -88,25 +103,19 @@ pub fn generate_batch(
     }
     let mut running: Vec<usize> = (0..n).collect();
     let mut next: Vec<Vec<u32>> = prompts.to_vec();
-    let vocab = model.sampleable_vocab();
     let mut first = true;
     while !running.is_empty() {
         let t0 = Instant::now();
-        let logits = {
-            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(running.len());
-            let mut cache_refs: Vec<Option<&mut SequenceCache>> = caches.iter_mut().map(Some).collect();
-            for &i in &running {
-                let cache = cache_refs[i]
-                    .take()
-                    .ok_or_else(|| ModelError::Internal("cache reused".into()))?;
-                steps.push(SeqStep {
-                    tokens: &next[i],
-                    cache,
-                    logits: LogitsWanted::Last,
-                });
-            }
-            model.forward(&mut steps)?
-        };
+        let plan: Vec<SeqPlan> = running
+            .iter()
+            .map(|&i| SeqPlan {
+                id: ids[i],
+                tokens: std::mem::take(&mut next[i]),
+                logits: LogitsWanted::Last,
+                reserve: prompts[i].len() + opts.max_new_tokens,
+            })
+            .collect();
+        let logits = runner.step(&plan)?;
         let mut still = Vec::with_capacity(running.len());
         for (row, &i) in running.iter().enumerate() {
             let l = logits[row]
@@ -146,7 +155,7 @@ pub struct Perplexity {
 
 /// Perplexity over non-overlapping `window`-token windows of `ids` (no context carried between
 /// windows; a trailing partial window is dropped), each predicting its positions 1..window.
-pub fn perplexity(model: &GptNeoX, ids: &[u32], window: usize) -> Result<Perplexity, ModelError> {
+pub fn perplexity(runner: &mut dyn StepRunner, ids: &[u32], window: usize) -> Result<Perplexity, ModelError> {
     if window < 2 {
         return Err(ModelError::Input("window must be at least 2 tokens".into()));
     }
@@ -161,12 +170,15 @@ pub fn perplexity(model: &GptNeoX, ids: &[u32], window: usize) -> Result<Perplex
     let mut count = 0usize;
     for w in 0..windows {
         let chunk = &ids[w * window..(w + 1) * window];
-        let mut cache = model.new_cache(window);
-        let logits = model.forward(&mut [SeqStep {
-            tokens: chunk,
-            cache: &mut cache,
+        let plan = [SeqPlan {
+            id: w as u64,
+            tokens: chunk.to_vec(),
             logits: LogitsWanted::All,
-        }])?;
+            reserve: window,
+        }];
+        let logits = runner.step(&plan);
+        runner.release(&[w as u64])?;
+        let logits = logits?;
         let logits = logits
             .into_iter()
             .next()

@@ -16,11 +16,10 @@ pub use neox::{GptNeoX, LogitsWanted, SeqStep};
 pub use tokenizer::{IncrementalDecoder, NeoXTokenizer};
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-use crate::parallel::Communicator;
+use crate::parallel::RankInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -91,7 +90,7 @@ impl<'a> ModelSource<'a> {
 }
 
 /// Loads config, tokenizer and this rank's weight shards.
-pub fn load(spec: &str, dtype: DType, device: &Device, comm: Arc<dyn Communicator>) -> Result<LoadedModel, ModelError> {
+pub fn load(spec: &str, dtype: DType, device: &Device, rank: RankInfo) -> Result<LoadedModel, ModelError> {
     let (name, config_text, tokenizer_bytes, checkpoint) = match ModelSource::parse(spec) {
         ModelSource::Builtin(name) => {
             let b = builtin::find(name)?;
@@ -117,7 +116,7 @@ pub fn load(spec: &str, dtype: DType, device: &Device, comm: Arc<dyn Communicato
     };
     let config = NeoXConfig::from_json(&config_text)?;
     let tokenizer = NeoXTokenizer::from_bytes(&tokenizer_bytes, config.eos_token_id)?;
-    let model = GptNeoX::load(&config, &checkpoint, dtype, device, comm)?;
+    let model = GptNeoX::load(&config, &checkpoint, dtype, device, rank)?;
     let model = model.with_sampleable_vocab(tokenizer.vocab_size().min(config.vocab_size));
     Ok(LoadedModel { name, model, tokenizer })
 }

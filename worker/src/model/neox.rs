@@ -136,15 +136,27 @@ fn rotary_tables(c: &NeoXConfig, dtype: DType, dev: &Device) -> Result<(Tensor, 
 
 impl GptNeoX {
     /// Loads this rank's shard of every weight from `ckpt`.
+    /// Loads rank `rank`'s shard of every weight from `ckpt`. A group of more than one rank
+    /// needs [`GptNeoX::attach_comm`] before its first step.
     pub fn load(
         c: &NeoXConfig,
         ckpt: &Checkpoint,
         dtype: DType,
         dev: &Device,
-        comm: Arc<dyn Communicator>,
+        rank: RankInfo,
     ) -> Result<Self, ModelError> {
-        let rank = comm.rank_info();
         let tp = rank.world_size;
+        if tp == 0 || rank.rank >= tp {
+            return Err(ModelError::Parallel(format!(
+                "rank {} is outside a world of {tp}",
+                rank.rank
+            )));
+        }
+        let comm: Arc<dyn Communicator> = if tp == 1 {
+            Arc::new(crate::parallel::SingleRank)
+        } else {
+            Arc::new(crate::parallel::Unconnected(rank))
+        };
         check_divisible(c, tp)?;
         let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim(), c.intermediate_size, c.vocab_size);
         let (head0, local_heads) = rank.split(c.num_heads);
@@ -270,6 +282,19 @@ impl GptNeoX {
                         + b(&l.mlp_down_bias)
                 })
                 .sum::<usize>()
+    }
+
+    /// Connects this shard to the rest of its group.
+    pub fn attach_comm(&mut self, comm: Arc<dyn Communicator>) -> Result<(), ModelError> {
+        if comm.rank_info() != self.rank {
+            return Err(ModelError::Parallel(format!(
+                "communicator is rank {:?} but the weights were loaded for {:?}",
+                comm.rank_info(),
+                self.rank
+            )));
+        }
+        self.comm = comm;
+        Ok(())
     }
 
     /// Limits sampling to the first `n` rows (the tokenizer's vocabulary).

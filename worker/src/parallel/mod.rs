@@ -6,8 +6,10 @@
 use candle_core::Tensor;
 
 mod single;
+mod tcp;
 
-pub use single::SingleRank;
+pub use single::{SingleRank, Unconnected};
+pub use tcp::TcpCommunicator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParallelError {

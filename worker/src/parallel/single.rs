@@ -20,3 +20,23 @@ impl Communicator for SingleRank {
         Ok(data)
     }
 }
+
+/// The communicator of a multi-rank shard before its group has formed: every collective
+/// fails, so a forward can never silently run on a partial model.
+#[derive(Debug, Clone, Copy)]
+pub struct Unconnected(pub RankInfo);
+
+impl Communicator for Unconnected {
+    fn rank_info(&self) -> RankInfo {
+        self.0
+    }
+    fn all_reduce_sum(&self, _t: &Tensor) -> Result<Tensor, ParallelError> {
+        Err(ParallelError::Rendezvous("the group has not formed yet".into()))
+    }
+    fn all_gather(&self, _t: &Tensor, _dim: usize) -> Result<Tensor, ParallelError> {
+        Err(ParallelError::Rendezvous("the group has not formed yet".into()))
+    }
+    fn broadcast_bytes(&self, _data: Vec<u8>) -> Result<Vec<u8>, ParallelError> {
+        Err(ParallelError::Rendezvous("the group has not formed yet".into()))
+    }
+}

@@ -3,11 +3,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use neox_worker::model::{self, LoadedModel};
-use neox_worker::parallel::SingleRank;
+use neox_worker::parallel::RankInfo;
 
 /// The HF checkpoint under test: `NEOX_FIXTURE_DIR`, else `../shared/fixtures/tiny-neox`.
 /// Every assertion is derived from its `golden.safetensors`, so any GPT-NeoX checkpoint with
@@ -75,7 +74,7 @@ impl Goldens {
 }
 
 pub fn load_model(spec: &str, dtype: DType) -> LoadedModel {
-    model::load(spec, dtype, &Device::Cpu, Arc::new(SingleRank)).unwrap_or_else(|e| panic!("loading {spec}: {e}"))
+    model::load(spec, dtype, &Device::Cpu, RankInfo::SINGLE).unwrap_or_else(|e| panic!("loading {spec}: {e}"))
 }
 
 pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {

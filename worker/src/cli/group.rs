@@ -1,0 +1,311 @@
+//! Bringing up this process's part of a tensor-parallel group from the command line:
+//! a single rank, the leader of a multi-host group (NEOX_RANK=0), or the local launcher
+//! (`--tp N`), which spawns and supervises N-1 follower processes like torchrun.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+
+use neox_worker::model::{self, LoadedModel, NeoXTokenizer};
+use neox_worker::parallel::RankInfo;
+use neox_worker::shard::{self, GroupLeader, GroupOptions, LeaderRunner, LocalRunner, StepRunner};
+
+use super::ModelArgs;
+
+#[derive(Args, Clone, Debug)]
+pub struct GroupArgs {
+    /// Tensor-parallel size on this host: spawns tp-1 follower processes.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// This process's rank in a multi-host group (0 = leader).
+    #[arg(long, env = "NEOX_RANK")]
+    pub rank: Option<usize>,
+    /// Ranks in the group.
+    #[arg(long, env = "NEOX_WORLD_SIZE")]
+    pub world_size: Option<usize>,
+    /// host:port of rank 0's internal endpoint (the leader listens on its port).
+    #[arg(long, env = "NEOX_LEADER_ADDR")]
+    pub leader_addr: Option<String>,
+    /// Host other ranks reach this one at (default: found by connecting to the leader).
+    #[arg(long, env = "NEOX_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Port for collective traffic (0: any free port).
+    #[arg(long, env = "NEOX_COLLECTIVE_PORT", default_value_t = 0)]
+    pub collective_port: u16,
+    /// Seconds a collective may wait for a peer before the group is declared broken.
+    #[arg(long, env = "NEOX_COLLECTIVE_TIMEOUT", default_value_t = 30.0)]
+    pub collective_timeout: f64,
+    /// Seconds to wait for every rank to join (model loads included).
+    #[arg(long, env = "NEOX_RENDEZVOUS_TIMEOUT", default_value_t = 600.0)]
+    pub rendezvous_timeout: f64,
+}
+
+fn secs(name: &str, v: f64) -> Result<Duration> {
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("--{name} must be a positive number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The resolved place of this process.
+struct Role {
+    rank: RankInfo,
+    /// Spawn followers locally (the `--tp` launcher).
+    launcher: bool,
+}
+
+fn role(g: &GroupArgs) -> Result<Role> {
+    if g.tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    match (g.rank, g.world_size) {
+        (None, None) => Ok(Role {
+            rank: RankInfo {
+                rank: 0,
+                world_size: g.tp,
+            },
+            launcher: g.tp > 1,
+        }),
+        (Some(rank), Some(world)) => {
+            if g.tp != 1 && g.tp != world {
+                bail!("--tp {} conflicts with world size {world}", g.tp);
+            }
+            if world == 0 || rank >= world {
+                bail!("rank {rank} is outside a world of {world} (NEOX_RANK must be in 0..NEOX_WORLD_SIZE)");
+            }
+            if world > 1 && g.leader_addr.is_none() {
+                bail!("a group of {world} ranks needs --leader-addr (NEOX_LEADER_ADDR)");
+            }
+            Ok(Role {
+                rank: RankInfo {
+                    rank,
+                    world_size: world,
+                },
+                launcher: false,
+            })
+        }
+        _ => bail!("give both --rank and --world-size (NEOX_RANK, NEOX_WORLD_SIZE), or neither"),
+    }
+}
+
+fn set_threads(m: &ModelArgs, world: usize, launcher: bool) -> Result<Option<usize>> {
+    let threads = match m.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => Some(t),
+        // Ranks sharing one host split its cores rather than oversubscribe them.
+        None if launcher => Some((std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / world).max(1)),
+        None => None,
+    };
+    if let Some(t) = threads {
+        // candle and gemm size their pools from this before the first matmul.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    Ok(threads)
+}
+
+fn load(m: &ModelArgs, rank: RankInfo) -> Result<LoadedModel> {
+    let dtype = model::parse_dtype(&m.dtype)?;
+    model::load(&m.model, dtype, &Device::Cpu, rank)
+        .with_context(|| format!("loading model {} (rank {})", m.model, rank.rank))
+}
+
+/// This process's runner (and, on a leader, the followers it supervises).
+pub struct Group {
+    pub name: String,
+    pub tokenizer: NeoXTokenizer,
+    runner: Option<Box<dyn StepRunner>>,
+    children: Arc<Mutex<Vec<(usize, Child)>>>,
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Group {
+    pub fn runner(&mut self) -> Result<&mut dyn StepRunner> {
+        match self.runner.as_deref_mut() {
+            Some(r) => Ok(r),
+            None => bail!("the group is shut down"),
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // Dropping the runner tells followers to shut down; give them a moment, then make sure.
+        self.runner = None;
+        if let Ok(mut children) = self.children.lock() {
+            for (_, c) in children.iter_mut() {
+                for _ in 0..50 {
+                    if matches!(c.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Starts this process as rank 0 (alone, as a multi-host leader, or as the local launcher).
+pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
+    let role = role(g)?;
+    if role.rank.rank != 0 {
+        bail!(
+            "this command runs on rank 0; rank {} runs `neox-worker follower`",
+            role.rank.rank
+        );
+    }
+    let threads = set_threads(m, role.rank.world_size, role.launcher)?;
+    let loaded = load(m, role.rank)?;
+    let children = Arc::new(Mutex::new(Vec::new()));
+    if role.rank.world_size == 1 {
+        return Ok(Group {
+            name: loaded.name,
+            tokenizer: loaded.tokenizer,
+            runner: Some(Box::new(LocalRunner::new(loaded.model))),
+            children,
+            _runtime: None,
+        });
+    }
+    let collective_timeout = secs("collective-timeout", g.collective_timeout)?;
+    let rendezvous_timeout = secs("rendezvous-timeout", g.rendezvous_timeout)?;
+    let (grpc, collective, leader_host) = if role.launcher {
+        let grpc = TcpListener::bind("127.0.0.1:0").context("binding the group endpoint")?;
+        (grpc, TcpListener::bind("127.0.0.1:0")?, "127.0.0.1".to_owned())
+    } else {
+        let addr = g.leader_addr.clone().unwrap_or_default();
+        let (host, port) = addr
+            .rsplit_once(':')
+            .with_context(|| format!("leader address {addr:?} is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("leader address {addr:?} has no valid port"))?;
+        let grpc =
+            TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding the group endpoint :{port}"))?;
+        let coll = TcpListener::bind(("0.0.0.0", g.collective_port)).context("binding the collective port")?;
+        (grpc, coll, host.to_owned())
+    };
+    let grpc_addr = grpc.local_addr()?;
+    let collective_addr = format!("{leader_host}:{}", collective.local_addr()?.port());
+    let leader = GroupLeader::new(GroupOptions {
+        world_size: role.rank.world_size,
+        fingerprint: loaded.model.config().fingerprint(),
+        rendezvous_timeout,
+        collective_timeout,
+        collective_addr,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    grpc.set_nonblocking(true)?;
+    let incoming = {
+        let _guard = runtime.enter();
+        tokio_stream::wrappers::TcpListenerStream::new(tokio::net::TcpListener::from_std(grpc)?)
+    };
+    let svc = leader.service();
+    runtime.spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!("group endpoint failed: {e}");
+        }
+    });
+    if role.launcher {
+        let exe = std::env::current_exe().context("locating neox-worker for the followers")?;
+        for r in 1..role.rank.world_size {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["follower", "--model", &m.model, "--dtype", &m.dtype])
+                .args([
+                    "--rank",
+                    &r.to_string(),
+                    "--world-size",
+                    &role.rank.world_size.to_string(),
+                ])
+                .args(["--leader-addr", &grpc_addr.to_string(), "--advertise-host", "127.0.0.1"])
+                .args(["--collective-timeout", &g.collective_timeout.to_string()])
+                .args(["--rendezvous-timeout", &g.rendezvous_timeout.to_string()])
+                .env_remove("NEOX_RANK")
+                .env_remove("NEOX_WORLD_SIZE")
+                .env_remove("NEOX_LEADER_ADDR")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            if let Some(t) = threads {
+                cmd.args(["--threads", &t.to_string()]);
+            }
+            let child = cmd.spawn().with_context(|| format!("spawning follower rank {r}"))?;
+            tracing::info!(rank = r, pid = child.id(), "spawned follower");
+            eprintln!("neox-worker: follower rank {r} pid {}", child.id());
+            children
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .push((r, child));
+        }
+        watch_children(children.clone(), leader.clone());
+    }
+    let (comm, senders) = leader.form_group(collective)?;
+    let mut model = loaded.model;
+    model.attach_comm(Arc::new(comm))?;
+    eprintln!("neox-worker: group of {} ranks formed", role.rank.world_size);
+    Ok(Group {
+        name: loaded.name,
+        tokenizer: loaded.tokenizer,
+        runner: Some(Box::new(LeaderRunner::new(LocalRunner::new(model), senders))),
+        children,
+        _runtime: Some(runtime),
+    })
+}
+
+/// A follower that exits ends the group: fail the rendezvous at once instead of waiting it out.
+fn watch_children(children: Arc<Mutex<Vec<(usize, Child)>>>, leader: GroupLeader) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(mut cs) = children.lock() else { return };
+        if cs.is_empty() {
+            return;
+        }
+        for (r, c) in cs.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                if !status.success() {
+                    leader.fail(format!("follower rank {r} exited with {status}"));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+#[derive(Args, Debug)]
+pub struct FollowerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    group: GroupArgs,
+}
+
+/// `neox-worker follower`: ranks 1..tp of a group.
+pub fn follower(a: FollowerArgs) -> Result<()> {
+    let role = role(&a.group)?;
+    if role.rank.rank == 0 || role.launcher {
+        bail!("a follower needs --rank ≥ 1 with --world-size and --leader-addr (or NEOX_RANK, NEOX_WORLD_SIZE, NEOX_LEADER_ADDR)");
+    }
+    set_threads(&a.model, role.rank.world_size, false)?;
+    let loaded = load(&a.model, role.rank)?;
+    let opts = shard::FollowerOptions {
+        rank: role.rank,
+        leader_addr: a.group.leader_addr.clone().unwrap_or_default(),
+        advertise_host: a.group.advertise_host.clone(),
+        collective_port: a.group.collective_port,
+        rendezvous_timeout: secs("rendezvous-timeout", a.group.rendezvous_timeout)?,
+        collective_timeout: secs("collective-timeout", a.group.collective_timeout)?,
+    };
+    shard::run_follower(opts, loaded.model).with_context(|| format!("rank {}", role.rank.rank))?;
+    Ok(())
+}

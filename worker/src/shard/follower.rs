@@ -1,0 +1,149 @@
+//! Ranks 1..tp: join the leader, form the collective mesh, then run every step plan.
+
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use neox_proto::neox::shard::v1 as pb;
+use pb::shard_client::ShardClient;
+
+use super::{LocalRunner, SeqPlan, StepRunner};
+use crate::model::{GptNeoX, LogitsWanted, ModelError};
+use crate::parallel::{ParallelError, RankInfo, TcpCommunicator};
+
+#[derive(Debug, Clone)]
+pub struct FollowerOptions {
+    pub rank: RankInfo,
+    /// host:port of the leader's internal gRPC endpoint.
+    pub leader_addr: String,
+    /// Host (IP or name) other ranks reach this one at; default: the local address of a
+    /// connection to the leader.
+    pub advertise_host: Option<String>,
+    /// Port of this rank's collective listener (0: any free port).
+    pub collective_port: u16,
+    pub rendezvous_timeout: Duration,
+    pub collective_timeout: Duration,
+}
+
+fn rendezvous(m: String) -> ModelError {
+    ModelError::Collective(ParallelError::Rendezvous(m))
+}
+
+/// The IP this host uses to reach `addr`, found by connecting to it.
+fn local_ip_towards(addr: &str, deadline: Instant) -> Result<String, ModelError> {
+    loop {
+        let target = addr.to_socket_addrs().ok().and_then(|mut a| a.next());
+        if let Some(t) = target {
+            if let Ok(s) = TcpStream::connect_timeout(&t, Duration::from_secs(2)) {
+                let ip = s.local_addr().map_err(|e| rendezvous(e.to_string()))?.ip();
+                return Ok(ip.to_string());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(rendezvous(format!(
+                "cannot reach the leader at {addr} (NEOX_LEADER_ADDR)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Joins the group led by `opts.leader_addr` with `model` (this rank's shard) and runs step
+/// plans until the leader shuts the group down. Returns an error if the leader goes away.
+pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), ModelError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ModelError::Internal(e.to_string()))?;
+    let deadline = Instant::now() + opts.rendezvous_timeout;
+    let host = match &opts.advertise_host {
+        Some(h) => h.clone(),
+        None => local_ip_towards(&opts.leader_addr, deadline)?,
+    };
+    let listener = TcpListener::bind(("0.0.0.0", opts.collective_port))
+        .map_err(|e| rendezvous(format!("cannot listen on port {}: {e}", opts.collective_port)))?;
+    let port = listener.local_addr().map_err(|e| rendezvous(e.to_string()))?.port();
+    let collective_addr = format!("{host}:{port}");
+    let url = format!("http://{}", opts.leader_addr);
+    let mut client = rt.block_on(async {
+        loop {
+            match ShardClient::connect(url.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(rendezvous(format!(
+                        "cannot reach the leader at {}: {e}",
+                        opts.leader_addr
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })?;
+    let join = pb::JoinRequest {
+        rank: opts.rank.rank as u32,
+        world_size: opts.rank.world_size as u32,
+        collective_addr,
+        model_fingerprint: model.config().fingerprint(),
+    };
+    let mut stream = rt
+        .block_on(client.join(join))
+        .map_err(|s| rendezvous(format!("the leader refused rank {}: {}", opts.rank.rank, s.message())))?
+        .into_inner();
+    let mut next = |what: &str| -> Result<pb::step_plan::Kind, ModelError> {
+        match rt.block_on(stream.message()) {
+            Ok(Some(pb::StepPlan { kind: Some(k) })) => Ok(k),
+            Ok(Some(_)) => Err(ModelError::Internal(format!("empty message while waiting for {what}"))),
+            Ok(None) => Err(ModelError::Collective(ParallelError::PeerLost {
+                op: "group stream",
+                peer: 0,
+                message: format!("the leader closed the group while this rank waited for {what}"),
+            })),
+            Err(s) => Err(ModelError::Collective(ParallelError::PeerLost {
+                op: "group stream",
+                peer: 0,
+                message: format!("{} ({what})", s.message()),
+            })),
+        }
+    };
+    let pb::step_plan::Kind::Setup(setup) = next("the group setup")? else {
+        return Err(ModelError::Internal("the leader sent a step before the setup".into()));
+    };
+    let comm = TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?;
+    model.attach_comm(Arc::new(comm))?;
+    let mut runner = LocalRunner::new(model);
+    tracing::info!(rank = opts.rank.rank, "group formed; running step plans");
+    loop {
+        match next("the next step")? {
+            pb::step_plan::Kind::Forward(f) => {
+                let mut plan = Vec::with_capacity(f.sequences.len());
+                for s in f.sequences {
+                    let have = runner.cached_len(s.id);
+                    if have != s.start_pos as usize {
+                        return Err(ModelError::Internal(format!(
+                            "step {}: sequence {} starts at {} on the leader but {have} here",
+                            f.step, s.id, s.start_pos
+                        )));
+                    }
+                    let logits = match pb::Logits::try_from(s.logits) {
+                        Ok(pb::Logits::Last) => LogitsWanted::Last,
+                        Ok(pb::Logits::All) => LogitsWanted::All,
+                        _ => LogitsWanted::None,
+                    };
+                    plan.push(SeqPlan {
+                        id: s.id,
+                        tokens: s.tokens,
+                        logits,
+                        reserve: s.reserve as usize,
+                    });
+                }
+                runner.step(&plan)?;
+            }
+            pb::step_plan::Kind::Release(r) => runner.release(&r.ids)?,
+            pb::step_plan::Kind::Shutdown(s) => {
+                tracing::info!(reason = %s.reason, "leader shut the group down");
+                return Ok(());
+            }
+            pb::step_plan::Kind::Setup(_) => return Err(ModelError::Internal("a second setup".into())),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Rank 0: the `neox.shard.v1` service followers join, and the runner that sends them plans.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use neox_proto::neox::shard::v1 as pb;
+use pb::shard_server::{Shard, ShardServer};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{LocalRunner, SeqPlan, StepRunner};
+use crate::model::{GptNeoX, LogitsWanted, ModelError};
+use crate::parallel::{ParallelError, RankInfo, TcpCommunicator};
+
+#[derive(Debug, Clone)]
+pub struct GroupOptions {
+    pub world_size: usize,
+    /// Model fingerprint every follower must match.
+    pub fingerprint: String,
+    /// How long to wait for every follower to join (their model loads included).
+    pub rendezvous_timeout: Duration,
+    pub collective_timeout: Duration,
+    /// The leader's collective endpoint as followers can reach it (host:port).
+    pub collective_addr: String,
+}
+
+type PlanSender = UnboundedSender<Result<pb::StepPlan, Status>>;
+
+#[derive(Default)]
+struct State {
+    joined: HashMap<u32, (String, PlanSender)>,
+    /// A follower configured inconsistently with the leader: the group cannot form.
+    fatal: Option<String>,
+}
+
+/// The leader's side of the rendezvous.
+#[derive(Clone)]
+pub struct GroupLeader {
+    opts: GroupOptions,
+    state: Arc<(Mutex<State>, Condvar)>,
+}
+
+impl GroupLeader {
+    pub fn new(opts: GroupOptions) -> Self {
+        Self {
+            opts,
+            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
+        }
+    }
+
+    /// The tonic service to mount on the leader's internal gRPC server.
+    pub fn service(&self) -> ShardServer<Self> {
+        ShardServer::new(self.clone())
+    }
+
+    /// Marks the group as impossible to form (e.g. a follower process died).
+    pub fn fail(&self, message: String) {
+        let (m, cv) = &*self.state;
+        if let Ok(mut s) = m.lock() {
+            s.fatal.get_or_insert(message);
+        }
+        cv.notify_all();
+    }
+
+    fn reject(&self, status: Status, fatal: bool) -> Status {
+        if fatal {
+            let (m, cv) = &*self.state;
+            if let Ok(mut s) = m.lock() {
+                s.fatal.get_or_insert_with(|| status.message().to_owned());
+            }
+            cv.notify_all();
+        }
+        status
+    }
+
+    /// Waits for every follower, hands out the collective addresses and forms the TCP mesh.
+    pub fn form_group(&self, listener: TcpListener) -> Result<(TcpCommunicator, Vec<PlanSender>), ParallelError> {
+        let world = self.opts.world_size;
+        let deadline = Instant::now() + self.opts.rendezvous_timeout;
+        let (m, cv) = &*self.state;
+        let mut s = m
+            .lock()
+            .map_err(|_| ParallelError::Rendezvous("state poisoned".into()))?;
+        loop {
+            if let Some(f) = &s.fatal {
+                return Err(ParallelError::Rendezvous(f.clone()));
+            }
+            if s.joined.len() == world - 1 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<String> = (1..world as u32)
+                    .filter(|r| !s.joined.contains_key(r))
+                    .map(|r| r.to_string())
+                    .collect();
+                return Err(ParallelError::Rendezvous(format!(
+                    "rank(s) {} did not join within {:.0}s",
+                    missing.join(", "),
+                    self.opts.rendezvous_timeout.as_secs_f64()
+                )));
+            }
+            s = cv
+                .wait_timeout(s, deadline - now)
+                .map_err(|_| ParallelError::Rendezvous("state poisoned".into()))?
+                .0;
+        }
+        let mut addrs = vec![self.opts.collective_addr.clone()];
+        let mut senders = Vec::with_capacity(world - 1);
+        for r in 1..world as u32 {
+            let (addr, tx) = s
+                .joined
+                .get(&r)
+                .cloned()
+                .ok_or_else(|| ParallelError::Rendezvous(format!("rank {r} vanished")))?;
+            addrs.push(addr);
+            senders.push(tx);
+        }
+        drop(s);
+        let setup = pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::Setup(pb::Setup {
+                collective_addrs: addrs.clone(),
+            })),
+        };
+        for (i, tx) in senders.iter().enumerate() {
+            tx.send(Ok(setup.clone())).map_err(|_| ParallelError::PeerLost {
+                op: "setup",
+                peer: i + 1,
+                message: "its group stream closed".into(),
+            })?;
+        }
+        let rank = RankInfo {
+            rank: 0,
+            world_size: world,
+        };
+        let comm = TcpCommunicator::connect_mesh(rank, listener, &addrs, self.opts.collective_timeout)?;
+        Ok((comm, senders))
+    }
+}
+
+#[tonic::async_trait]
+impl Shard for GroupLeader {
+    type JoinStream = UnboundedReceiverStream<Result<pb::StepPlan, Status>>;
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<Self::JoinStream>, Status> {
+        let j = req.into_inner();
+        let world = self.opts.world_size as u32;
+        if j.world_size != world {
+            return Err(self.reject(
+                Status::invalid_argument(format!(
+                    "world size mismatch: rank {} says {}, the leader runs {world}",
+                    j.rank, j.world_size
+                )),
+                true,
+            ));
+        }
+        if j.rank == 0 || j.rank >= world {
+            return Err(self.reject(
+                Status::invalid_argument(format!(
+                    "rank {} is not a follower rank of a world of {world} (1..{world})",
+                    j.rank
+                )),
+                true,
+            ));
+        }
+        if j.model_fingerprint != self.opts.fingerprint {
+            return Err(self.reject(
+                Status::failed_precondition(format!(
+                    "rank {} loaded a different model ({}) than the leader ({})",
+                    j.rank, j.model_fingerprint, self.opts.fingerprint
+                )),
+                true,
+            ));
+        }
+        let (tx, rx) = unbounded_channel();
+        let (m, cv) = &*self.state;
+        {
+            let mut s = m.lock().map_err(|_| Status::internal("state poisoned"))?;
+            if s.joined.contains_key(&j.rank) {
+                drop(s);
+                return Err(self.reject(
+                    Status::already_exists(format!("duplicate rank {}: already joined", j.rank)),
+                    true,
+                ));
+            }
+            s.joined.insert(j.rank, (j.collective_addr.clone(), tx));
+        }
+        cv.notify_all();
+        tracing::info!(rank = j.rank, addr = %j.collective_addr, "follower joined");
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+/// The leader's runner: every step goes to the followers first, then runs here.
+pub struct LeaderRunner {
+    local: LocalRunner,
+    followers: Vec<PlanSender>,
+    step: u64,
+}
+
+fn logits_pb(l: LogitsWanted) -> i32 {
+    match l {
+        LogitsWanted::None => pb::Logits::None as i32,
+        LogitsWanted::Last => pb::Logits::Last as i32,
+        LogitsWanted::All => pb::Logits::All as i32,
+    }
+}
+
+impl LeaderRunner {
+    pub fn new(local: LocalRunner, followers: Vec<PlanSender>) -> Self {
+        Self {
+            local,
+            followers,
+            step: 0,
+        }
+    }
+
+    fn send(&self, plan: pb::StepPlan) -> Result<(), ModelError> {
+        for (i, tx) in self.followers.iter().enumerate() {
+            tx.send(Ok(plan.clone())).map_err(|_| {
+                ModelError::Collective(ParallelError::PeerLost {
+                    op: "step plan",
+                    peer: i + 1,
+                    message: "group stream closed".into(),
+                })
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl StepRunner for LeaderRunner {
+    fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError> {
+        self.step += 1;
+        let sequences = plan
+            .iter()
+            .map(|p| pb::Sequence {
+                id: p.id,
+                tokens: p.tokens.clone(),
+                start_pos: self.local.cached_len(p.id) as u32,
+                logits: logits_pb(p.logits),
+                reserve: p.reserve as u32,
+            })
+            .collect();
+        self.send(pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::Forward(pb::Forward {
+                step: self.step,
+                sequences,
+            })),
+        })?;
+        self.local.step(plan)
+    }
+
+    fn release(&mut self, ids: &[u64]) -> Result<(), ModelError> {
+        self.send(pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::Release(pb::Release { ids: ids.to_vec() })),
+        })?;
+        self.local.release(ids)
+    }
+
+    fn model(&self) -> &GptNeoX {
+        self.local.model()
+    }
+}
+
+impl Drop for LeaderRunner {
+    fn drop(&mut self) {
+        let bye = pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::Shutdown(pb::Shutdown {
+                reason: "leader done".into(),
+            })),
+        };
+        for tx in &self.followers {
+            let _ = tx.send(Ok(bye.clone()));
+        }
+    }
+}

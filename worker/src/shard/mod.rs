@@ -1,0 +1,103 @@
+//! Running model steps on a whole tensor-parallel group.
+//!
+//! The engine drives a [`StepRunner`]. On one rank that is a [`LocalRunner`]; on the leader
+//! of a group it is a [`LeaderRunner`], which sends each step plan to the followers over the
+//! internal `neox.shard.v1` gRPC stream before running its own shard, so every rank runs the
+//! same forward in lockstep and keeps identical KV caches under the same sequence ids.
+
+mod follower;
+mod leader;
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use crate::model::{GptNeoX, LogitsWanted, ModelError, SeqStep, SequenceCache};
+
+pub use follower::{run_follower, FollowerOptions};
+pub use leader::{GroupLeader, GroupOptions, LeaderRunner};
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone)]
+pub struct SeqPlan {
+    pub id: u64,
+    pub tokens: Vec<u32>,
+    pub logits: LogitsWanted,
+    /// Tokens the sequence may reach in total, to size its cache once.
+    pub reserve: usize,
+}
+
+/// Runs engine steps on this rank or a whole group.
+pub trait StepRunner {
+    /// Runs one step; returns, per sequence, the f32 logits it asked for (`[rows, vocab]`).
+    fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError>;
+    /// Frees the KV caches of finished sequences.
+    fn release(&mut self, ids: &[u64]) -> Result<(), ModelError>;
+    fn model(&self) -> &GptNeoX;
+}
+
+/// The model on this rank, with the KV caches of every live sequence.
+pub struct LocalRunner {
+    model: GptNeoX,
+    caches: HashMap<u64, SequenceCache>,
+}
+
+impl LocalRunner {
+    pub fn new(model: GptNeoX) -> Self {
+        Self {
+            model,
+            caches: HashMap::new(),
+        }
+    }
+
+    /// Cached tokens of sequence `id` (0 if unknown).
+    pub fn cached_len(&self, id: u64) -> usize {
+        self.caches.get(&id).map(|c| c.len()).unwrap_or(0)
+    }
+}
+
+impl StepRunner for LocalRunner {
+    fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError> {
+        for p in plan {
+            if !self.caches.contains_key(&p.id) {
+                self.caches.insert(p.id, self.model.new_cache(p.reserve));
+            }
+        }
+        // Take the caches out so each step borrows them mutably side by side.
+        let mut taken: Vec<SequenceCache> = Vec::with_capacity(plan.len());
+        for p in plan {
+            let c = self
+                .caches
+                .remove(&p.id)
+                .ok_or_else(|| ModelError::Input(format!("sequence {} appears twice in one step", p.id)))?;
+            taken.push(c);
+        }
+        let result = {
+            let mut steps: Vec<SeqStep<'_>> = plan
+                .iter()
+                .zip(taken.iter_mut())
+                .map(|(p, cache)| SeqStep {
+                    tokens: &p.tokens,
+                    cache,
+                    logits: p.logits,
+                })
+                .collect();
+            self.model.forward(&mut steps)
+        };
+        for (p, c) in plan.iter().zip(taken) {
+            self.caches.insert(p.id, c);
+        }
+        result
+    }
+
+    fn release(&mut self, ids: &[u64]) -> Result<(), ModelError> {
+        for id in ids {
+            self.caches.remove(id);
+        }
+        Ok(())
+    }
+
+    fn model(&self) -> &GptNeoX {
+        &self.model
+    }
+}
