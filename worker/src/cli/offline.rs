@@ -136,6 +136,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             "generated_ids": g.ids,
             "text": text,
             "finish_reason": g.finish_reason.as_str(),
+            "rank0_weight_bytes": m.runner()?.model().weight_bytes(),
             "timings": {
                 "load_ms": load_secs * 1e3,
                 "prefill_ms": t.prefill_secs * 1e3,

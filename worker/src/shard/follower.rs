@@ -111,10 +111,17 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     let comm = TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?;
     model.attach_comm(Arc::new(comm))?;
     let mut runner = LocalRunner::new(model);
+    // Debug knob for failure tests: a slow (or, past the collective timeout, stuck) rank.
+    let delay = std::env::var("NEOX_DEBUG_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     tracing::info!(rank = opts.rank.rank, "group formed; running step plans");
     loop {
         match next("the next step")? {
             pb::step_plan::Kind::Forward(f) => {
+                if let Some(ms) = delay {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
                 let mut plan = Vec::with_capacity(f.sequences.len());
                 for s in f.sequences {
                     let have = runner.cached_len(s.id);

@@ -1,0 +1,365 @@
+//! Tensor parallelism across real processes over loopback sockets: TP=2 and TP=4 against
+//! HF's goldens, dead and stuck ranks, bad rendezvous.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn worker() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_neox-worker"));
+    c.env_remove("NEOX_RANK")
+        .env_remove("NEOX_WORLD_SIZE")
+        .env_remove("NEOX_LEADER_ADDR");
+    c
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = worker().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "neox-worker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn config() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("config.json")).unwrap()).unwrap()
+}
+
+/// TP sizes among 2 and 4 that the fixture's heads, MLP width and vocabulary allow.
+fn tp_sizes() -> Vec<usize> {
+    let c = config();
+    let dims = ["num_attention_heads", "intermediate_size", "vocab_size"].map(|k| c[k].as_u64().unwrap() as usize);
+    [2, 4]
+        .into_iter()
+        .filter(|tp| dims.iter().all(|d| d % tp == 0))
+        .collect()
+}
+
+#[test]
+fn tp_logits_and_greedy_equal_hf() {
+    let g = Goldens::load();
+    let dir = fixture_dir();
+    let sizes = tp_sizes();
+    assert!(!sizes.is_empty(), "fixture allows no TP size");
+    for tp in sizes {
+        let tp_s = tp.to_string();
+        for i in g.cases() {
+            let ids = csv(&g.ids(&format!("case{i}.input_ids")));
+            let v = run_json(&[
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tp",
+                &tp_s,
+                "--prompt-ids",
+                &ids,
+                "--all-positions",
+                "--json",
+            ]);
+            let got: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+            let d = max_abs_diff(&got, &g.f32_2d(&format!("case{i}.logits")));
+            assert!(d <= 1e-4, "tp {tp} case{i}: logits differ from HF by {d}");
+
+            let want = g.ids(&format!("case{i}.greedy"));
+            let n = want.len().to_string();
+            let v = run_json(&[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tp",
+                &tp_s,
+                "--prompt-ids",
+                &ids,
+                "--max-new-tokens",
+                &n,
+                "--greedy",
+                "--ignore-eos",
+                "--json",
+            ]);
+            let got: Vec<u32> = serde_json::from_value(v["generated_ids"].clone()).unwrap();
+            assert_eq!(got, want, "tp {tp} case{i}: greedy continuation differs from HF");
+        }
+    }
+}
+
+#[test]
+fn rank_holds_its_share_of_the_sharded_weights() {
+    let c = config();
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (h, i, v, l) = (
+        u("hidden_size"),
+        u("intermediate_size"),
+        u("vocab_size"),
+        u("num_hidden_layers"),
+    );
+    // Sharded: qkv (w+b), attention.dense w, h_to_4h (w+b), 4h_to_h w, embed_out.
+    let sharded = l * (3 * h * h + 3 * h + h * h + i * h + i + h * i) + v * h;
+    // Replicated: embed_in, 2 LayerNorms per layer + final, row-parallel biases.
+    let replicated = v * h + l * (4 * h + 2 * h) + 2 * h;
+    let dir = fixture_dir();
+    for tp in [1].into_iter().chain(tp_sizes()) {
+        let v = run_json(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tp",
+            &tp.to_string(),
+            "--prompt-ids",
+            "5",
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ]);
+        let bytes = v["rank0_weight_bytes"].as_u64().unwrap() as usize;
+        assert_eq!(
+            bytes,
+            4 * (sharded / tp + replicated),
+            "tp {tp}: rank 0 holds {bytes} bytes"
+        );
+    }
+}
+
+/// Starts a `--tp 2` generation and returns it with its follower's pid once the group formed.
+fn start_group(extra_env: &[(&str, &str)], timeout: &str) -> (Child, u32, BufReader<std::process::ChildStderr>) {
+    let mut cmd = worker();
+    cmd.args([
+        "generate",
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "400",
+        "--ignore-eos",
+        "--tp",
+        "2",
+    ])
+    .args(["--collective-timeout", timeout])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut pid = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "leader exited before the group formed"
+        );
+        if let Some(p) = line.trim().strip_prefix("neox-worker: follower rank 1 pid ") {
+            pid = Some(p.parse().unwrap());
+        }
+        if line.contains("group of 2 ranks formed") {
+            break;
+        }
+    }
+    (child, pid.unwrap(), err)
+}
+
+fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rest(mut err: BufReader<std::process::ChildStderr>) -> String {
+    let mut s = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut s);
+    s
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|st| st == "Z" || st == "X"),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn killing_a_follower_fails_the_leader_within_the_timeout() {
+    // 30 ms per step keeps the 400-token generation running for ~12 s.
+    let (mut leader, follower, err) = start_group(&[("NEOX_DEBUG_STEP_DELAY_MS", "30")], "5");
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-9", &follower.to_string()])
+        .status()
+        .unwrap();
+    let status = wait_with_deadline(&mut leader, Duration::from_secs(8));
+    assert!(!status.success(), "leader must exit non-zero when a rank dies");
+    assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
+    let msg = rest(err);
+    assert!(msg.contains("rank 1"), "error should name the lost rank: {msg}");
+}
+
+#[test]
+fn a_stuck_follower_times_out_instead_of_hanging() {
+    // The follower sleeps 4 s per step; the collective deadline is 1 s.
+    let (mut leader, follower, err) = start_group(&[("NEOX_DEBUG_STEP_DELAY_MS", "4000")], "1");
+    let t0 = Instant::now();
+    let status = wait_with_deadline(&mut leader, Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(t0.elapsed() < Duration::from_secs(4), "took {:?}", t0.elapsed());
+    let msg = rest(err);
+    assert!(msg.contains("timed out") && msg.contains("rank 1"), "{msg}");
+    // The launcher does not leave the stuck follower behind.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!alive(follower), "follower {follower} left running");
+}
+
+#[test]
+fn killing_the_leader_makes_followers_exit() {
+    let (mut leader, follower, _err) = start_group(&[("NEOX_DEBUG_STEP_DELAY_MS", "30")], "5");
+    std::thread::sleep(Duration::from_millis(300));
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    let t0 = Instant::now();
+    while alive(follower) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "follower {follower} still running without its leader"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn leader_cmd(world: usize, addr: &str) -> Command {
+    let mut c = worker();
+    c.args(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "4"])
+        .args(["--rank", "0", "--world-size", &world.to_string(), "--leader-addr", addr])
+        .args(["--rendezvous-timeout", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn follower_cmd(rank: usize, world: usize, addr: &str) -> Command {
+    follower_cmd_t(rank, world, addr, "20")
+}
+
+fn follower_cmd_t(rank: usize, world: usize, addr: &str, rendezvous_secs: &str) -> Command {
+    let mut c = worker();
+    c.args([
+        "follower",
+        "--rank",
+        &rank.to_string(),
+        "--world-size",
+        &world.to_string(),
+        "--leader-addr",
+        addr,
+    ])
+    .args(["--rendezvous-timeout", rendezvous_secs])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
+}
+
+fn finish(mut c: Child, limit: Duration) -> (bool, String) {
+    let status = wait_with_deadline(&mut c, limit);
+    let mut s = String::new();
+    let _ = std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut s);
+    (status.success(), s)
+}
+
+#[test]
+fn multi_host_style_rendezvous_by_rank_and_leader_addr() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let leader = leader_cmd(2, &addr).spawn().unwrap();
+    let follower = follower_cmd(1, 2, &addr).spawn().unwrap();
+    let (ok, msg) = finish(leader, Duration::from_secs(30));
+    assert!(ok, "{msg}");
+    let (ok, msg) = finish(follower, Duration::from_secs(10));
+    assert!(ok, "follower should exit 0 on the leader's shutdown: {msg}");
+}
+
+#[test]
+fn wrong_world_size_is_a_clear_error_on_both_sides() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let leader = leader_cmd(2, &addr).spawn().unwrap();
+    let follower = follower_cmd(1, 4, &addr).spawn().unwrap();
+    let (ok, f) = finish(follower, Duration::from_secs(15));
+    assert!(!ok && f.contains("world size mismatch"), "{f}");
+    let (ok, l) = finish(leader, Duration::from_secs(15));
+    assert!(!ok && l.contains("world size mismatch"), "{l}");
+}
+
+#[test]
+fn duplicate_rank_is_rejected() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let leader = leader_cmd(4, &addr).spawn().unwrap();
+    let a = follower_cmd(1, 4, &addr).spawn().unwrap();
+    let b = follower_cmd(1, 4, &addr).spawn().unwrap();
+    let (ok, l) = finish(leader, Duration::from_secs(15));
+    assert!(!ok && l.contains("duplicate rank 1"), "{l}");
+    let (_, fa) = finish(a, Duration::from_secs(15));
+    let (_, fb) = finish(b, Duration::from_secs(15));
+    assert!(
+        fa.contains("duplicate rank 1") || fb.contains("duplicate rank 1"),
+        "{fa}\n{fb}"
+    );
+}
+
+#[test]
+fn unreachable_leader_and_bad_sizes_are_clear_errors() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (ok, msg) = finish(
+        follower_cmd_t(1, 2, &addr, "1").spawn().unwrap(),
+        Duration::from_secs(15),
+    );
+    assert!(!ok && msg.contains("cannot reach the leader"), "{msg}");
+
+    // A size that does not divide the fixture's heads: every rank refuses at start-up.
+    let heads = config()["num_attention_heads"].as_u64().unwrap();
+    let bad = (2..=8).find(|t| heads % t != 0).unwrap().to_string();
+    let out = worker()
+        .args([
+            "generate",
+            "--model",
+            fixture_dir().to_str().unwrap(),
+            "--tp",
+            &bad,
+            "--prompt-ids",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && msg.contains("does not divide num_attention_heads"),
+        "{msg}"
+    );
+    let out = follower_cmd(1, bad.parse().unwrap(), &addr)
+        .args(["--model", fixture_dir().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && msg.contains("does not divide"), "{msg}");
+}
