@@ -338,7 +338,7 @@ fn unreachable_leader_and_bad_sizes_are_clear_errors() {
 
     // A size that does not divide the fixture's heads: every rank refuses at start-up.
     let heads = config()["num_attention_heads"].as_u64().unwrap();
-    let bad = (2..=8).find(|t| heads % t != 0).unwrap().to_string();
+    let bad = (2..=8).find(|t| !heads.is_multiple_of(*t)).unwrap().to_string();
     let out = worker()
         .args([
             "generate",
