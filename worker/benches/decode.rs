@@ -2,8 +2,13 @@
 //! the benchmark itself), prefill and decode at batch 1 and 8, side by side with HF
 //! transformers on the same checkpoint and thread count when it is installed.
 //!
+//! Then tensor parallelism: the same model through `neox-worker generate --tp N` (separate
+//! rank processes over loopback TCP, the host's threads split between them), bytes moved per
+//! token per rank, and the latency of one hidden-sized all-reduce.
+//!
 //! `cargo bench -p neox-worker --bench decode` (env: NEOX_BENCH_THREADS=2,
-//! NEOX_BENCH_LAYERS=12, NEOX_HF_PYTHON=python3 with transformers, NEOX_BENCH_SKIP_HF=1).
+//! NEOX_BENCH_LAYERS=12, NEOX_HF_PYTHON=python3 with transformers, NEOX_BENCH_SKIP_HF=1,
+//! NEOX_BENCH_TP=1,2).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -189,5 +194,112 @@ fn main() -> anyhow::Result<()> {
             ),
         }
     }
+    tensor_parallel(dir.path(), &config, threads)?;
+    Ok(())
+}
+
+fn tensor_parallel(dir: &Path, config: &NeoXConfig, threads: usize) -> anyhow::Result<()> {
+    let sizes: Vec<usize> = std::env::var("NEOX_BENCH_TP")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    println!("\ntensor parallel, {threads} threads split across ranks, batch 1, prompt {PROMPT}, 64 decode steps");
+    println!(
+        "{:<4} {:>16} {:>10} {:>24}",
+        "tp", "decode ms/token", "vs tp=1", "bytes sent/token/rank"
+    );
+    let prompt: Vec<String> = (0..PROMPT).map(|i| ((i * 7919) % 50000 + 2).to_string()).collect();
+    let mut base = None;
+    for tp in sizes {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_neox-worker"))
+            .args([
+                "generate",
+                "--model",
+                &dir.display().to_string(),
+                "--tp",
+                &tp.to_string(),
+            ])
+            .args([
+                "--threads",
+                &(threads / tp).max(1).to_string(),
+                "--prompt-ids",
+                &prompt.join(","),
+            ])
+            .args(["--max-new-tokens", "65", "--ignore-eos", "--json"])
+            .env("RAYON_NUM_THREADS", (threads / tp).max(1).to_string())
+            .output()?;
+        if !out.status.success() {
+            println!("{tp:<4} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ms = v["timings"]["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN);
+        let base_ms = *base.get_or_insert(ms);
+        // One all-reduce of the hidden state per layer (parallel residual) plus the logits
+        // all-gather, each sent to tp-1 peers (one-shot collectives).
+        let bytes = (tp - 1) * 4 * (config.num_layers * config.hidden_size + config.vocab_size / tp);
+        println!("{tp:<4} {ms:>16.2} {:>9.2}x {bytes:>24}", ms / base_ms);
+    }
+    all_reduce_latency(config.hidden_size)
+}
+
+fn all_reduce_latency(hidden: usize) -> anyhow::Result<()> {
+    use neox_worker::parallel::{Communicator, TcpCommunicator};
+    let listeners: Vec<_> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    let comms: Vec<TcpCommunicator> = std::thread::scope(|s| {
+        let hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                s.spawn(move || {
+                    TcpCommunicator::connect_mesh(
+                        RankInfo { rank: r, world_size: 2 },
+                        l,
+                        &addrs,
+                        std::time::Duration::from_secs(10),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("mesh thread"))
+                    .and_then(|r| Ok(r?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let t = Tensor::ones(hidden, DType::F32, &Device::Cpu)?;
+    const N: usize = 2000;
+    let times: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                let t = t.clone();
+                s.spawn(move || {
+                    let mut v = Vec::with_capacity(N);
+                    for _ in 0..N {
+                        let t0 = Instant::now();
+                        let _ = c.all_reduce_sum(&t);
+                        v.push(t0.elapsed().as_secs_f64());
+                    }
+                    v
+                })
+            })
+            .collect();
+        hs.into_iter().next().and_then(|h| h.join().ok()).unwrap_or_default()
+    });
+    println!(
+        "all-reduce of {hidden} f32 between 2 ranks over loopback TCP: median {:.1} us",
+        median(times) * 1e6
+    );
     Ok(())
 }

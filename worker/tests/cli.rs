@@ -2,27 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn worker() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_neox-worker"))
-}
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = worker().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "neox-worker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
-}
 
 #[test]
 fn generate_json_matches_hf_greedy() {

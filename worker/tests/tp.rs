@@ -9,28 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn worker() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_neox-worker"));
-    c.env_remove("NEOX_RANK")
-        .env_remove("NEOX_WORLD_SIZE")
-        .env_remove("NEOX_LEADER_ADDR");
-    c
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
-}
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = worker().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "neox-worker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn config() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("config.json")).unwrap()).unwrap()
 }

@@ -120,7 +120,14 @@ pub struct Group {
     pub tokenizer: NeoXTokenizer,
     runner: Option<Box<dyn StepRunner>>,
     children: Arc<Mutex<Vec<(usize, Child)>>>,
-    _runtime: Option<tokio::runtime::Runtime>,
+    /// The group endpoint: its runtime, a shutdown trigger and the server task.
+    endpoint: Option<Endpoint>,
+}
+
+struct Endpoint {
+    runtime: tokio::runtime::Runtime,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl Group {
@@ -134,8 +141,16 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        // Dropping the runner tells followers to shut down; give them a moment, then make sure.
+        // Dropping the runner tells followers to shut down and ends their streams; a graceful
+        // server shutdown then makes sure that last message reaches them before we exit (bounded:
+        // a stuck follower must not hold up a failing leader).
         self.runner = None;
+        if let Some(ep) = self.endpoint.take() {
+            let _ = ep.stop.send(());
+            let _ = ep
+                .runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(1), ep.server).await });
+        }
         if let Ok(mut children) = self.children.lock() {
             for (_, c) in children.iter_mut() {
                 for _ in 0..50 {
@@ -169,7 +184,7 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
             tokenizer: loaded.tokenizer,
             runner: Some(Box::new(LocalRunner::new(loaded.model))),
             children,
-            _runtime: None,
+            endpoint: None,
         });
     }
     let collective_timeout = secs("collective-timeout", g.collective_timeout)?;
@@ -209,10 +224,14 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         tokio_stream::wrappers::TcpListenerStream::new(tokio::net::TcpListener::from_std(grpc)?)
     };
     let svc = leader.service();
-    runtime.spawn(async move {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming(incoming)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
         {
             tracing::error!("group endpoint failed: {e}");
@@ -259,7 +278,7 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         tokenizer: loaded.tokenizer,
         runner: Some(Box::new(LeaderRunner::new(LocalRunner::new(model), senders))),
         children,
-        _runtime: Some(runtime),
+        endpoint: Some(Endpoint { runtime, stop, server }),
     })
 }
 

@@ -111,11 +111,11 @@ impl GroupLeader {
         }
         let mut addrs = vec![self.opts.collective_addr.clone()];
         let mut senders = Vec::with_capacity(world - 1);
+        // Moved out, not cloned: once the runner drops them the group streams can end.
         for r in 1..world as u32 {
             let (addr, tx) = s
                 .joined
-                .get(&r)
-                .cloned()
+                .remove(&r)
                 .ok_or_else(|| ParallelError::Rendezvous(format!("rank {r} vanished")))?;
             addrs.push(addr);
             senders.push(tx);

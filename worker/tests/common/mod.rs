@@ -94,3 +94,27 @@ pub fn copy_side_files(src: &std::path::Path, dst: &std::path::Path) {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
 }
+
+/// The `neox-worker` binary, with no group variables inherited from the environment.
+pub fn worker() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_neox-worker"));
+    c.env_remove("NEOX_RANK")
+        .env_remove("NEOX_WORLD_SIZE")
+        .env_remove("NEOX_LEADER_ADDR");
+    c
+}
+
+/// Runs `neox-worker ARGS`, which must succeed, and parses its JSON output.
+pub fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = worker().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "neox-worker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn csv(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
