@@ -131,6 +131,11 @@ struct Endpoint {
 }
 
 impl Group {
+    /// Moves the runner out (to the engine thread); the group keeps supervising.
+    pub fn take_runner(&mut self) -> Result<Box<dyn StepRunner>> {
+        self.runner.take().context("the group is shut down")
+    }
+
     pub fn runner(&mut self) -> Result<&mut dyn StepRunner> {
         match self.runner.as_deref_mut() {
             Some(r) => Ok(r),
@@ -304,9 +309,9 @@ fn watch_children(children: Arc<Mutex<Vec<(usize, Child)>>>, leader: GroupLeader
 #[derive(Args, Debug)]
 pub struct FollowerArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     #[command(flatten)]
-    group: GroupArgs,
+    pub group: GroupArgs,
 }
 
 /// `neox-worker follower`: ranks 1..tp of a group.

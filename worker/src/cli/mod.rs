@@ -2,6 +2,7 @@
 
 mod group;
 mod offline;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -14,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over gRPC (the default command).
+    Serve(serve::ServeArgs),
     /// Generate a continuation of a prompt and print it.
     Generate(offline::GenerateArgs),
     /// Print the logits of the last prompt position (or all positions).
@@ -38,13 +41,36 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
 }
 
+const COMMANDS: &[&str] = &[
+    "serve",
+    "generate",
+    "logits",
+    "perplexity",
+    "follower",
+    "help",
+    "-h",
+    "--help",
+    "-V",
+    "--version",
+];
+
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // `neox-worker [FLAGS]` means `neox-worker serve [FLAGS]`.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_none_or(|a| !COMMANDS.contains(&a))
+    {
+        args.insert(1, "serve".into());
+    }
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NEOX_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Serve(a) => serve::serve(a),
         Command::Generate(a) => offline::generate(a),
         Command::Logits(a) => offline::logits(a),
         Command::Perplexity(a) => offline::perplexity(a),

@@ -1,7 +1,19 @@
-//! Scheduling model steps over requests: sampling, stop criteria, batching.
+//! Scheduling model steps over requests: queue, continuous batching, KV blocks, sampling,
+//! stop criteria.
 
+mod blocks;
 pub mod offline;
+mod request;
 pub mod sampling;
+mod scheduler;
+mod stop;
 
-pub use offline::{generate_batch, perplexity, BatchTimings, FinishReason, Generation, OfflineOptions, Perplexity};
+pub use blocks::BlockManager;
+pub use offline::{
+    generate_batch, perplexity, BatchTimings, FinishReason as OfflineFinishReason, Generation, OfflineOptions,
+    Perplexity,
+};
+pub use request::{Event, Failure, Finish, FinishReason, Request, StopCriteria, TokenInfo};
 pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use scheduler::{start, EngineConfig, EngineHandle, SubmitError};
+pub use stop::{StopMatcher, StopOutcome};

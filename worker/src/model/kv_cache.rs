@@ -1,9 +1,9 @@
 //! Per-sequence key/value cache.
 //!
 //! Each sequence owns one K and one V buffer per layer, `[heads, capacity, head_dim]`,
-//! written in place. Capacity is reserved up front when the final length is known (the
-//! engine knows prompt + max_new_tokens) and doubles otherwise, so appends never copy the
-//! whole history each step.
+//! written in place. Capacity follows the reservation the caller makes (the engine reserves
+//! whole KV blocks from its budget, offline generation reserves prompt + max_new_tokens), so
+//! memory held matches what was accounted; past the reservation it doubles.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -45,6 +45,11 @@ impl SequenceCache {
             .sum()
     }
 
+    /// Tokens the caller has reserved room for; the buffers grow to it when they next grow.
+    pub fn set_reserve(&mut self, reserve: usize) {
+        self.reserve = reserve.max(1);
+    }
+
     /// Forgets every token after the first `len`, keeping the buffers.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -65,7 +70,11 @@ impl SequenceCache {
             .ok_or_else(|| ModelError::Internal(format!("no layer {layer}")))?;
         let cap = slot.as_ref().map(|(k, _)| k.dim(1)).transpose()?.unwrap_or(0);
         if needed > cap {
-            let new_cap = needed.max(self.reserve).max(cap * 2);
+            let new_cap = if self.reserve >= needed {
+                self.reserve
+            } else {
+                needed.max(cap * 2)
+            };
             let (nk, nv) = alloc(heads, new_cap, hd, k.dtype(), k.device())?;
             if let Some((ok, ov)) = slot.as_ref() {
                 if self.len > 0 {

@@ -297,6 +297,11 @@ impl GptNeoX {
         Ok(())
     }
 
+    /// Waits for every rank of the group.
+    pub fn barrier(&self) -> Result<(), ModelError> {
+        Ok(self.comm.barrier()?)
+    }
+
     /// Limits sampling to the first `n` rows (the tokenizer's vocabulary).
     pub fn with_sampleable_vocab(mut self, n: usize) -> Self {
         self.sampleable_vocab = n.min(self.config.vocab_size).max(1);

@@ -4,6 +4,7 @@ use tokenizers::Tokenizer;
 
 use super::ModelError;
 
+#[derive(Clone)]
 pub struct NeoXTokenizer {
     inner: Tokenizer,
     eos: Option<u32>,

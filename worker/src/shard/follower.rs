@@ -118,6 +118,7 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     tracing::info!(rank = opts.rank.rank, "group formed; running step plans");
     loop {
         match next("the next step")? {
+            pb::step_plan::Kind::Forward(f) if f.sequences.is_empty() => runner.model().barrier()?,
             pb::step_plan::Kind::Forward(f) => {
                 if let Some(ms) = delay {
                     std::thread::sleep(Duration::from_millis(ms));

@@ -265,6 +265,17 @@ impl StepRunner for LeaderRunner {
     fn model(&self) -> &GptNeoX {
         self.local.model()
     }
+
+    fn heartbeat(&mut self) -> Result<(), ModelError> {
+        self.step += 1;
+        self.send(pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::Forward(pb::Forward {
+                step: self.step,
+                sequences: vec![],
+            })),
+        })?;
+        self.local.model().barrier()
+    }
 }
 
 impl Drop for LeaderRunner {

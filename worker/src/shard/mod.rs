@@ -23,17 +23,22 @@ pub struct SeqPlan {
     pub id: u64,
     pub tokens: Vec<u32>,
     pub logits: LogitsWanted,
-    /// Tokens the sequence may reach in total, to size its cache once.
+    /// Tokens of KV room reserved for the sequence (its cache grows to this when it grows).
     pub reserve: usize,
 }
 
 /// Runs engine steps on this rank or a whole group.
-pub trait StepRunner {
+pub trait StepRunner: Send {
     /// Runs one step; returns, per sequence, the f32 logits it asked for (`[rows, vocab]`).
     fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError>;
     /// Frees the KV caches of finished sequences.
     fn release(&mut self, ids: &[u64]) -> Result<(), ModelError>;
     fn model(&self) -> &GptNeoX;
+    /// Proves every rank is still there (a barrier), so an idle group notices a lost rank
+    /// within the collective timeout too.
+    fn heartbeat(&mut self) -> Result<(), ModelError> {
+        Ok(())
+    }
 }
 
 /// The model on this rank, with the KV caches of every live sequence.
@@ -59,8 +64,11 @@ impl LocalRunner {
 impl StepRunner for LocalRunner {
     fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError> {
         for p in plan {
-            if !self.caches.contains_key(&p.id) {
-                self.caches.insert(p.id, self.model.new_cache(p.reserve));
+            match self.caches.get_mut(&p.id) {
+                Some(c) => c.set_reserve(p.reserve),
+                None => {
+                    self.caches.insert(p.id, self.model.new_cache(p.reserve));
+                }
             }
         }
         // Take the caches out so each step borrows them mutably side by side.

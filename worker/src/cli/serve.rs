@@ -1,0 +1,160 @@
+//! `neox-worker serve` (the default command): the gRPC server on rank 0; ranks ≥ 1 of a
+//! group run as followers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use neox_proto::neox::v1 as pb;
+
+use neox_worker::engine::{self, BlockManager, EngineConfig};
+use neox_worker::metrics::Metrics;
+use neox_worker::model::dtype_name;
+use neox_worker::server::{self, Exit, Limits, ServerOptions};
+
+use super::group::{follower, start_leader, FollowerArgs, GroupArgs};
+use super::ModelArgs;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    group: GroupArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "NEOX_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "NEOX_METRICS_ADDR", default_value = "127.0.0.1:9400")]
+    metrics_addr: SocketAddr,
+    /// Sequences in the running batch, at most.
+    #[arg(long, env = "NEOX_MAX_BATCH_SIZE", default_value_t = 32)]
+    max_batch_size: usize,
+    /// Tokens (decode + prefill chunks) one engine step processes, at most.
+    #[arg(long, env = "NEOX_MAX_TOKENS_PER_STEP", default_value_t = 512)]
+    max_tokens_per_step: usize,
+    /// Requests waiting for admission, at most; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "NEOX_MAX_WAITING_REQUESTS", default_value_t = 128)]
+    max_waiting_requests: usize,
+    /// Prompt + generated tokens of a request, at most (default: the model's context).
+    #[arg(long, env = "NEOX_MAX_TOTAL_TOKENS")]
+    max_total_tokens: Option<usize>,
+    /// Cap on a request's max_new_tokens.
+    #[arg(long, env = "NEOX_MAX_NEW_TOKENS", default_value_t = 1024)]
+    max_new_tokens: usize,
+    /// max_new_tokens of a request that leaves it unset.
+    #[arg(long, env = "NEOX_DEFAULT_MAX_NEW_TOKENS", default_value_t = 64)]
+    default_max_new_tokens: usize,
+    /// Prompt text size limit in bytes (gRPC messages are limited to this plus 64 KiB).
+    #[arg(long, env = "NEOX_MAX_PROMPT_BYTES", default_value_t = 256 * 1024)]
+    max_prompt_bytes: usize,
+    /// KV cache memory budget per rank, in MiB.
+    #[arg(long, env = "NEOX_KV_CACHE_MIB", default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Tokens per KV block.
+    #[arg(long, env = "NEOX_KV_BLOCK_SIZE", default_value_t = 16)]
+    kv_block_size: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "NEOX_SHUTDOWN_GRACE", default_value_t = 30.0)]
+    shutdown_grace: f64,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    if a.group.rank.is_some_and(|r| r > 0) {
+        return follower(FollowerArgs {
+            model: a.model,
+            group: a.group,
+        });
+    }
+    for (name, v) in [
+        ("max-batch-size", a.max_batch_size),
+        ("max-tokens-per-step", a.max_tokens_per_step),
+        ("kv-block-size", a.kv_block_size),
+        ("kv-cache-mib", a.kv_cache_mib),
+        ("max-new-tokens", a.max_new_tokens),
+    ] {
+        if v == 0 {
+            bail!("--{name} must be at least 1");
+        }
+    }
+    if !(a.shutdown_grace >= 0.0 && a.shutdown_grace.is_finite()) {
+        bail!("--shutdown-grace must be a non-negative number of seconds");
+    }
+    let mut group = start_leader(&a.model, &a.group)?;
+    let runner = group.take_runner()?;
+    let model = runner.model();
+    let cfg = model.config().clone();
+    let max_total = a
+        .max_total_tokens
+        .unwrap_or(cfg.max_position_embeddings)
+        .min(cfg.max_position_embeddings);
+    let blocks = BlockManager::from_budget(a.kv_block_size, a.kv_cache_mib << 20, model.kv_bytes_per_token());
+    if blocks.total() == 0 {
+        bail!(
+            "--kv-cache-mib {} holds no KV block of {} tokens",
+            a.kv_cache_mib,
+            a.kv_block_size
+        );
+    }
+    let info = pb::ModelInfoResponse {
+        model: group.name.clone(),
+        architecture: "GPTNeoXForCausalLM".into(),
+        vocab_size: model.sampleable_vocab() as u32,
+        hidden_size: cfg.hidden_size as u32,
+        num_layers: cfg.num_layers as u32,
+        num_heads: cfg.num_heads as u32,
+        max_position_embeddings: cfg.max_position_embeddings as u32,
+        tensor_parallel_size: model.rank().world_size as u32,
+        dtype: dtype_name(model.dtype()).into(),
+        device: "cpu".into(),
+        max_batch_size: a.max_batch_size as u32,
+        max_total_tokens: max_total as u32,
+        max_new_tokens: a.max_new_tokens as u32,
+        max_waiting_requests: a.max_waiting_requests as u32,
+        eos_token_id: group.tokenizer.eos_token_id().unwrap_or(0),
+    };
+    let limits = Limits {
+        max_total_tokens: max_total,
+        max_new_tokens: a.max_new_tokens,
+        default_max_new_tokens: a.default_max_new_tokens.min(a.max_new_tokens),
+        max_prompt_bytes: a.max_prompt_bytes,
+        max_stop_sequences: 8,
+        max_stop_sequence_chars: 256,
+        max_top_n_tokens: 5,
+        vocab_size: model.sampleable_vocab(),
+    };
+    let config = EngineConfig {
+        max_batch_size: a.max_batch_size,
+        max_tokens_per_step: a.max_tokens_per_step,
+        max_waiting_requests: a.max_waiting_requests,
+        max_total_tokens: max_total,
+        kv_block_size: a.kv_block_size,
+        kv_blocks: blocks.total(),
+    };
+    let metrics = Metrics::new().context("creating metrics")?;
+    let tokenizer = Arc::new(group.tokenizer.clone());
+    let (handle, engine_thread) = engine::start(runner, tokenizer.clone(), config, metrics.clone());
+    let opts = ServerOptions {
+        grpc_addr: a.grpc_addr,
+        metrics_addr: a.metrics_addr,
+        max_message_bytes: a.max_prompt_bytes + 64 * 1024,
+        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let exit = rt.block_on(server::serve(opts, handle, tokenizer, limits, info, metrics))?;
+    drop(rt);
+    // The engine thread ends once every handle is gone and its work is done or failed.
+    let _ = engine_thread.join();
+    match exit {
+        Exit::Drained => {
+            eprintln!("neox-worker: drained, exiting");
+            Ok(())
+        }
+        Exit::GroupFailed => bail!("the worker group failed; exiting so the group restarts as a unit"),
+    }
+}

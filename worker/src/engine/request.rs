@@ -1,0 +1,91 @@
+//! What a client asks the engine for, and what the engine sends back.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::sampling::SamplingParams;
+
+/// When a sequence stops.
+#[derive(Debug, Clone, Default)]
+pub struct StopCriteria {
+    pub max_new_tokens: usize,
+    /// Text that ends generation; matched across token boundaries, never included.
+    pub stop_sequences: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    /// `None` when the client asked to ignore EOS.
+    pub eos_token_id: Option<u32>,
+}
+
+/// A validated generation request.
+#[derive(Debug)]
+pub struct Request {
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopCriteria,
+    pub logprobs: bool,
+    pub prompt_logprobs: bool,
+    pub deadline: Option<Instant>,
+    pub received: Instant,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    EosToken,
+    StopSequence,
+    StopToken,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+            FinishReason::StopToken => "stop_token",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub id: u32,
+    /// The token as the tokenizer spells it.
+    pub text: String,
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, String, f32)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub queue_secs: f64,
+    pub ttft_secs: f64,
+    pub total_secs: f64,
+}
+
+/// Why a request ended without finishing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    DeadlineExceeded,
+    /// The group can no longer run steps (a rank died, a collective timed out).
+    Unavailable(String),
+    Internal(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Once, before any token, when prompt logprobs were asked for.
+    PromptTokens(Vec<TokenInfo>),
+    /// One generated token and the text it completes (whole UTF-8 characters only).
+    Token {
+        token: TokenInfo,
+        delta: String,
+    },
+    Finished(Finish),
+    Failed(Failure),
+}

@@ -1,0 +1,591 @@
+//! The continuous-batching engine loop.
+//!
+//! One thread owns the group's [`StepRunner`]. Between steps it takes new requests, drops
+//! cancelled and expired ones (freeing their KV blocks at once), admits waiting requests in
+//! arrival order while KV blocks and batch slots allow, and builds the next step: one decode
+//! token for every running sequence first, then prefill chunks up to the step's token budget
+//! (long prompts are prefilled over several steps). When a decode step needs a block and none
+//! is free, the most recently admitted sequence is preempted: its KV is freed and it goes back
+//! to the head of the queue to be recomputed, so the oldest requests always make progress.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
+use crate::model::{IncrementalDecoder, LogitsWanted, ModelError, NeoXTokenizer};
+use crate::shard::{SeqPlan, StepRunner};
+
+use super::blocks::BlockManager;
+use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
+use super::sampling::{log_softmax_at, Sampler};
+use super::stop::{StopMatcher, StopOutcome};
+
+/// How often an idle engine checks that every rank is still there.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Limits of the engine (flags of `neox-worker serve`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_batch_size: usize,
+    /// Token budget of one step (decode tokens + prefill chunk tokens).
+    pub max_tokens_per_step: usize,
+    pub max_waiting_requests: usize,
+    /// Prompt + generated tokens of one request, at most.
+    pub max_total_tokens: usize,
+    pub kv_block_size: usize,
+    /// KV blocks available (from the KV memory budget).
+    pub kv_blocks: usize,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull(usize),
+    Unavailable(String),
+    /// The request can never fit (more KV than the whole budget).
+    TooLarge(String),
+}
+
+/// The handle servers use to submit requests.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Request>,
+    waiting: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+    config: EngineConfig,
+}
+
+impl EngineHandle {
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// True while the group runs steps and the engine admits work.
+    pub fn is_serving(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Stops admitting new requests (running and queued ones finish).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests queued or running.
+    pub fn in_flight(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        if !self.healthy.load(Ordering::SeqCst) {
+            return Err(SubmitError::Unavailable("the worker group is unhealthy".into()));
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Unavailable("the server is shutting down".into()));
+        }
+        let need = (req.prompt_ids.len() + req.stop.max_new_tokens).div_ceil(self.config.kv_block_size.max(1));
+        if need > self.config.kv_blocks {
+            return Err(SubmitError::TooLarge(format!(
+                "prompt + max_new_tokens needs {need} KV blocks but the server has {}",
+                self.config.kv_blocks
+            )));
+        }
+        // `waiting` counts every request the engine holds, queued or running.
+        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.config.max_waiting_requests + self.config.max_batch_size {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(self.config.max_waiting_requests));
+        }
+        self.tx.send(req).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Unavailable("the engine has stopped".into())
+        })
+    }
+}
+
+struct Seq {
+    id: u64,
+    req: Request,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    generated: Vec<u32>,
+    /// Tokens whose KV is cached on every rank.
+    computed: usize,
+    blocks: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    prompt_lp: Vec<TokenInfo>,
+    prompt_lp_sent: bool,
+    admitted_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+impl Seq {
+    fn prompt_len(&self) -> usize {
+        self.req.prompt_ids.len()
+    }
+}
+
+/// Starts the engine thread over `runner`.
+pub fn start(
+    runner: Box<dyn StepRunner>,
+    tokenizer: Arc<NeoXTokenizer>,
+    config: EngineConfig,
+    metrics: Metrics,
+) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = EngineHandle {
+        tx,
+        waiting: Arc::new(AtomicUsize::new(0)),
+        healthy: Arc::new(AtomicBool::new(true)),
+        draining: Arc::new(AtomicBool::new(false)),
+        config: config.clone(),
+    };
+    metrics.group_healthy.set(1);
+    let mut engine = Engine {
+        runner,
+        tokenizer,
+        blocks: BlockManager::new(config.kv_block_size, config.kv_blocks),
+        config,
+        metrics,
+        rx,
+        in_engine: handle.waiting.clone(),
+        healthy: handle.healthy.clone(),
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        next_id: 1,
+    };
+    let join = std::thread::Builder::new()
+        .name("neox-engine".into())
+        .spawn(move || engine.run())
+        .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
+    (handle, join)
+}
+
+struct Engine {
+    runner: Box<dyn StepRunner>,
+    tokenizer: Arc<NeoXTokenizer>,
+    config: EngineConfig,
+    blocks: BlockManager,
+    metrics: Metrics,
+    rx: Receiver<Request>,
+    in_engine: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_id: u64,
+}
+
+impl Engine {
+    fn run(&mut self) {
+        let mut last_beat = Instant::now();
+        loop {
+            if !self.receive() {
+                break;
+            }
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if last_beat.elapsed() >= HEARTBEAT {
+                    last_beat = Instant::now();
+                    if let Err(e) = self.runner.heartbeat() {
+                        tracing::error!("group heartbeat failed: {e}");
+                        self.fail_everything(e);
+                        break;
+                    }
+                }
+                continue;
+            }
+            last_beat = Instant::now();
+            self.drop_dead();
+            self.admit();
+            self.update_gauges();
+            if self.running.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                tracing::error!("engine step failed: {e}");
+                self.fail_everything(e);
+                break;
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Takes queued requests; blocks while idle. False once every handle is gone and no
+    /// work is left.
+    fn receive(&mut self) -> bool {
+        let idle = self.running.is_empty() && self.waiting.is_empty();
+        if idle {
+            match self.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => self.enqueue(r),
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        while let Ok(r) = self.rx.try_recv() {
+            self.enqueue(r);
+        }
+        true
+    }
+
+    fn enqueue(&mut self, req: Request) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let sampler = Sampler::new(req.sampling.clone());
+        let stop = StopMatcher::new(req.stop.stop_sequences.clone());
+        self.waiting.push_back(Seq {
+            id,
+            tokens: req.prompt_ids.clone(),
+            generated: Vec::new(),
+            computed: 0,
+            blocks: 0,
+            sampler,
+            decoder: IncrementalDecoder::new(),
+            stop,
+            prompt_lp: Vec::new(),
+            prompt_lp_sent: false,
+            admitted_at: None,
+            first_token_at: None,
+            last_token_at: None,
+            req,
+        });
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.requests_running.set(self.running.len() as i64);
+        self.metrics.requests_waiting.set(self.waiting.len() as i64);
+        self.metrics.kv_cache_usage_ratio.set(self.blocks.usage_ratio());
+    }
+
+    /// Ends a sequence that left the engine: frees its KV everywhere and counts it.
+    fn retire(&mut self, s: &Seq, label: &str) -> Result<(), ModelError> {
+        self.blocks.give_back(s.blocks);
+        self.in_engine.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.requests.with_label_values(&[label]).inc();
+        if s.blocks > 0 || s.computed > 0 {
+            self.runner.release(&[s.id])?;
+        }
+        Ok(())
+    }
+
+    /// Drops requests whose client went away or whose deadline passed.
+    fn drop_dead(&mut self) {
+        let now = Instant::now();
+        for queue in [true, false] {
+            let list = if queue {
+                std::mem::take(&mut self.waiting).into_iter().collect::<Vec<_>>()
+            } else {
+                std::mem::take(&mut self.running)
+            };
+            let mut keep = Vec::with_capacity(list.len());
+            for s in list {
+                let label = if s.req.events.is_closed() {
+                    Some("cancelled")
+                } else if s.req.deadline.is_some_and(|d| now >= d) {
+                    let _ = s.req.events.send(Event::Failed(Failure::DeadlineExceeded));
+                    Some("deadline_exceeded")
+                } else {
+                    None
+                };
+                match label {
+                    Some(l) => {
+                        if let Err(e) = self.retire(&s, l) {
+                            tracing::warn!("releasing sequence {}: {e}", s.id);
+                        }
+                    }
+                    None => keep.push(s),
+                }
+            }
+            if queue {
+                self.waiting = keep.into();
+            } else {
+                self.running = keep;
+            }
+        }
+    }
+
+    /// Admits waiting sequences in arrival order while slots and blocks allow.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch_size {
+            let Some(front) = self.waiting.front() else { break };
+            // Room for the whole (re)computation plus the next token.
+            let need = self.blocks.blocks_for(front.tokens.len() + 1);
+            if !self.blocks.try_take(need) {
+                break;
+            }
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            s.blocks = need;
+            s.admitted_at.get_or_insert_with(Instant::now);
+            self.running.push(s);
+        }
+    }
+
+    /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
+    /// admitted other sequences if needed. False if it cannot be done.
+    fn ensure_blocks(&mut self, mut i: usize, tokens: usize) -> Result<bool, ModelError> {
+        loop {
+            let need = self.blocks.blocks_for(tokens).saturating_sub(self.running[i].blocks);
+            if need == 0 || self.blocks.try_take(need) {
+                self.running[i].blocks += need;
+                return Ok(true);
+            }
+            // Preempt the youngest other sequence.
+            let victim = (0..self.running.len())
+                .filter(|&j| j != i)
+                .max_by_key(|&j| self.running[j].admitted_at);
+            let Some(j) = victim else { return Ok(false) };
+            let mut v = self.running.remove(j);
+            self.blocks.give_back(v.blocks);
+            self.runner.release(&[v.id])?;
+            v.blocks = 0;
+            v.computed = 0;
+            self.metrics.preemptions.inc();
+            tracing::debug!(seq = v.id, "preempted for lack of KV blocks");
+            self.waiting.push_front(v);
+            if j < i {
+                i -= 1;
+            }
+        }
+    }
+
+    fn step(&mut self) -> Result<(), ModelError> {
+        let mut budget = self.config.max_tokens_per_step.max(1);
+        let mut plan: Vec<(u64, usize)> = Vec::new(); // (seq id, tokens this step)
+                                                      // Decode first: every fully prefilled sequence feeds its last sampled token.
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if s.computed + 1 == s.tokens.len() && budget > 0 {
+                let id = s.id;
+                let want = s.tokens.len();
+                if self.ensure_blocks_by_id(id, want)? {
+                    plan.push((id, 1));
+                    budget -= 1;
+                }
+            }
+            i += 1;
+        }
+        // Then prefill chunks in admission order.
+        let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
+        for id in ids {
+            if budget == 0 {
+                break;
+            }
+            let Some(s) = self.running.iter().find(|s| s.id == id) else {
+                continue;
+            };
+            if s.computed + 1 >= s.tokens.len() {
+                continue;
+            }
+            let chunk = (s.tokens.len() - s.computed).min(budget);
+            let end = s.computed + chunk;
+            if self.ensure_blocks_by_id(id, end + usize::from(end == s.tokens.len()))? {
+                plan.push((id, chunk));
+                budget -= chunk;
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let steps: Vec<SeqPlan> = plan
+            .iter()
+            .filter_map(|&(id, n)| {
+                let s = self.running.iter().find(|s| s.id == id)?;
+                let completes = s.computed + n == s.tokens.len();
+                let logits = if s.req.prompt_logprobs && s.computed < s.prompt_len() {
+                    LogitsWanted::All
+                } else if completes {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                };
+                Some(SeqPlan {
+                    id,
+                    tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                    logits,
+                    reserve: s.blocks * self.blocks.block_size(),
+                })
+            })
+            .collect();
+        self.metrics.batch_size.observe(steps.len() as f64);
+        let logits = self.runner.step(&steps)?;
+        let mut finished = Vec::new();
+        for (p, l) in steps.iter().zip(logits) {
+            let Some(idx) = self.running.iter().position(|s| s.id == p.id) else {
+                continue;
+            };
+            let done = self.after_step(idx, p, l)?;
+            if let Some(label) = done {
+                finished.push((p.id, label));
+            }
+        }
+        for (id, label) in finished {
+            if let Some(idx) = self.running.iter().position(|s| s.id == id) {
+                let s = self.running.remove(idx);
+                self.retire(&s, label)?;
+            }
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    fn ensure_blocks_by_id(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {
+        match self.running.iter().position(|s| s.id == id) {
+            Some(i) => self.ensure_blocks(i, tokens),
+            None => Ok(false),
+        }
+    }
+
+    /// Applies a step's result to a sequence; returns the finish label if it ended.
+    fn after_step(
+        &mut self,
+        idx: usize,
+        p: &SeqPlan,
+        logits: Option<candle_core::Tensor>,
+    ) -> Result<Option<&'static str>, ModelError> {
+        let tok = self.tokenizer.clone();
+        let vocab = self.runner.model().sampleable_vocab();
+        let s = &mut self.running[idx];
+        let start = s.computed;
+        s.computed += p.tokens.len();
+        let prefill_tokens = s.prompt_len().saturating_sub(start).min(p.tokens.len());
+        if prefill_tokens > 0 && s.generated.is_empty() {
+            self.metrics.prompt_tokens.inc_by(prefill_tokens as u64);
+        }
+        let Some(logits) = logits else { return Ok(None) };
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        if p.logits == LogitsWanted::All && !s.prompt_lp_sent {
+            // Row j predicts token start + j + 1.
+            if start == 0 {
+                let first = s.tokens[0];
+                s.prompt_lp.push(TokenInfo {
+                    id: first,
+                    text: tok.decode(&[first])?,
+                    logprob: None,
+                    top: Vec::new(),
+                });
+            }
+            for (j, row) in rows.iter().enumerate() {
+                let pos = start + j + 1;
+                if pos >= s.prompt_len() {
+                    break;
+                }
+                let id = s.tokens[pos];
+                let lp = log_softmax_at(&row[..vocab.min(row.len())], std::iter::once(id))[0];
+                s.prompt_lp.push(TokenInfo {
+                    id,
+                    text: tok.decode(&[id])?,
+                    logprob: Some(lp),
+                    top: Vec::new(),
+                });
+            }
+        }
+        if s.computed < s.tokens.len() {
+            return Ok(None);
+        }
+        if s.req.prompt_logprobs && !s.prompt_lp_sent {
+            s.prompt_lp_sent = true;
+            let _ = s.req.events.send(Event::PromptTokens(std::mem::take(&mut s.prompt_lp)));
+        }
+        let Some(last) = rows.last() else { return Ok(None) };
+        let sampled = s.sampler.sample(last, vocab, &s.tokens, &s.generated);
+        let now = Instant::now();
+        match s.last_token_at {
+            None => {
+                s.first_token_at = Some(now);
+                self.metrics
+                    .time_to_first_token
+                    .observe((now - s.req.received).as_secs_f64());
+            }
+            Some(prev) => self.metrics.time_per_output_token.observe((now - prev).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        self.metrics.generation_tokens.inc();
+        s.tokens.push(sampled.id);
+        s.generated.push(sampled.id);
+        let mut reason = None;
+        let eos = s.req.stop.eos_token_id == Some(sampled.id);
+        let stop_tok = s.req.stop.stop_token_ids.contains(&sampled.id);
+        let mut text = if eos || stop_tok {
+            String::new()
+        } else {
+            s.decoder.push(&tok, sampled.id)?
+        };
+        if eos {
+            reason = Some(FinishReason::EosToken);
+        } else if stop_tok {
+            reason = Some(FinishReason::StopToken);
+        }
+        match s.stop.push(&text) {
+            StopOutcome::Continue(t) => text = t,
+            StopOutcome::Stop(t) => {
+                text = t;
+                reason = Some(FinishReason::StopSequence);
+            }
+        }
+        if reason.is_none() && s.generated.len() >= s.req.stop.max_new_tokens {
+            reason = Some(FinishReason::Length);
+            text.push_str(&s.decoder.finish(&tok)?);
+            if let StopOutcome::Stop(t) = s.stop.push("") {
+                text = t;
+            }
+            text.push_str(&s.stop.flush());
+        }
+        let info = TokenInfo {
+            id: sampled.id,
+            text: tok.decode(&[sampled.id])?,
+            logprob: s.req.logprobs.then_some(sampled.logprob),
+            top: sampled
+                .top
+                .iter()
+                .map(|&(id, lp)| (id, tok.decode(&[id]).unwrap_or_default(), lp))
+                .collect(),
+        };
+        let _ = s.req.events.send(Event::Token {
+            token: info,
+            delta: text,
+        });
+        let Some(reason) = reason else { return Ok(None) };
+        let total = (now - s.req.received).as_secs_f64();
+        self.metrics.request_duration.observe(total);
+        let admitted = s.admitted_at.unwrap_or(now);
+        let _ = s.req.events.send(Event::Finished(Finish {
+            reason,
+            prompt_tokens: s.prompt_len(),
+            generated_tokens: s.generated.len(),
+            queue_secs: (admitted - s.req.received).as_secs_f64(),
+            ttft_secs: s
+                .first_token_at
+                .map(|t| (t - s.req.received).as_secs_f64())
+                .unwrap_or(total),
+            total_secs: total,
+        }));
+        Ok(Some(reason.as_str()))
+    }
+
+    /// The group is broken: fail every request, mark the engine unhealthy.
+    fn fail_everything(&mut self, e: ModelError) {
+        self.healthy.store(false, Ordering::SeqCst);
+        self.metrics.group_healthy.set(0);
+        let msg = e.to_string();
+        let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        for s in all {
+            let _ = s.req.events.send(Event::Failed(Failure::Unavailable(msg.clone())));
+            self.in_engine.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.requests.with_label_values(&["error"]).inc();
+        }
+        // Refuse whatever is still queued in the channel.
+        while let Ok(r) = self.rx.try_recv() {
+            let _ = r.events.send(Event::Failed(Failure::Unavailable(msg.clone())));
+            self.in_engine.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The worker's Prometheus metrics (names follow the vLLM/TGI family, prefixed `neox_`).
+
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_running: IntGauge,
+    pub requests_waiting: IntGauge,
+    pub kv_cache_usage_ratio: Gauge,
+    pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+    pub request_duration: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub requests: IntCounterVec,
+    pub batch_size: Histogram,
+    pub preemptions: IntCounter,
+    pub group_healthy: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Every value `neox_requests_total` is labelled with.
+pub const FINISH_LABELS: &[&str] = &[
+    "length",
+    "eos_token",
+    "stop_sequence",
+    "stop_token",
+    "cancelled",
+    "deadline_exceeded",
+    "error",
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        };
+        let m = Self {
+            requests_running: IntGauge::new("neox_requests_running", "Requests in the running batch")?,
+            requests_waiting: IntGauge::new("neox_requests_waiting", "Requests waiting for admission")?,
+            kv_cache_usage_ratio: Gauge::new("neox_kv_cache_usage_ratio", "Fraction of KV cache blocks in use")?,
+            time_to_first_token: hist(
+                "neox_time_to_first_token_seconds",
+                "Time from request arrival to its first generated token",
+                LATENCY_BUCKETS,
+            )?,
+            time_per_output_token: hist(
+                "neox_time_per_output_token_seconds",
+                "Time between consecutive generated tokens of a request",
+                LATENCY_BUCKETS,
+            )?,
+            request_duration: hist(
+                "neox_request_duration_seconds",
+                "Time from request arrival to its last token",
+                DURATION_BUCKETS,
+            )?,
+            prompt_tokens: IntCounter::new("neox_prompt_tokens_total", "Prompt tokens prefilled")?,
+            generation_tokens: IntCounter::new("neox_generation_tokens_total", "Tokens generated")?,
+            requests: IntCounterVec::new(
+                Opts::new("neox_requests_total", "Requests ended, by finish reason"),
+                &["finish_reason"],
+            )?,
+            batch_size: hist("neox_batch_size", "Sequences per engine step", BATCH_BUCKETS)?,
+            preemptions: IntCounter::new(
+                "neox_preemptions_total",
+                "Sequences preempted (KV freed, recomputed later) for lack of KV blocks",
+            )?,
+            group_healthy: IntGauge::new(
+                "neox_group_healthy",
+                "1 while every rank of the tensor-parallel group is connected and serving",
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.requests_running.clone()))?;
+        m.registry.register(Box::new(m.requests_waiting.clone()))?;
+        m.registry.register(Box::new(m.kv_cache_usage_ratio.clone()))?;
+        m.registry.register(Box::new(m.time_to_first_token.clone()))?;
+        m.registry.register(Box::new(m.time_per_output_token.clone()))?;
+        m.registry.register(Box::new(m.request_duration.clone()))?;
+        m.registry.register(Box::new(m.prompt_tokens.clone()))?;
+        m.registry.register(Box::new(m.generation_tokens.clone()))?;
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.batch_size.clone()))?;
+        m.registry.register(Box::new(m.preemptions.clone()))?;
+        m.registry.register(Box::new(m.group_healthy.clone()))?;
+        for l in FINISH_LABELS {
+            m.requests.with_label_values(&[l]);
+        }
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let enc = prometheus::TextEncoder::new();
+        if let Err(e) = enc.encode_utf8(&self.registry.gather(), &mut buf) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        buf
+    }
+}

@@ -1,0 +1,152 @@
+//! The public gRPC server of a group's leader: `neox.v1.TextGeneration`, standard health and
+//! reflection, and Prometheus metrics on a separate HTTP port.
+
+mod http;
+mod service;
+mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use neox_proto::neox::v1 as pb;
+use pb::text_generation_server::TextGenerationServer;
+use tonic_health::ServingStatus;
+
+pub use service::GenerationService;
+pub use validate::{validate, Limits, Validated};
+
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::model::NeoXTokenizer;
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// Largest gRPC message accepted (request size limit).
+    pub max_message_bytes: usize,
+    /// How long in-flight requests may run after SIGTERM before the server exits.
+    pub shutdown_grace: Duration,
+}
+
+/// How the server ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Drained after a signal.
+    Drained,
+    /// The worker group broke (a rank died or a collective timed out).
+    GroupFailed,
+}
+
+const SERVICE_NAME: &str = "neox.v1.TextGeneration";
+
+/// Serves until SIGTERM/SIGINT (graceful drain) or until the group breaks.
+pub async fn serve(
+    opts: ServerOptions,
+    engine: EngineHandle,
+    tokenizer: Arc<NeoXTokenizer>,
+    limits: Limits,
+    info: pb::ModelInfoResponse,
+    metrics: Metrics,
+) -> anyhow::Result<Exit> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    // Both reflection versions: grpcurl and most tools still speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(neox_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let svc = GenerationService {
+        engine: engine.clone(),
+        tokenizer,
+        limits,
+        info,
+    };
+    let generation = TextGenerationServer::new(svc)
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(64 << 20);
+
+    let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_addr).await?;
+    tracing::info!(grpc = %grpc_listener.local_addr()?, metrics = %metrics_listener.local_addr()?, "serving");
+    eprintln!(
+        "neox-worker: serving gRPC on {} (metrics on http://{}/metrics)",
+        grpc_listener.local_addr()?,
+        metrics_listener.local_addr()?
+    );
+    let app = http::router(metrics, engine.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, app).await {
+            tracing::error!("metrics server: {e}");
+        }
+    });
+
+    // Ready only now: weights loaded, every rank connected.
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(generation)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let exit = tokio::select! {
+        _ = shutdown_signal() => Exit::Drained,
+        _ = group_failure(&engine) => Exit::GroupFailed,
+    };
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    if exit == Exit::Drained {
+        engine.drain();
+        eprintln!("neox-worker: draining ({} requests in flight)", engine.in_flight());
+        let deadline = Instant::now() + opts.shutdown_grace;
+        while engine.in_flight() > 0 && Instant::now() < deadline && engine.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        // Let clients read their UNAVAILABLE errors and probes see NOT_SERVING.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    Ok(exit)
+}
+
+async fn group_failure(engine: &EngineHandle) {
+    while engine.is_healthy() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,216 @@
+//! The `neox.v1.TextGeneration` service: validation, then the engine.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use neox_proto::neox::v1 as pb;
+use pb::text_generation_server::TextGeneration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::validate::{deadline, validate, Limits};
+use crate::engine::{self, EngineHandle, Event, Failure, SubmitError};
+use crate::model::NeoXTokenizer;
+
+pub struct GenerationService {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<NeoXTokenizer>,
+    pub limits: Limits,
+    pub info: pb::ModelInfoResponse,
+}
+
+fn finish_pb(r: engine::FinishReason) -> pb::FinishReason {
+    match r {
+        engine::FinishReason::Length => pb::FinishReason::Length,
+        engine::FinishReason::EosToken => pb::FinishReason::EosToken,
+        engine::FinishReason::StopSequence => pb::FinishReason::StopSequence,
+        engine::FinishReason::StopToken => pb::FinishReason::StopToken,
+    }
+}
+
+fn token_pb(t: &engine::TokenInfo) -> pb::Token {
+    pb::Token {
+        id: t.id,
+        text: t.text.clone(),
+        logprob: t.logprob,
+        top_tokens: t
+            .top
+            .iter()
+            .map(|(id, text, lp)| pb::TopToken {
+                id: *id,
+                text: text.clone(),
+                logprob: *lp,
+            })
+            .collect(),
+    }
+}
+
+fn failure_status(f: Failure) -> Status {
+    match f {
+        Failure::DeadlineExceeded => Status::deadline_exceeded("the request's deadline passed before it finished"),
+        Failure::Unavailable(m) => Status::unavailable(format!("worker group unavailable: {m}")),
+        Failure::Internal(m) => Status::internal(m),
+    }
+}
+
+impl GenerationService {
+    fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<(UnboundedReceiver<Event>, Option<Instant>), Status> {
+        let now = Instant::now();
+        let dl = deadline(req.metadata(), now);
+        let v = validate(req.get_ref(), &self.tokenizer, &self.limits)?;
+        let (tx, rx) = unbounded_channel();
+        let r = engine::Request {
+            prompt_ids: v.prompt_ids,
+            sampling: v.sampling,
+            stop: v.stop,
+            logprobs: v.logprobs,
+            prompt_logprobs: v.prompt_logprobs,
+            deadline: dl,
+            received: now,
+            events: tx,
+        };
+        self.engine.submit(r).map_err(|e| match e {
+            SubmitError::QueueFull(n) => {
+                Status::resource_exhausted(format!("the waiting queue is full ({n} requests); retry later"))
+            }
+            SubmitError::Unavailable(m) => Status::unavailable(m),
+            SubmitError::TooLarge(m) => Status::invalid_argument(format!("parameters.max_new_tokens: {m}")),
+        })?;
+        Ok((rx, dl))
+    }
+}
+
+type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send + 'static>>;
+
+fn usage(f: &engine::Finish) -> (pb::Usage, pb::Timings) {
+    (
+        pb::Usage {
+            prompt_tokens: f.prompt_tokens as u32,
+            generated_tokens: f.generated_tokens as u32,
+        },
+        pb::Timings {
+            queue_seconds: f.queue_secs,
+            time_to_first_token_seconds: f.ttft_secs,
+            total_seconds: f.total_secs,
+        },
+    )
+}
+
+#[tonic::async_trait]
+impl TextGeneration for GenerationService {
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (mut rx, dl) = self.submit(req)?;
+        let mut out = pb::GenerateResponse::default();
+        loop {
+            let ev = match dl {
+                Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+                    Ok(ev) => ev,
+                    Err(_) => return Err(failure_status(Failure::DeadlineExceeded)),
+                },
+                None => rx.recv().await,
+            };
+            let Some(ev) = ev else { break };
+            match ev {
+                Event::PromptTokens(t) => out.prompt_tokens = t.iter().map(token_pb).collect(),
+                Event::Token { token, delta } => {
+                    out.text.push_str(&delta);
+                    out.token_ids.push(token.id);
+                    out.tokens.push(token_pb(&token));
+                }
+                Event::Finished(f) => {
+                    let (u, t) = usage(&f);
+                    out.finish_reason = finish_pb(f.reason) as i32;
+                    out.usage = Some(u);
+                    out.timings = Some(t);
+                    return Ok(Response::new(out));
+                }
+                Event::Failed(f) => return Err(failure_status(f)),
+            }
+        }
+        Err(Status::unavailable("the engine stopped before the request finished"))
+    }
+
+    type GenerateStreamStream = GenStream;
+
+    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
+        let (mut rx, _) = self.submit(req)?;
+        let stream = async_stream_from(move |yield_tx| async move {
+            let mut prompt_tokens = Vec::new();
+            loop {
+                // Notice a client that went away at once, not at its next token.
+                let ev = tokio::select! {
+                    ev = rx.recv() => ev,
+                    _ = yield_tx.closed() => return,
+                };
+                let Some(ev) = ev else { return };
+                let msg = match ev {
+                    Event::PromptTokens(t) => {
+                        prompt_tokens = t.iter().map(token_pb).collect();
+                        continue;
+                    }
+                    Event::Token { token, delta } => Ok(pb::GenerateStreamResponse {
+                        token: Some(token_pb(&token)),
+                        text_delta: delta,
+                        prompt_tokens: std::mem::take(&mut prompt_tokens),
+                        ..Default::default()
+                    }),
+                    Event::Finished(f) => {
+                        let (u, t) = usage(&f);
+                        let last = pb::GenerateStreamResponse {
+                            finish_reason: Some(finish_pb(f.reason) as i32),
+                            usage: Some(u),
+                            timings: Some(t),
+                            ..Default::default()
+                        };
+                        let _ = yield_tx.send(Ok(last)).await;
+                        return;
+                    }
+                    Event::Failed(f) => Err(failure_status(f)),
+                };
+                let end = msg.is_err();
+                if yield_tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let text = &req.get_ref().text;
+        if text.len() > self.limits.max_prompt_bytes {
+            return Err(Status::invalid_argument(format!(
+                "text: {} bytes exceeds the limit of {} bytes",
+                text.len(),
+                self.limits.max_prompt_bytes
+            )));
+        }
+        let ids = self
+            .tokenizer
+            .encode(text)
+            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        let tokens = ids
+            .iter()
+            .map(|&id| self.tokenizer.decode(&[id]).unwrap_or_default())
+            .collect();
+        Ok(Response::new(pb::TokenizeResponse { ids, tokens }))
+    }
+
+    async fn model_info(&self, _req: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+}
+
+/// A stream fed by a task: the task ends (and the engine sees the request cancelled) as soon
+/// as the client drops the stream.
+fn async_stream_from<F, Fut>(f: F) -> GenStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

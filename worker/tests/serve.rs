@@ -1,0 +1,326 @@
+//! The gRPC server end to end with a Rust (tonic) client: continuous batching against
+//! sequential runs, cancellation, queue limits, preemption, fuzzed parameters, draining.
+
+mod common;
+mod serving;
+
+use std::time::{Duration, Instant};
+
+use neox_proto::neox::v1 as pb;
+use serving::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_streams_equal_their_sequential_runs() {
+    let server = start(&["--max-batch-size", "32"]);
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let ps = prompts(32);
+        let mut sequential = Vec::new();
+        for p in &ps {
+            sequential.push(stream_all(&mut c, greedy(p, 24)).await.unwrap());
+        }
+        let tasks: Vec<_> = ps
+            .iter()
+            .map(|p| {
+                let mut c = c.clone();
+                let req = greedy(p, 24);
+                tokio::spawn(async move { stream_all(&mut c, req).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let got = t.await.unwrap().unwrap();
+            assert_eq!(
+                got, sequential[i],
+                "stream {i} ({:?}) differs from its sequential run",
+                ps[i]
+            );
+        }
+    });
+    // Continuous batching really batched: some step ran many sequences at once.
+    let text = server.metrics_text();
+    let over8: f64 = text
+        .lines()
+        .find(|l| l.starts_with("neox_batch_size_bucket{le=\"8\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap();
+    let total = server.metric("neox_batch_size_count");
+    assert!(total > over8, "no step ran more than 8 sequences");
+}
+
+#[test]
+fn cancelling_half_the_streams_frees_their_kv_blocks() {
+    let server = start(&["--max-batch-size", "16"]);
+    rt().block_on(async {
+        let c = server.client().await;
+        let mut streams = Vec::new();
+        for p in prompts(16) {
+            let mut c = c.clone();
+            let mut s = c.generate_stream(greedy(&p, 300)).await.unwrap().into_inner();
+            s.message().await.unwrap().unwrap();
+            streams.push(s);
+        }
+        assert!(server.metric("neox_kv_cache_usage_ratio") > 0.0);
+        let keep: Vec<_> = streams.drain(..8).collect();
+        drop(streams);
+        server.wait_metrics(Duration::from_secs(10), "8 cancellations", |s| {
+            s.metric("neox_requests_total{finish_reason=\"cancelled\"}") >= 8.0
+        });
+        let running = server.metric("neox_requests_running");
+        assert!(running <= 8.0, "{running} still running");
+        drop(keep);
+    });
+    server.wait_metrics(Duration::from_secs(10), "KV back to baseline", |s| {
+        s.metric("neox_kv_cache_usage_ratio") == 0.0 && s.metric("neox_requests_running") == 0.0
+    });
+    assert_eq!(server.metric("neox_requests_total{finish_reason=\"cancelled\"}"), 16.0);
+}
+
+#[test]
+fn a_full_queue_answers_resource_exhausted_and_keeps_serving() {
+    let server = start(&["--max-batch-size", "1", "--max-waiting-requests", "2"]);
+    rt().block_on(async {
+        let c = server.client().await;
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                let mut c = c.clone();
+                tokio::spawn(async move { c.generate(greedy("ROMEO:\n", 120)).await })
+            })
+            .collect();
+        let (mut ok, mut full) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    assert!(s.message().contains("queue is full"), "{}", s.message());
+                    full += 1;
+                }
+                Err(s) => panic!("unexpected {s:?}"),
+            }
+        }
+        assert!(ok >= 3 && full >= 1, "ok {ok}, rejected {full}");
+        let mut c = c.clone();
+        let r = c.generate(greedy("ROMEO:\n", 5)).await.unwrap().into_inner();
+        assert_eq!(r.token_ids.len(), 5);
+    });
+}
+
+#[test]
+fn preemption_under_a_tiny_kv_budget_keeps_outputs_exact() {
+    // 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit.
+    let server = start(&["--kv-cache-mib", "1", "--max-batch-size", "4"]);
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let ps = prompts(4);
+        let mut want = Vec::new();
+        for p in &ps {
+            want.push(stream_all(&mut c, greedy(p, 100)).await.unwrap());
+        }
+        let tasks: Vec<_> = ps
+            .iter()
+            .map(|p| {
+                let mut c = c.clone();
+                let r = greedy(p, 100);
+                tokio::spawn(async move { stream_all(&mut c, r).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(
+                t.await.unwrap().unwrap(),
+                want[i],
+                "request {i} changed under preemption"
+            );
+        }
+    });
+    assert!(
+        server.metric("neox_preemptions_total") > 0.0,
+        "the budget should have forced preemption"
+    );
+    assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
+}
+
+#[test]
+fn fuzzed_parameters_never_break_the_server() {
+    use rand::{Rng, SeedableRng};
+    let server = start(&["--max-prompt-bytes", "2048"]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let reqs: Vec<pb::GenerateRequest> = (0..150)
+        .map(|_| {
+            let words = ["ROMEO", ":", "\n", "thee", "é", "🎭", "", "  ", "\u{0}"];
+            let prompt: String = (0..rng.random_range(0..20))
+                .map(|_| words[rng.random_range(0..words.len())])
+                .collect();
+            let f = |rng: &mut rand::rngs::StdRng| -> Option<f32> {
+                // Mostly unset or valid; sometimes negative, NaN or zero.
+                match rng.random_range(0..12) {
+                    0 => Some(rng.random_range(-2.0..3.0)),
+                    1 => Some(f32::NAN),
+                    2 => Some(0.0),
+                    3..=5 => Some(rng.random_range(0.05..1.0)),
+                    _ => None,
+                }
+            };
+            pb::GenerateRequest {
+                prompt,
+                prompt_ids: if rng.random_bool(0.1) {
+                    (0..rng.random_range(0..5)).map(|_| rng.random_range(0..5000)).collect()
+                } else {
+                    vec![]
+                },
+                parameters: Some(pb::GenerationParameters {
+                    max_new_tokens: rng.random_range(0..600),
+                    temperature: f(&mut rng),
+                    top_k: rng.random_range(0..100),
+                    top_p: f(&mut rng),
+                    typical_p: f(&mut rng),
+                    repetition_penalty: f(&mut rng),
+                    frequency_penalty: rng.random_range(-2.2..2.2),
+                    presence_penalty: rng.random_range(-2.2..2.2),
+                    seed: rng.random_bool(0.5).then(|| rng.random()),
+                    stop_sequences: (0..rng.random_range(0..10))
+                        .map(|i| ["\n", "the", "x", "", "é"][i % 5].to_owned())
+                        .collect(),
+                    stop_token_ids: (0..rng.random_range(0..3)).map(|_| rng.random_range(0..3000)).collect(),
+                    ignore_eos: rng.random(),
+                    logprobs: rng.random(),
+                    top_n_tokens: rng.random_range(0..7),
+                    prompt_logprobs: rng.random(),
+                    truncate: rng.random_range(0..8),
+                }),
+                request_id: String::new(),
+            }
+        })
+        .collect();
+    rt().block_on(async {
+        let c = server.client().await;
+        let (mut ok, mut rejected) = (0, 0);
+        for chunk in reqs.chunks(8) {
+            let tasks: Vec<_> = chunk
+                .iter()
+                .cloned()
+                .map(|r| {
+                    let mut c = c.clone();
+                    tokio::spawn(async move {
+                        let mut r = r;
+                        if let Some(p) = r.parameters.as_mut() {
+                            p.max_new_tokens = p.max_new_tokens.min(40);
+                        }
+                        c.generate(r).await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(_) => ok += 1,
+                    Err(s) => {
+                        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+                        assert!(!s.message().is_empty());
+                        rejected += 1;
+                    }
+                }
+            }
+        }
+        assert!(ok > 10 && rejected > 10, "ok {ok}, rejected {rejected}");
+        let mut c = c.clone();
+        assert_eq!(
+            c.generate(greedy("ROMEO:\n", 3))
+                .await
+                .unwrap()
+                .into_inner()
+                .token_ids
+                .len(),
+            3
+        );
+    });
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut server = start(&["--shutdown-grace", "30"]);
+    let pid = server.child.id().to_string();
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let mut s = c.generate_stream(greedy("ROMEO:\n", 200)).await.unwrap().into_inner();
+        s.message().await.unwrap().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let mut n = 1;
+        let mut fin = None;
+        while let Some(m) = s.message().await.unwrap() {
+            n += m.token.is_some() as usize;
+            fin = fin.or(m.finish_reason);
+        }
+        assert_eq!(
+            (n, fin),
+            (200, Some(pb::FinishReason::Length as i32)),
+            "in-flight stream cut short"
+        );
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "server did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", server.stderr.lock().unwrap());
+}
+
+#[test]
+fn tp2_server_matches_hf_and_a_dead_rank_takes_the_group_down() {
+    let mut server = start(&["--tp", "2", "--collective-timeout", "3"]);
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::shakespeare_dir().join("golden.json")).unwrap()).unwrap();
+    let p = &gold["prompts"][0];
+    let want: Vec<u32> = serde_json::from_value(p["output_ids"].clone()).unwrap();
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let r = c
+            .generate(greedy(p["prompt"].as_str().unwrap(), want.len() as u32))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.token_ids, want);
+        let info = c.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.tensor_parallel_size, 2);
+    });
+    let log = server.stderr.lock().unwrap().clone();
+    let pid = log
+        .lines()
+        .find_map(|l| l.strip_prefix("neox-worker: follower rank 1 pid "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::process::Command::new("kill").args(["-9", &pid]).status().unwrap();
+    // Idle heartbeats notice the lost rank; the leader leaves with a failure.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "leader kept running without its follower"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    assert!(
+        server.stderr.lock().unwrap().contains("group failed"),
+        "{}",
+        server.stderr.lock().unwrap()
+    );
+}

@@ -1,0 +1,155 @@
+//! Starting `neox-worker serve` on ephemeral ports and talking to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use neox_proto::neox::v1 as pb;
+use pb::text_generation_client::TextGenerationClient;
+use tonic::transport::Channel;
+
+pub struct Server {
+    pub child: Child,
+    pub grpc: String,
+    pub metrics: String,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `neox-worker serve ARGS` and waits until it serves.
+pub fn start(args: &[&str]) -> Server {
+    start_env(args, &[])
+}
+
+pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut cmd = super::common::worker();
+    cmd.arg("serve")
+        .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut line = String::new();
+    let (grpc, metrics) = loop {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            panic!("server exited before serving: {}", log.lock().unwrap());
+        }
+        log.lock().unwrap().push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("neox-worker: serving gRPC on ") {
+            let (g, m) = rest.split_once(" (metrics on http://").unwrap();
+            break (g.to_owned(), m.trim_end_matches("/metrics)").to_owned());
+        }
+    };
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = String::new();
+        while err.read_line(&mut buf).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&buf);
+            buf.clear();
+        }
+    });
+    Server {
+        child,
+        grpc,
+        metrics,
+        stderr: log,
+    }
+}
+
+impl Server {
+    pub async fn client(&self) -> TextGenerationClient<Channel> {
+        TextGenerationClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    /// Value of a metric line (`name{labels}`) from /metrics.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `cond` holds on the metrics, or panics after `limit`.
+    pub fn wait_metrics(&self, limit: Duration, what: &str, cond: impl Fn(&Server) -> bool) {
+        let t0 = Instant::now();
+        while !cond(self) {
+            assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+pub fn greedy(prompt: &str, n: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        parameters: Some(pb::GenerationParameters {
+            max_new_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs a stream to its end: (token ids, concatenated text, finish reason).
+pub async fn stream_all(
+    c: &mut TextGenerationClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<u32>, String, i32), tonic::Status> {
+    let mut s = c.generate_stream(req).await?.into_inner();
+    let (mut ids, mut text, mut fin) = (Vec::new(), String::new(), 0);
+    while let Some(m) = s.message().await? {
+        if let Some(t) = m.token {
+            ids.push(t.id);
+        }
+        text.push_str(&m.text_delta);
+        if let Some(f) = m.finish_reason {
+            fin = f;
+        }
+    }
+    Ok((ids, text, fin))
+}
+
+/// Prompts of different lengths from the demo model's held-out text.
+pub fn prompts(n: usize) -> Vec<String> {
+    let base = [
+        "ROMEO:\n",
+        "To be, or not to be",
+        "KING LEAR:\nBlow, winds,",
+        "HAMLET:\nWhat a piece of work is a man",
+        "First Citizen:\nBefore we proceed any further, hear me speak.",
+        "O",
+        "JULIET:\nO Romeo, Romeo!",
+        "MACBETH:\nIs this a dagger which I see before me,",
+    ];
+    (0..n)
+        .map(|i| format!("{}{}", base[i % base.len()], " my lord".repeat(i / base.len())))
+        .collect()
+}
