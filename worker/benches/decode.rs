@@ -8,7 +8,7 @@
 //!
 //! `cargo bench -p neox-worker --bench decode` (env: NEOX_BENCH_THREADS=2,
 //! NEOX_BENCH_LAYERS=12, NEOX_HF_PYTHON=python3 with transformers, NEOX_BENCH_SKIP_HF=1,
-//! NEOX_BENCH_TP=1,2).
+//! NEOX_BENCH_TP=1,2, NEOX_BENCH_SAVE=DIR keeps a servable copy of the checkpoint).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -160,6 +160,17 @@ fn main() -> anyhow::Result<()> {
     let layers = env_or("NEOX_BENCH_LAYERS", 12);
     let dir = tempfile::tempdir()?;
     let config = write_checkpoint(dir.path(), layers)?;
+    if let Ok(save) = std::env::var("NEOX_BENCH_SAVE") {
+        // Keep a servable copy (with the demo tokenizer) for `neox-worker serve` + `neox bench`.
+        let save = Path::new(&save);
+        std::fs::create_dir_all(save)?;
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(dir.path().join(f), save.join(f))?;
+        }
+        let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox/tokenizer.json");
+        std::fs::copy(tok, save.join("tokenizer.json"))?;
+        println!("checkpoint saved to {}", save.display());
+    }
     let ckpt = Checkpoint::open_dir(dir.path())?;
     let model = GptNeoX::load(&config, &ckpt, DType::F32, &Device::Cpu, RankInfo::SINGLE)?;
     println!(

@@ -324,3 +324,63 @@ fn tp2_server_matches_hf_and_a_dead_rank_takes_the_group_down() {
         server.stderr.lock().unwrap()
     );
 }
+
+#[test]
+fn the_neox_cli_talks_to_the_server() {
+    let server = start(&[]);
+    let addr = format!("http://{}", server.grpc);
+    let neox = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_neox"))
+            .arg("--addr")
+            .arg(&addr)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "neox {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(neox(&["health"]).trim(), "SERVING");
+    assert!(neox(&["info"]).contains("builtin:shakespeare"));
+    let gold: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::shakespeare_dir().join("golden.json")).unwrap()).unwrap();
+    let p = &gold["prompts"][0];
+    let prompt = p["prompt"].as_str().unwrap();
+    let text = neox(&["generate", prompt, "--max-new-tokens", "40", "--ignore-eos"]);
+    assert_eq!(text.trim_end_matches('\n'), p["full_text"].as_str().unwrap());
+    let streamed = neox(&["generate", prompt, "--max-new-tokens", "40", "--ignore-eos", "--stream"]);
+    assert_eq!(streamed, p["full_text"].as_str().unwrap());
+    let v: serde_json::Value = serde_json::from_str(&neox(&["tokenize", prompt])).unwrap();
+    assert_eq!(v["ids"], p["input_ids"]);
+    let b: serde_json::Value = serde_json::from_str(&neox(&[
+        "bench",
+        "--concurrency",
+        "4",
+        "--requests",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (
+            b["requests"].as_u64(),
+            b["errors"].as_u64(),
+            b["generated_tokens"].as_u64()
+        ),
+        (Some(8), Some(0), Some(64))
+    );
+    assert!(b["tokens_per_second"].as_f64().unwrap() > 0.0);
+    // A stopped server is a clear error, not a panic.
+    drop(server);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_neox"))
+        .args(["--addr", &addr, "health"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("error"));
+}

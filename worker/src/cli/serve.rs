@@ -111,14 +111,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         device: "cpu".into(),
         max_batch_size: a.max_batch_size as u32,
         max_total_tokens: max_total as u32,
-        max_new_tokens: a.max_new_tokens as u32,
+        max_new_tokens: a.max_new_tokens.min(max_total) as u32,
         max_waiting_requests: a.max_waiting_requests as u32,
         eos_token_id: group.tokenizer.eos_token_id().unwrap_or(0),
     };
     let limits = Limits {
         max_total_tokens: max_total,
-        max_new_tokens: a.max_new_tokens,
-        default_max_new_tokens: a.default_max_new_tokens.min(a.max_new_tokens),
+        max_new_tokens: a.max_new_tokens.min(max_total),
+        default_max_new_tokens: a.default_max_new_tokens.min(a.max_new_tokens).min(max_total),
         max_prompt_bytes: a.max_prompt_bytes,
         max_stop_sequences: 8,
         max_stop_sequence_chars: 256,
