@@ -160,15 +160,16 @@ fn main() -> anyhow::Result<()> {
     let layers = env_or("NEOX_BENCH_LAYERS", 12);
     let dir = tempfile::tempdir()?;
     let config = write_checkpoint(dir.path(), layers)?;
+    // The demo tokenizer makes the checkpoint servable (`neox-worker` needs one); sampling is
+    // then limited to its 2048 ids, the LM head still computes all 50432 rows.
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox/tokenizer.json");
+    std::fs::copy(tok, dir.path().join("tokenizer.json"))?;
     if let Ok(save) = std::env::var("NEOX_BENCH_SAVE") {
-        // Keep a servable copy (with the demo tokenizer) for `neox-worker serve` + `neox bench`.
         let save = Path::new(&save);
         std::fs::create_dir_all(save)?;
-        for f in ["config.json", "model.safetensors"] {
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
             std::fs::copy(dir.path().join(f), save.join(f))?;
         }
-        let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox/tokenizer.json");
-        std::fs::copy(tok, save.join("tokenizer.json"))?;
         println!("checkpoint saved to {}", save.display());
     }
     let ckpt = Checkpoint::open_dir(dir.path())?;

@@ -41,19 +41,61 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
     }
     // Column-major scratch so each task owns a contiguous block, transposed at the end.
     let mut t = vec![0f32; n * m];
+    let tile = tile_fn();
     t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(c, chunk)| {
         let j0 = c * COLS_PER_TASK;
-        for (dj, col) in chunk.chunks_mut(m).enumerate() {
-            let wj = &w[(j0 + dj) * k..(j0 + dj + 1) * k];
-            for (i, o) in col.iter_mut().enumerate() {
-                *o = dot(&x[i * k..(i + 1) * k], wj);
+        let cols = chunk.len() / m;
+        // Tiles of up to 4 activation rows × 2 weight rows: each weight load feeds 4 FMAs and
+        // each activation load 2, so the loop is bound by arithmetic, not loads.
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(4);
+            let mut dj = 0;
+            while dj < cols {
+                let wcols = (cols - dj).min(2);
+                let j = j0 + dj;
+                let w0 = &w[j * k..(j + 1) * k];
+                let w1 = if wcols == 2 { &w[(j + 1) * k..(j + 2) * k] } else { w0 };
+                let mut acc = [[0f32; 2]; 4];
+                tile(&x[i * k..(i + rows) * k], rows, k, w0, w1, &mut acc);
+                for (r, a) in acc.iter().enumerate().take(rows) {
+                    for (q, v) in a.iter().enumerate().take(wcols) {
+                        chunk[(dj + q) * m + i + r] = *v;
+                    }
+                }
+                dj += wcols;
             }
+            i += rows;
         }
     });
     for (j, col) in t.chunks(m).enumerate() {
         for (i, v) in col.iter().enumerate() {
             out[i * n + j] = *v;
         }
+    }
+}
+
+/// `acc[r][q] = x[r] · w_q` for `rows` ≤ 4 activation rows (`x`: `[rows, k]`).
+type TileFn = fn(&[f32], usize, usize, &[f32], &[f32], &mut [[f32; 2]; 4]);
+
+fn tile_fn() -> TileFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return |x, rows, k, w0, w1, acc| {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are sized by
+                // the caller (`x` holds rows × k, each w holds k).
+                unsafe { x86::tile_avx2(x, rows, k, w0, w1, acc) }
+            };
+        }
+    }
+    tile_scalar
+}
+
+fn tile_scalar(x: &[f32], rows: usize, k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 2]; 4]) {
+    for r in 0..rows {
+        let xr = &x[r * k..(r + 1) * k];
+        acc[r] = [dot_scalar(xr, w0), dot_scalar(xr, w1)];
     }
 }
 
@@ -88,6 +130,51 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 2]; 4]) {
+        // A constant row count lets the compiler keep all accumulators in registers.
+        match rows {
+            1 => tile_n::<1>(x, k, w0, w1, acc),
+            2 => tile_n::<2>(x, k, w0, w1, acc),
+            3 => tile_n::<3>(x, k, w0, w1, acc),
+            _ => tile_n::<4>(x, k, w0, w1, acc),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_n<const R: usize>(x: &[f32], k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 2]; 4]) {
+        let rows = R;
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        let (p0, p1, px) = (w0.as_ptr(), w1.as_ptr(), x.as_ptr());
+        let mut kk = 0;
+        while kk + 8 <= k {
+            let v0 = _mm256_loadu_ps(p0.add(kk));
+            let v1 = _mm256_loadu_ps(p1.add(kk));
+            for (r, ar) in a.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(px.add(r * k + kk));
+                ar[0] = _mm256_fmadd_ps(xv, v0, ar[0]);
+                ar[1] = _mm256_fmadd_ps(xv, v1, ar[1]);
+            }
+            kk += 8;
+        }
+        for r in 0..rows {
+            let mut s = [hsum(a[r][0]), hsum(a[r][1])];
+            for t in kk..k {
+                let xv = *px.add(r * k + t);
+                s[0] += xv * *p0.add(t);
+                s[1] += xv * *p1.add(t);
+            }
+            acc[r] = s;
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {

@@ -509,7 +509,7 @@ impl GptNeoX {
                 scores = scores.broadcast_add(&self.causal_mask(n, start)?)?;
             }
             let probs = softmax_f32(&scores)?;
-            outs.push(probs.matmul(&vc.contiguous()?)?);
+            outs.push(probs.matmul(&vc)?);
             offset += n;
         }
         let o = if outs.len() == 1 {
