@@ -1,0 +1,243 @@
+//! The `NeoXDeployment` custom resource (`serving.neox.dev/v1alpha1`).
+//!
+//! Rules the API server can check are in the schema (types, ranges, CEL), so a bad object is
+//! refused at `kubectl apply`; what only the operator can tell is reported in conditions.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Quantities as Kubernetes writes them (`500m`, `4Gi`, `1.5`).
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
+/// A GPT-NeoX model served by tensor-parallel worker groups.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "serving.neox.dev",
+    version = "v1alpha1",
+    kind = "NeoXDeployment",
+    shortname = "nxd",
+    namespaced,
+    status = "NeoXDeploymentStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn = r#"{"name":"TP","type":"integer","jsonPath":".spec.tensorParallelSize"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NeoXDeploymentSpec {
+    /// Where the HuggingFace checkpoint comes from.
+    pub model: ModelSpec,
+    /// Ranks per group; each rank is one pod (and one GPU when `worker.resources.gpus` is 1).
+    #[x_kube(validation = Rule::new("self in [1, 2, 4, 8]").message("tensorParallelSize must be 1, 2, 4 or 8"))]
+    pub tensor_parallel_size: i32,
+    /// Number of worker groups (each serves the whole model).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    #[serde(default)]
+    pub engine: EngineSpec,
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// The checkpoint source: exactly one of `pvc`, `hostPath`, `imagePath`, `builtin`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.imagePath) ? 1 : 0) + (has(self.builtin) ? 1 : 0) == 1").message("set exactly one model source: pvc, hostPath, imagePath or builtin"))]
+pub struct ModelSpec {
+    /// A PersistentVolumeClaim holding the checkpoint (mounted read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+    /// A directory on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    /// A directory inside the worker image (a checkpoint baked into a custom image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_path: Option<String>,
+    /// A model compiled into the worker binary (`shakespeare`: the CPU demo model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<String>,
+    /// Compute dtype of the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    #[x_kube(validation = Rule::new("self != ''").message("claimName must not be empty"))]
+    pub claim_name: String,
+    /// Directory of the checkpoint inside the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Fp16 => "fp16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The worker pods of every group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Worker image (default: the operator's own version of `neox-worker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    #[serde(default)]
+    pub resources: RankResources,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    /// Seconds a rank may take to load its weights before it counts as failed (20B: minutes).
+    #[serde(default = "default_startup")]
+    #[schemars(range(min = 10))]
+    pub startup_timeout_seconds: i32,
+}
+
+fn default_startup() -> i32 {
+    1800
+}
+
+/// Resources of one rank (one pod).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RankResources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub cpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub memory: Option<String>,
+    /// GPUs per rank (0 for CPU workers).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 8))]
+    pub gpus: i32,
+    /// Extended resource name of the GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_resource_name: Option<String>,
+}
+
+/// Engine limits, passed to every leader.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_batch_size: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens_per_step: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_waiting_requests: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_total_tokens: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub kv_cache_mib: Option<i32>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Groups that may be unavailable at once during a rolling update.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self { max_unavailable: 1 }
+    }
+}
+
+/// Observed state.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NeoXDeploymentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Groups that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Groups whose every rank is ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Groups running the current pod template.
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// Selects the leaders (rank 0) of the groups: for the scale subresource and HPAs.
+    #[serde(default)]
+    pub selector: String,
+    #[serde(default)]
+    pub groups: Vec<GroupStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupStatus {
+    pub index: i32,
+    /// Pending, Starting, Ready, Updating, Restarting, BackingOff, InsufficientCapacity.
+    pub phase: String,
+    pub ready_ranks: i32,
+    pub revision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Available, Progressing or Degraded.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    /// RFC 3339.
+    pub last_transition_time: String,
+}

@@ -1,0 +1,326 @@
+//! Restart, scale and rollout decisions as pure functions of observed state.
+
+use crate::crd::GroupStatus;
+
+/// A pod of a group, as far as decisions need it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ObservedPod {
+    pub name: String,
+    pub ready: bool,
+    /// Phase Failed, or a container that has restarted: the group's collective state is lost.
+    pub failed: bool,
+    pub terminating: bool,
+    /// Pending because no node fits (the scheduler's message); not a failure.
+    pub unschedulable: Option<String>,
+}
+
+/// A group that exists (its StatefulSet), with its pods.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ObservedGroup {
+    pub index: i32,
+    pub revision: String,
+    /// Restarts since the group was last Ready (for back-off).
+    pub restarts: i32,
+    /// Unix seconds of the last restart.
+    pub last_restart: Option<i64>,
+    pub pods: Vec<ObservedPod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    CreateGroup(i32),
+    /// Removes a group beyond `replicas` (highest index first).
+    DeleteGroup(i32),
+    /// Deletes every pod of the group so all ranks start together; `restarts` is the new count.
+    RestartGroup {
+        index: i32,
+        restarts: i32,
+        reason: String,
+    },
+    /// Applies the current pod template and replaces all the group's pods at once.
+    UpdateGroup(i32),
+    /// The group is Ready again: forget its restart back-off.
+    ClearRestarts(i32),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub groups: Vec<GroupStatus>,
+    /// Seconds until the next look (back-off expiry, progress checks).
+    pub requeue_secs: u64,
+    pub ready: i32,
+    pub updated: i32,
+    pub existing: i32,
+    /// Why some group is waiting for capacity (the scheduler's message).
+    pub insufficient_capacity: Option<String>,
+    /// Groups restarting or backing off, for the Degraded condition.
+    pub unhealthy: Vec<String>,
+}
+
+/// Seconds to wait after the `n`-th consecutive restart before the next: 10 s doubling, at
+/// most 5 minutes.
+pub fn backoff_secs(n: i32) -> i64 {
+    (10i64 << n.clamp(0, 5)).min(300)
+}
+
+/// What a group looks like now.
+fn assess(g: &ObservedGroup, tp: i32) -> (bool, i32, Option<String>, Option<String>) {
+    let live: Vec<&ObservedPod> = g.pods.iter().filter(|p| !p.terminating).collect();
+    let ready_ranks = live.iter().filter(|p| p.ready).count() as i32;
+    let ready = ready_ranks == tp && live.len() as i32 == tp;
+    let capacity = g.pods.iter().find_map(|p| p.unschedulable.clone());
+    let failure = g
+        .pods
+        .iter()
+        .find(|p| p.failed)
+        .map(|p| format!("pod {} failed", p.name));
+    (ready, ready_ranks, capacity, failure)
+}
+
+/// Decides what to do about a NeoXDeployment's groups.
+pub fn plan(
+    replicas: i32,
+    tp: i32,
+    revision: &str,
+    max_unavailable: i32,
+    observed: &[ObservedGroup],
+    now: i64,
+) -> Plan {
+    let mut actions = Vec::new();
+    let mut statuses = Vec::new();
+    let mut requeue = 30u64;
+    let mut insufficient = None;
+    let mut unhealthy = Vec::new();
+    let (mut ready_count, mut updated, mut existing) = (0, 0, 0);
+
+    let mut extra: Vec<i32> = observed.iter().map(|g| g.index).filter(|&i| i >= replicas).collect();
+    extra.sort_unstable_by(|a, b| b.cmp(a));
+    actions.extend(extra.into_iter().map(Action::DeleteGroup));
+
+    // Groups that are down count against the rollout budget.
+    let mut unavailable = 0;
+    let mut outdated = Vec::new();
+    for g in 0..replicas {
+        let Some(o) = observed.iter().find(|o| o.index == g) else {
+            actions.push(Action::CreateGroup(g));
+            statuses.push(GroupStatus {
+                index: g,
+                phase: "Pending".into(),
+                ready_ranks: 0,
+                revision: revision.into(),
+                message: None,
+            });
+            unavailable += 1;
+            requeue = requeue.min(5);
+            continue;
+        };
+        existing += 1;
+        let (ready, ready_ranks, capacity, failure) = assess(o, tp);
+        let current = o.revision == revision;
+        let mut status = GroupStatus {
+            index: g,
+            phase: String::new(),
+            ready_ranks,
+            revision: o.revision.clone(),
+            message: None,
+        };
+        if ready {
+            ready_count += 1;
+        } else {
+            unavailable += 1;
+        }
+        if current {
+            updated += 1;
+        }
+        if !current {
+            status.phase = "Updating".into();
+            outdated.push((g, ready));
+        } else if let Some(msg) = capacity.filter(|_| failure.is_none()) {
+            // Pending for capacity is not failure: wait for the cluster autoscaler.
+            status.phase = "InsufficientCapacity".into();
+            status.message = Some(msg.clone());
+            insufficient.get_or_insert(format!("group {g}: {msg}"));
+        } else if let Some(why) = failure {
+            let wait = o
+                .last_restart
+                .map(|t| t + backoff_secs(o.restarts - 1) - now)
+                .unwrap_or(0);
+            if o.restarts == 0 || wait <= 0 {
+                actions.push(Action::RestartGroup {
+                    index: g,
+                    restarts: o.restarts + 1,
+                    reason: why.clone(),
+                });
+                status.phase = "Restarting".into();
+                requeue = requeue.min(5);
+            } else {
+                status.phase = "BackingOff".into();
+                requeue = requeue.min(wait as u64);
+            }
+            status.message = Some(why.clone());
+            unhealthy.push(format!("group {g}: {why}"));
+        } else if ready {
+            status.phase = "Ready".into();
+            if o.restarts > 0 {
+                actions.push(Action::ClearRestarts(g));
+            }
+        } else {
+            status.phase = "Starting".into();
+            requeue = requeue.min(10);
+        }
+        statuses.push(status);
+    }
+
+    // Roll outdated groups in index order: a group that is down anyway costs nothing to
+    // replace; a serving one only while fewer than maxUnavailable groups are down.
+    for (g, ready) in outdated {
+        if !ready || unavailable < max_unavailable.max(1) {
+            actions.push(Action::UpdateGroup(g));
+            if ready {
+                unavailable += 1;
+            }
+            requeue = requeue.min(5);
+        } else {
+            requeue = requeue.min(10);
+        }
+    }
+
+    Plan {
+        actions,
+        groups: statuses,
+        requeue_secs: requeue,
+        ready: ready_count,
+        updated,
+        existing,
+        insufficient_capacity: insufficient,
+        unhealthy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods(n: usize, ready: bool) -> Vec<ObservedPod> {
+        (0..n)
+            .map(|r| ObservedPod {
+                name: format!("p-{r}"),
+                ready,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn group(index: i32, rev: &str, ready: bool) -> ObservedGroup {
+        ObservedGroup {
+            index,
+            revision: rev.into(),
+            pods: pods(2, ready),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn creates_missing_groups_and_deletes_extra_ones_highest_first() {
+        let p = plan(2, 2, "r1", 1, &[], 0);
+        assert_eq!(p.actions, vec![Action::CreateGroup(0), Action::CreateGroup(1)]);
+        let obs = [
+            group(0, "r1", true),
+            group(1, "r1", true),
+            group(2, "r1", true),
+            group(3, "r1", true),
+        ];
+        let p = plan(2, 2, "r1", 1, &obs, 0);
+        assert_eq!(p.actions, vec![Action::DeleteGroup(3), Action::DeleteGroup(2)]);
+        assert_eq!((p.ready, p.updated, p.existing), (2, 2, 2));
+        assert!(p.groups.iter().all(|g| g.phase == "Ready"));
+    }
+
+    #[test]
+    fn a_failed_rank_restarts_its_whole_group_with_backoff() {
+        let mut g = group(0, "r1", true);
+        g.pods[1].failed = true;
+        g.pods[1].ready = false;
+        let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 1000);
+        assert!(matches!(
+            &p.actions[..],
+            [Action::RestartGroup {
+                index: 0,
+                restarts: 1,
+                ..
+            }]
+        ));
+        assert_eq!(p.groups[0].phase, "Restarting");
+        // Failed again 5 s after the first restart: back off (10 s) instead.
+        g.restarts = 1;
+        g.last_restart = Some(1000);
+        let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 1005);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.groups[0].phase, "BackingOff");
+        assert_eq!(p.requeue_secs, 5);
+        let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 1010);
+        assert!(matches!(&p.actions[..], [Action::RestartGroup { restarts: 2, .. }]));
+        assert_eq!(backoff_secs(0), 10);
+        assert_eq!(backoff_secs(1), 20);
+        assert_eq!(backoff_secs(10), 300);
+    }
+
+    #[test]
+    fn pending_for_capacity_is_reported_never_restarted() {
+        let mut g = group(0, "r1", false);
+        g.pods[0].unschedulable = Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into());
+        let p = plan(1, 2, "r1", 1, &[g], 0);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.groups[0].phase, "InsufficientCapacity");
+        assert!(p.insufficient_capacity.unwrap().contains("Insufficient nvidia.com/gpu"));
+        assert_eq!(p.ready, 0);
+    }
+
+    #[test]
+    fn rollout_replaces_one_ready_group_at_a_time() {
+        let obs = [group(0, "old", true), group(1, "old", true), group(2, "old", true)];
+        let p = plan(3, 2, "new", 1, &obs, 0);
+        assert_eq!(p.actions, vec![Action::UpdateGroup(0)]);
+        // Group 0 is new but not ready yet: nothing else moves.
+        let obs = [group(0, "new", false), group(1, "old", true), group(2, "old", true)];
+        assert!(plan(3, 2, "new", 1, &obs, 0).actions.is_empty());
+        // Group 0 ready: next one.
+        let obs = [group(0, "new", true), group(1, "old", true), group(2, "old", true)];
+        assert_eq!(plan(3, 2, "new", 1, &obs, 0).actions, vec![Action::UpdateGroup(1)]);
+        // maxUnavailable 2: two at once.
+        let obs = [group(0, "old", true), group(1, "old", true), group(2, "old", true)];
+        assert_eq!(
+            plan(3, 2, "new", 2, &obs, 0).actions,
+            vec![Action::UpdateGroup(0), Action::UpdateGroup(1)]
+        );
+    }
+
+    #[test]
+    fn rollout_never_deadlocks_on_groups_that_are_down_anyway() {
+        // Every old group unready (e.g. a bad image): all may be replaced at once.
+        let obs = [group(0, "old", false), group(1, "old", false)];
+        assert_eq!(
+            plan(2, 2, "new", 1, &obs, 0).actions,
+            vec![Action::UpdateGroup(0), Action::UpdateGroup(1)]
+        );
+        // A single replica still updates (no surge needed).
+        assert_eq!(
+            plan(1, 2, "new", 1, &[group(0, "old", true)], 0).actions,
+            vec![Action::UpdateGroup(0)]
+        );
+    }
+
+    #[test]
+    fn a_ready_group_forgets_its_restarts_and_missing_ranks_mean_not_ready() {
+        let mut g = group(0, "r1", true);
+        g.restarts = 3;
+        assert_eq!(
+            plan(1, 2, "r1", 1, &[g.clone()], 0).actions,
+            vec![Action::ClearRestarts(0)]
+        );
+        g.pods.truncate(1);
+        let p = plan(1, 2, "r1", 1, &[g], 0);
+        assert_eq!((p.ready, p.groups[0].phase.as_str()), (0, "Starting"));
+    }
+}

@@ -1,0 +1,426 @@
+//! One level-triggered pass over a NeoXDeployment: observe, decide, apply, report.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::crd::{Condition, NeoXDeployment, NeoXDeploymentStatus};
+use crate::decisions::{self, Action, ObservedGroup, ObservedPod, Plan};
+use crate::metrics::Metrics;
+use crate::resources::{
+    self, DEPLOYMENT_LABEL, GROUP_LABEL, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION, REVISION_LABEL,
+};
+
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "neox-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub metrics: Metrics,
+    /// Unix seconds; injectable so tests are deterministic.
+    pub clock: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Metrics) -> Self {
+        let reporter = Reporter {
+            controller: "neox-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let clock = Box::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        });
+        Self {
+            client,
+            reporter,
+            metrics,
+            clock,
+        }
+    }
+}
+
+/// Problems the schema cannot catch; reported in the Degraded condition.
+pub fn spec_problems(d: &NeoXDeployment) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in &d.spec.worker.env {
+        if matches!(
+            e.name.as_str(),
+            "NEOX_RANK" | "NEOX_WORLD_SIZE" | "NEOX_LEADER_ADDR" | "NEOX_ADVERTISE_HOST"
+        ) {
+            out.push(format!(
+                "worker.env sets {}, which the operator owns (group rendezvous)",
+                e.name
+            ));
+        }
+    }
+    if let Some(p) = &d.spec.worker.image_pull_policy {
+        if !matches!(p.as_str(), "Always" | "IfNotPresent" | "Never") {
+            out.push(format!(
+                "worker.imagePullPolicy {p:?} is not Always, IfNotPresent or Never"
+            ));
+        }
+    }
+    if let Some(b) = &d.spec.model.builtin {
+        if b != "shakespeare" {
+            out.push(format!("model.builtin {b:?} is not a built-in model (shakespeare)"));
+        }
+    }
+    if d.spec.worker.resources.gpus > 1 {
+        out.push("worker.resources.gpus must be 0 or 1: each rank drives one GPU".into());
+    }
+    out
+}
+
+fn observe_pod(p: &Pod) -> ObservedPod {
+    let status = p.status.clone().unwrap_or_default();
+    let conds = status.conditions.unwrap_or_default();
+    let ready = conds.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    let unschedulable = conds
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+        .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
+    let restarted = status
+        .container_statuses
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.restart_count > 0);
+    ObservedPod {
+        name: p.name_any(),
+        ready,
+        failed: status.phase.as_deref() == Some("Failed") || restarted,
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        unschedulable,
+    }
+}
+
+fn label_i32(m: &std::collections::BTreeMap<String, String>, key: &str) -> Option<i32> {
+    m.get(key).and_then(|v| v.parse().ok())
+}
+
+/// Groups as they exist: this deployment's StatefulSets and their pods.
+pub fn observe(d: &NeoXDeployment, stss: &[StatefulSet], pods: &[Pod]) -> Vec<ObservedGroup> {
+    let uid = d.uid();
+    let mut groups: Vec<ObservedGroup> = stss
+        .iter()
+        .filter(|s| uid.is_none() || s.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .filter_map(|s| {
+            let index = label_i32(s.labels(), GROUP_LABEL)?;
+            let ann = s.annotations();
+            Some(ObservedGroup {
+                index,
+                revision: s.labels().get(REVISION_LABEL).cloned().unwrap_or_default(),
+                restarts: label_i32(ann, RESTARTS_ANNOTATION).unwrap_or(0),
+                last_restart: ann.get(LAST_RESTART_ANNOTATION).and_then(|v| v.parse().ok()),
+                pods: Vec::new(),
+            })
+        })
+        .collect();
+    for p in pods {
+        let Some(g) = label_i32(p.labels(), GROUP_LABEL) else {
+            continue;
+        };
+        if let Some(group) = groups.iter_mut().find(|x| x.index == g) {
+            group.pods.push(observe_pod(p));
+        }
+    }
+    groups.sort_by_key(|g| g.index);
+    groups
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, old: &[Condition], now: &str) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_owned();
+    let since = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_owned());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time: since,
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The status that `plan` implies.
+pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64) -> NeoXDeploymentStatus {
+    let old = d.status.clone().unwrap_or_default().conditions;
+    let now_s = rfc3339(now);
+    let replicas = d.spec.replicas;
+    let needed = (replicas - d.spec.rollout.max_unavailable).max(1);
+    let available = replicas == 0 || plan.ready >= needed;
+    let (progressing, p_reason, p_msg) = if plan.updated < replicas {
+        (
+            true,
+            "RollingUpdate",
+            format!("{} of {replicas} groups run the current template", plan.updated),
+        )
+    } else if plan.existing != replicas || plan.ready < replicas {
+        (true, "Scaling", format!("{} of {replicas} groups ready", plan.ready))
+    } else {
+        (false, "Complete", format!("all {replicas} groups ready and current"))
+    };
+    let (degraded, d_reason, d_msg) = if !problems.is_empty() {
+        (true, "InvalidSpec", problems.join("; "))
+    } else if !plan.unhealthy.is_empty() {
+        (true, "GroupRestarting", plan.unhealthy.join("; "))
+    } else if let Some(m) = &plan.insufficient_capacity {
+        (true, "InsufficientCapacity", m.clone())
+    } else {
+        (false, "AsExpected", "every group is healthy or starting".to_owned())
+    };
+    NeoXDeploymentStatus {
+        observed_generation: d.metadata.generation,
+        replicas: plan.existing,
+        ready_replicas: plan.ready,
+        updated_replicas: plan.updated,
+        selector: resources::leader_selector(d),
+        groups: plan.groups.clone(),
+        conditions: vec![
+            condition(
+                "Available",
+                available,
+                if available {
+                    "MinimumGroupsReady"
+                } else {
+                    "NotEnoughGroupsReady"
+                },
+                format!("{} of {replicas} groups ready (at least {needed} needed)", plan.ready),
+                &old,
+                &now_s,
+            ),
+            condition("Progressing", progressing, p_reason, p_msg, &old, &now_s),
+            condition("Degraded", degraded, d_reason, d_msg, &old, &now_s),
+        ],
+    }
+}
+
+async fn publish(ctx: &Context, d: &NeoXDeployment, type_: EventType, reason: &str, note: String) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &d.object_ref(&())).await {
+        tracing::warn!(name = %d.name_any(), "could not publish event {reason}: {e}");
+    }
+}
+
+/// Reconciles one NeoXDeployment.
+pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&d, &ctx).await;
+    ctx.metrics.observe_reconcile(started.elapsed(), result.is_err());
+    result
+}
+
+async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, Error> {
+    let name = d.name_any();
+    let ns = d.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let client = ctx.client.clone();
+    let deployments: Api<NeoXDeployment> = Api::namespaced(client.clone(), &ns);
+    let now = (ctx.clock)();
+
+    let problems = spec_problems(d);
+    if !problems.is_empty() {
+        let plan = decisions::plan(0, d.spec.tensor_parallel_size, "", 1, &[], now);
+        let status = status_for(d, &plan, &problems, now);
+        if d.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions) {
+            publish(ctx, d, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
+        }
+        deployments
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+        return Ok(Requeue::requeue(Duration::from_secs(300)));
+    }
+
+    let pp = PatchParams::apply(MANAGER).force();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    services
+        .patch(&name, &pp, &Patch::Apply(resources::client_service(d)))
+        .await?;
+    pdbs.patch(&name, &pp, &Patch::Apply(resources::disruption_budget(d)))
+        .await?;
+
+    let lp = ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={name}"));
+    let sts_list = stss.list(&lp).await?.items;
+    let pod_list = pods.list(&lp).await?.items;
+    let observed = observe(d, &sts_list, &pod_list);
+    let revision = resources::revision(d);
+    let spec = &d.spec;
+    let plan = decisions::plan(
+        spec.replicas,
+        spec.tensor_parallel_size,
+        &revision,
+        spec.rollout.max_unavailable,
+        &observed,
+        now,
+    );
+
+    for action in &plan.actions {
+        match action {
+            Action::CreateGroup(g) => {
+                services
+                    .patch(
+                        &resources::group_name(d, *g),
+                        &pp,
+                        &Patch::Apply(resources::headless_service(d, *g)),
+                    )
+                    .await?;
+                stss.patch(
+                    &resources::group_name(d, *g),
+                    &pp,
+                    &Patch::Apply(resources::statefulset(d, *g)),
+                )
+                .await?;
+                publish(
+                    ctx,
+                    d,
+                    EventType::Normal,
+                    "CreatedGroup",
+                    format!(
+                        "created group {g} ({} ranks, revision {revision})",
+                        spec.tensor_parallel_size
+                    ),
+                )
+                .await;
+            }
+            Action::DeleteGroup(g) => {
+                let gname = resources::group_name(d, *g);
+                delete_ignoring_missing(&stss, &gname).await?;
+                delete_ignoring_missing(&services, &gname).await?;
+                publish(
+                    ctx,
+                    d,
+                    EventType::Normal,
+                    "DeletedGroup",
+                    format!("removed group {g} (replicas {})", spec.replicas),
+                )
+                .await;
+            }
+            Action::RestartGroup {
+                index,
+                restarts,
+                reason,
+            } => {
+                let gname = resources::group_name(d, *index);
+                let ann = json!({ "metadata": { "annotations": {
+                    RESTARTS_ANNOTATION: restarts.to_string(), LAST_RESTART_ANNOTATION: now.to_string() } } });
+                stss.patch(&gname, &PatchParams::default(), &Patch::Merge(ann)).await?;
+                delete_group_pods(&pods, &observed, *index).await?;
+                let next = decisions::backoff_secs(*restarts);
+                publish(
+                    ctx,
+                    d,
+                    EventType::Warning,
+                    "RestartingGroup",
+                    format!(
+                        "restarting all ranks of group {index}: {reason} (restart {restarts}; next back-off {next}s)"
+                    ),
+                )
+                .await;
+            }
+            Action::UpdateGroup(g) => {
+                stss.patch(
+                    &resources::group_name(d, *g),
+                    &pp,
+                    &Patch::Apply(resources::statefulset(d, *g)),
+                )
+                .await?;
+                delete_group_pods(&pods, &observed, *g).await?;
+                publish(
+                    ctx,
+                    d,
+                    EventType::Normal,
+                    "RollingGroup",
+                    format!("replacing group {g} with revision {revision}"),
+                )
+                .await;
+            }
+            Action::ClearRestarts(g) => {
+                let ann = json!({ "metadata": { "annotations": { RESTARTS_ANNOTATION: "0" } } });
+                stss.patch(
+                    &resources::group_name(d, *g),
+                    &PatchParams::default(),
+                    &Patch::Merge(ann),
+                )
+                .await?;
+            }
+        }
+    }
+
+    let status = status_for(d, &plan, &[], now);
+    deployments
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await?;
+    ctx.metrics.set_groups(&ns, &name, spec.replicas, plan.ready);
+    Ok(Requeue::requeue(Duration::from_secs(plan.requeue_secs)))
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_group_pods(pods: &Api<Pod>, observed: &[ObservedGroup], g: i32) -> Result<(), Error> {
+    if let Some(group) = observed.iter().find(|o| o.index == g) {
+        for p in group.pods.iter().filter(|p| !p.terminating) {
+            delete_ignoring_missing(pods, &p.name).await?;
+        }
+    }
+    Ok(())
+}
+
+/// On errors: log, count, retry soon.
+pub fn error_policy(d: Arc<NeoXDeployment>, err: &Error, _ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(name = %d.name_any(), "reconcile failed: {err}");
+    Requeue::requeue(Duration::from_secs(15))
+}

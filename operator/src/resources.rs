@@ -1,0 +1,447 @@
+//! The Kubernetes objects a NeoXDeployment should own, as pure functions of its spec.
+//!
+//! Per group `g`: a StatefulSet `<name>-<g>` (one pod per rank, all started at once) and a
+//! headless Service `<name>-<g>` that gives rank 0 a stable DNS name for the rendezvous.
+//! Per deployment: a client Service over the leaders and a PodDisruptionBudget.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, GRPCAction,
+    HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::crd::NeoXDeployment;
+
+pub const DEPLOYMENT_LABEL: &str = "serving.neox.dev/deployment";
+pub const GROUP_LABEL: &str = "serving.neox.dev/group";
+pub const REVISION_LABEL: &str = "serving.neox.dev/revision";
+/// Set by the StatefulSet controller on every pod (Kubernetes ≥ 1.28): the rank.
+pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+pub const RESTARTS_ANNOTATION: &str = "serving.neox.dev/group-restarts";
+pub const LAST_RESTART_ANNOTATION: &str = "serving.neox.dev/last-restart";
+
+pub const GRPC_PORT: i32 = 50051;
+pub const METRICS_PORT: i32 = 9400;
+pub const GROUP_PORT: i32 = 50052;
+pub const COLLECTIVE_PORT: i32 = 50053;
+const MODEL_MOUNT: &str = "/model";
+/// The non-root user of the worker image.
+const WORKER_UID: i64 = 65532;
+
+/// The worker image used when the spec names none: this operator's own version.
+pub fn default_image() -> String {
+    format!("ghcr.io/neox-serve/neox-worker:{}", env!("CARGO_PKG_VERSION"))
+}
+
+pub fn group_name(d: &NeoXDeployment, g: i32) -> String {
+    format!("{}-{g}", d.name_any())
+}
+
+fn owner(d: &NeoXDeployment) -> Option<Vec<OwnerReference>> {
+    d.controller_owner_ref(&()).map(|o| vec![o])
+}
+
+/// Labels every object of the deployment carries.
+pub fn common_labels(d: &NeoXDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "neox-worker".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), d.name_any()),
+        ("app.kubernetes.io/managed-by".to_owned(), "neox-operator".to_owned()),
+        (DEPLOYMENT_LABEL.to_owned(), d.name_any()),
+    ])
+}
+
+fn group_selector(d: &NeoXDeployment, g: i32) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (DEPLOYMENT_LABEL.to_owned(), d.name_any()),
+        (GROUP_LABEL.to_owned(), g.to_string()),
+    ])
+}
+
+/// `key=value,...` selecting the leaders of every group (the scale subresource's selector).
+pub fn leader_selector(d: &NeoXDeployment) -> String {
+    format!("{DEPLOYMENT_LABEL}={},{POD_INDEX_LABEL}=0", d.name_any())
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, p: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: p,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn grpc_probe(period: i32, failures: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction {
+            port: GRPC_PORT,
+            service: Some(String::new()),
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(5),
+        ..Default::default()
+    }
+}
+
+/// The pod template of every group: everything that, when it changes, rolls the groups.
+pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
+    let s = &d.spec;
+    let tp = s.tensor_parallel_size;
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    let model_arg = if let Some(pvc) = &s.model.pvc {
+        volumes.push(Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "model".into(),
+            mount_path: MODEL_MOUNT.into(),
+            read_only: Some(true),
+            sub_path: pvc.sub_path.clone(),
+            ..Default::default()
+        });
+        MODEL_MOUNT.to_owned()
+    } else if let Some(path) = &s.model.host_path {
+        volumes.push(Volume {
+            name: "model".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.clone(),
+                type_: Some("Directory".into()),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "model".into(),
+            mount_path: MODEL_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        MODEL_MOUNT.to_owned()
+    } else if let Some(path) = &s.model.image_path {
+        path.clone()
+    } else {
+        format!(
+            "builtin:{}",
+            s.model.builtin.clone().unwrap_or_else(|| "shakespeare".into())
+        )
+    };
+    let gpus = s.worker.resources.gpus;
+    if gpus > 0 {
+        // NCCL moves data through shared memory; the container default of 64 MiB is too small.
+        volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        });
+    }
+    let mut envs = vec![
+        field_env("NEOX_RANK", &format!("metadata.labels['{POD_INDEX_LABEL}']")),
+        env("NEOX_WORLD_SIZE", tp.to_string()),
+        // Rank 0's stable name through the group's headless Service; set per group below.
+        field_env("NEOX_ADVERTISE_HOST", "status.podIP"),
+        env("NEOX_GRPC_ADDR", format!("0.0.0.0:{GRPC_PORT}")),
+        env("NEOX_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
+        env("NEOX_COLLECTIVE_PORT", COLLECTIVE_PORT.to_string()),
+        env("NEOX_MODEL", model_arg),
+        env("NEOX_LOG", "info"),
+    ];
+    if let Some(dt) = s.model.dtype {
+        envs.push(env("NEOX_DTYPE", dt.as_str()));
+    }
+    let e = &s.engine;
+    for (name, v) in [
+        ("NEOX_MAX_BATCH_SIZE", e.max_batch_size),
+        ("NEOX_MAX_TOKENS_PER_STEP", e.max_tokens_per_step),
+        ("NEOX_MAX_WAITING_REQUESTS", e.max_waiting_requests),
+        ("NEOX_MAX_TOTAL_TOKENS", e.max_total_tokens),
+        ("NEOX_KV_CACHE_MIB", e.kv_cache_mib),
+    ] {
+        if let Some(v) = v {
+            envs.push(env(name, v.to_string()));
+        }
+    }
+    envs.extend(s.worker.env.iter().cloned());
+    let r = &s.worker.resources;
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(c) = &r.cpu {
+        requests.insert("cpu".to_owned(), Quantity(c.clone()));
+    }
+    if let Some(m) = &r.memory {
+        requests.insert("memory".to_owned(), Quantity(m.clone()));
+        limits.insert("memory".to_owned(), Quantity(m.clone()));
+    }
+    if gpus > 0 {
+        let name = r.gpu_resource_name.clone().unwrap_or_else(|| "nvidia.com/gpu".into());
+        requests.insert(name.clone(), Quantity(gpus.to_string()));
+        limits.insert(name, Quantity(gpus.to_string()));
+    }
+    let startup_failures = (s.worker.startup_timeout_seconds / 10).max(1);
+    let container = Container {
+        name: "worker".into(),
+        image: Some(s.worker.image.clone().unwrap_or_else(default_image)),
+        image_pull_policy: s.worker.image_pull_policy.clone(),
+        args: Some(vec!["serve".into()]),
+        env: Some(envs),
+        ports: Some(vec![
+            port("grpc", GRPC_PORT),
+            port("metrics", METRICS_PORT),
+            port("group", GROUP_PORT),
+            port("collective", COLLECTIVE_PORT),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: (!requests.is_empty()).then_some(requests),
+            limits: (!limits.is_empty()).then_some(limits),
+            ..Default::default()
+        }),
+        // Every rank answers gRPC health: SERVING once weights are loaded and the group formed.
+        startup_probe: Some(grpc_probe(10, startup_failures)),
+        readiness_probe: Some(grpc_probe(5, 2)),
+        liveness_probe: Some(grpc_probe(10, 6)),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        node_selector: (!s.worker.node_selector.is_empty()).then(|| s.worker.node_selector.clone()),
+        tolerations: (!s.worker.tolerations.is_empty()).then(|| s.worker.tolerations.clone()),
+        affinity: s.worker.affinity.clone(),
+        priority_class_name: s.worker.priority_class_name.clone(),
+        image_pull_secrets: (!s.worker.image_pull_secrets.is_empty()).then(|| {
+            s.worker
+                .image_pull_secrets
+                .iter()
+                .map(|n| LocalObjectReference { name: n.clone() })
+                .collect()
+        }),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(60),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_UID),
+            run_as_group: Some(WORKER_UID),
+            fs_group: Some(WORKER_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A short hash of the pod template: groups whose StatefulSet carries another are outdated.
+pub fn revision(d: &NeoXDeployment) -> String {
+    let json = serde_json::to_vec(&pod_template(d)).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The StatefulSet of group `g` at the current revision.
+pub fn statefulset(d: &NeoXDeployment, g: i32) -> StatefulSet {
+    let name = group_name(d, g);
+    let ns = d.namespace().unwrap_or_else(|| "default".into());
+    let rev = revision(d);
+    let mut labels = common_labels(d);
+    labels.insert(GROUP_LABEL.into(), g.to_string());
+    let mut pod_labels = labels.clone();
+    pod_labels.insert(REVISION_LABEL.into(), rev.clone());
+    let mut spec = pod_template(d);
+    if let Some(c) = spec.containers.first_mut() {
+        let env = c.env.get_or_insert_with(Vec::new);
+        env.insert(
+            1,
+            self::env("NEOX_LEADER_ADDR", format!("{name}-0.{name}.{ns}.svc:{GROUP_PORT}")),
+        );
+    }
+    let mut sts_labels = labels.clone();
+    sts_labels.insert(REVISION_LABEL.into(), rev);
+    StatefulSet {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns),
+            labels: Some(sts_labels),
+            owner_references: owner(d),
+            ..Default::default()
+        },
+        spec: Some(StatefulSetSpec {
+            replicas: Some(d.spec.tensor_parallel_size),
+            service_name: Some(name),
+            pod_management_policy: Some("Parallel".into()),
+            // The operator replaces a group's pods all at once; never a mix of revisions.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(group_selector(d, g)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        "cluster-autoscaler.kubernetes.io/safe-to-evict".to_owned(),
+                        "false".to_owned(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(spec),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The headless Service giving group `g`'s pods stable names (ready or not: ranks must find
+/// each other before any is ready).
+pub fn headless_service(d: &NeoXDeployment, g: i32) -> Service {
+    let mut labels = common_labels(d);
+    labels.insert(GROUP_LABEL.into(), g.to_string());
+    Service {
+        metadata: ObjectMeta {
+            name: Some(group_name(d, g)),
+            namespace: d.namespace(),
+            labels: Some(labels),
+            owner_references: owner(d),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(group_selector(d, g)),
+            ports: Some(vec![
+                svc_port("group", GROUP_PORT),
+                svc_port("collective", COLLECTIVE_PORT),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn svc_port(name: &str, p: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: p,
+        target_port: Some(IntOrString::Int(p)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// The Service clients use: rank 0 of every group, only while ready.
+pub fn client_service(d: &NeoXDeployment) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(d.name_any()),
+            namespace: d.namespace(),
+            labels: Some(common_labels(d)),
+            owner_references: owner(d),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([
+                (DEPLOYMENT_LABEL.to_owned(), d.name_any()),
+                (POD_INDEX_LABEL.to_owned(), "0".to_owned()),
+            ])),
+            ports: Some(vec![svc_port("grpc", GRPC_PORT), svc_port("metrics", METRICS_PORT)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Voluntary disruptions (drains) may take at most one rollout step's worth of pods at once:
+/// `maxUnavailable` groups × ranks. Losing any rank stops its group, so a tighter bound per
+/// pod would only slow drains without protecting more groups.
+pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
+    let pods = d.spec.tensor_parallel_size * d.spec.rollout.max_unavailable.max(1);
+    PodDisruptionBudget {
+        metadata: ObjectMeta {
+            name: Some(d.name_any()),
+            namespace: d.namespace(),
+            labels: Some(common_labels(d)),
+            owner_references: owner(d),
+            ..Default::default()
+        },
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(pods)),
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(DEPLOYMENT_LABEL.to_owned(), d.name_any())])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
