@@ -67,7 +67,7 @@ pub fn backoff_secs(n: i32) -> i64 {
 /// What a group looks like now.
 fn assess(g: &ObservedGroup, tp: i32) -> (bool, i32, Option<String>, Option<String>) {
     let live: Vec<&ObservedPod> = g.pods.iter().filter(|p| !p.terminating).collect();
-    let ready_ranks = live.iter().filter(|p| p.ready).count() as i32;
+    let ready_ranks = live.iter().filter(|p| p.ready && !p.failed).count() as i32;
     let ready = ready_ranks == tp && live.len() as i32 == tp;
     let capacity = g.pods.iter().find_map(|p| p.unschedulable.clone());
     let failure = g

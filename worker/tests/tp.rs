@@ -341,3 +341,72 @@ fn unreachable_leader_and_bad_sizes_are_clear_errors() {
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && msg.contains("does not divide"), "{msg}");
 }
+
+/// As in a Kubernetes group: every rank runs `neox-worker serve` with the NEOX_* variables;
+/// rank 0 serves the API, every rank answers gRPC health once the group has formed.
+#[test]
+fn every_rank_runs_serve_from_env_and_answers_health() {
+    let group_port = free_port();
+    let (api0, api1) = (free_port(), free_port());
+    let spawn = |rank: &str, api: u16| {
+        worker()
+            .arg("serve")
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{api}"),
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .env("NEOX_RANK", rank)
+            .env("NEOX_WORLD_SIZE", "2")
+            .env("NEOX_LEADER_ADDR", format!("127.0.0.1:{group_port}"))
+            .env("NEOX_ADVERTISE_HOST", "127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut leader = spawn("0", api0);
+    let mut follower = spawn("1", api1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let serving = |port: u16| {
+        rt.block_on(async {
+            let t0 = Instant::now();
+            loop {
+                let ok = async {
+                    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                        .ok()?
+                        .connect()
+                        .await
+                        .ok()?;
+                    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                    let r = h
+                        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                        .await
+                        .ok()?;
+                    Some(
+                        r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                    )
+                }
+                .await;
+                if ok == Some(true) {
+                    return true;
+                }
+                if t0.elapsed() > Duration::from_secs(20) {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    assert!(serving(api0), "leader never SERVING");
+    assert!(serving(api1), "follower never SERVING");
+    // Killing the follower takes the leader down (heartbeat within the collective timeout).
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let status = wait_with_deadline(&mut leader, Duration::from_secs(40));
+    assert!(!status.success());
+}

@@ -316,6 +316,12 @@ pub struct FollowerArgs {
 
 /// `neox-worker follower`: ranks 1..tp of a group.
 pub fn follower(a: FollowerArgs) -> Result<()> {
+    follower_with_health(a, None)
+}
+
+/// A follower that also answers gRPC health on `health_addr` (NOT_SERVING until the group
+/// has formed), so every rank of a Kubernetes group has the same probes.
+pub fn follower_with_health(a: FollowerArgs, health_addr: Option<std::net::SocketAddr>) -> Result<()> {
     let role = role(&a.group)?;
     if role.rank.rank == 0 || role.launcher {
         bail!("a follower needs --rank ≥ 1 with --world-size and --leader-addr (or NEOX_RANK, NEOX_WORLD_SIZE, NEOX_LEADER_ADDR)");
@@ -329,7 +335,40 @@ pub fn follower(a: FollowerArgs) -> Result<()> {
         collective_port: a.group.collective_port,
         rendezvous_timeout: secs("rendezvous-timeout", a.group.rendezvous_timeout)?,
         collective_timeout: secs("collective-timeout", a.group.collective_timeout)?,
+        on_ready: None,
     };
-    shard::run_follower(opts, loaded.model).with_context(|| format!("rank {}", role.rank.rank))?;
+    let Some(addr) = health_addr else {
+        shard::run_follower(opts, loaded.model).with_context(|| format!("rank {}", role.rank.rank))?;
+        return Ok(());
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .with_context(|| format!("binding {addr}"))?;
+    runtime.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!("follower health endpoint: {e}");
+        }
+    });
+    let handle = runtime.handle().clone();
+    let opts = shard::FollowerOptions {
+        on_ready: Some(Arc::new(move || {
+            let r = reporter.clone();
+            handle.spawn(async move { r.set_service_status("", tonic_health::ServingStatus::Serving).await });
+        })),
+        ..opts
+    };
+    let result = shard::run_follower(opts, loaded.model).with_context(|| format!("rank {}", role.rank.rank));
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result?;
     Ok(())
 }

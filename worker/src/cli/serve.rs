@@ -14,7 +14,7 @@ use neox_worker::metrics::Metrics;
 use neox_worker::model::dtype_name;
 use neox_worker::server::{self, Exit, Limits, ServerOptions};
 
-use super::group::{follower, start_leader, FollowerArgs, GroupArgs};
+use super::group::{follower_with_health, start_leader, FollowerArgs, GroupArgs};
 use super::ModelArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -63,10 +63,14 @@ pub struct ServeArgs {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     if a.group.rank.is_some_and(|r| r > 0) {
-        return follower(FollowerArgs {
-            model: a.model,
-            group: a.group,
-        });
+        let grpc = a.grpc_addr;
+        return follower_with_health(
+            FollowerArgs {
+                model: a.model,
+                group: a.group,
+            },
+            Some(grpc),
+        );
     }
     for (name, v) in [
         ("max-batch-size", a.max_batch_size),

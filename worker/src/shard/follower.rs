@@ -11,7 +11,7 @@ use super::{LocalRunner, SeqPlan, StepRunner};
 use crate::model::{GptNeoX, LogitsWanted, ModelError};
 use crate::parallel::{ParallelError, RankInfo, TcpCommunicator};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FollowerOptions {
     pub rank: RankInfo,
     /// host:port of the leader's internal gRPC endpoint.
@@ -23,6 +23,8 @@ pub struct FollowerOptions {
     pub collective_port: u16,
     pub rendezvous_timeout: Duration,
     pub collective_timeout: Duration,
+    /// Called once the group has formed (e.g. to turn a health endpoint SERVING).
+    pub on_ready: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 fn rendezvous(m: String) -> ModelError {
@@ -111,6 +113,9 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     let comm = TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?;
     model.attach_comm(Arc::new(comm))?;
     let mut runner = LocalRunner::new(model);
+    if let Some(f) = &opts.on_ready {
+        f();
+    }
     // Debug knob for failure tests: a slow (or, past the collective timeout, stuck) rank.
     let delay = std::env::var("NEOX_DEBUG_STEP_DELAY_MS")
         .ok()

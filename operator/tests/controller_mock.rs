@@ -1,0 +1,254 @@
+//! The reconciler against a fake API server: the exact calls for create, group restart,
+//! scaling and rolling updates, and the status it reports.
+
+mod fake_api;
+
+use std::sync::Arc;
+
+use fake_api::*;
+use neox_operator::reconcile::reconcile;
+use neox_operator::resources;
+
+const BASE: &str = "/apis/apps/v1/namespaces/serving/statefulsets";
+const SVC: &str = "/api/v1/namespaces/serving/services";
+const PODS: &str = "/api/v1/namespaces/serving/pods";
+const STATUS: &str = "PATCH /apis/serving.neox.dev/v1alpha1/namespaces/serving/neoxdeployments/llm/status";
+
+fn preamble() -> Vec<String> {
+    vec![
+        format!("PATCH {SVC}/llm"),
+        "PATCH /apis/policy/v1/namespaces/serving/poddisruptionbudgets/llm".into(),
+        format!("GET {BASE}"),
+        format!("GET {PODS}"),
+    ]
+}
+
+fn expect(extra: &[String]) -> Vec<String> {
+    let mut v = preamble();
+    v.extend(extra.iter().cloned());
+    v.push(STATUS.into());
+    v
+}
+
+#[tokio::test]
+async fn creates_every_group_with_its_service_then_reports_status() {
+    let d = deployment(2, 2);
+    let (client, rec) = fake(vec![], vec![]);
+    let action = reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(
+        rec.lines(),
+        expect(&[
+            format!("PATCH {SVC}/llm-0"),
+            format!("PATCH {BASE}/llm-0"),
+            format!("PATCH {SVC}/llm-1"),
+            format!("PATCH {BASE}/llm-1"),
+        ])
+    );
+    assert_eq!(rec.events, vec!["CreatedGroup", "CreatedGroup"]);
+    // Server-side apply with our field manager.
+    assert!(rec.calls[0].query.contains("fieldManager=neox-operator") && rec.calls[0].query.contains("force=true"));
+    let sts = rec.body_of(&format!("PATCH {BASE}/llm-1"));
+    assert_eq!(sts["spec"]["replicas"], 2);
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    assert_eq!(sts["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    let env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let leader = env.iter().find(|e| e["name"] == "NEOX_LEADER_ADDR").unwrap();
+    assert_eq!(leader["value"], "llm-1-0.llm-1.serving.svc:50052");
+    let status = &rec.body_of(STATUS)["status"];
+    assert_eq!(
+        (status["replicas"].as_i64(), status["readyReplicas"].as_i64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(
+        status["selector"],
+        "serving.neox.dev/deployment=llm,apps.kubernetes.io/pod-index=0"
+    );
+    assert_eq!(status["groups"][0]["phase"], "Pending");
+    let progressing = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .unwrap();
+    assert_eq!(progressing["status"], "True");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
+    );
+}
+
+#[tokio::test]
+async fn a_failed_rank_restarts_its_whole_group_only() {
+    let d = deployment(2, 2);
+    let rev = resources::revision(&d);
+    let mut pods = ready_group(&d, 0);
+    let mut g1 = ready_group(&d, 1);
+    g1[1].status.as_mut().unwrap().phase = Some("Failed".into());
+    pods.extend(g1);
+    let (client, rec) = fake(
+        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
+        pods,
+    );
+    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(
+        rec.lines(),
+        expect(&[
+            format!("PATCH {BASE}/llm-1"),
+            format!("DELETE {PODS}/llm-1-0"),
+            format!("DELETE {PODS}/llm-1-1")
+        ])
+    );
+    let ann = &rec.body_of(&format!("PATCH {BASE}/llm-1"))["metadata"]["annotations"];
+    assert_eq!(
+        (
+            ann["serving.neox.dev/group-restarts"].as_str(),
+            ann["serving.neox.dev/last-restart"].as_str()
+        ),
+        (Some("1"), Some("1000"))
+    );
+    assert_eq!(rec.events, vec!["RestartingGroup"]);
+    let status = &rec.body_of(STATUS)["status"];
+    assert_eq!(status["readyReplicas"], 1);
+    assert_eq!(status["groups"][1]["phase"], "Restarting");
+    let degraded = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("GroupRestarting"))
+    );
+}
+
+#[tokio::test]
+async fn scales_two_to_three_to_one_group() {
+    // 2 -> 3: only group 2 is created.
+    let d = deployment(3, 2);
+    let rev = resources::revision(&d);
+    let two = vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))];
+    let mut pods = ready_group(&d, 0);
+    pods.extend(ready_group(&d, 1));
+    let (client, rec) = fake(two, pods.clone());
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    assert_eq!(
+        rec.lock().unwrap().lines(),
+        expect(&[format!("PATCH {SVC}/llm-2"), format!("PATCH {BASE}/llm-2")])
+    );
+
+    // 3 -> 1: groups 2 then 1 go, highest index first; group 0 untouched.
+    let d1 = deployment(1, 2);
+    let three = (0..3).map(|g| existing_sts(&d1, g, Some(&rev))).collect();
+    pods.extend(ready_group(&d1, 2));
+    let (client, rec) = fake(three, pods);
+    reconcile(Arc::new(d1), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(
+        rec.lines(),
+        expect(&[
+            format!("DELETE {BASE}/llm-2"),
+            format!("DELETE {SVC}/llm-2"),
+            format!("DELETE {BASE}/llm-1"),
+            format!("DELETE {SVC}/llm-1"),
+        ])
+    );
+    assert_eq!(rec.events, vec!["DeletedGroup", "DeletedGroup"]);
+    assert_eq!(rec.body_of(STATUS)["status"]["replicas"], 1);
+}
+
+#[tokio::test]
+async fn an_image_change_rolls_group_by_group() {
+    let old = deployment(3, 2);
+    let old_rev = resources::revision(&old);
+    let mut new = old.clone();
+    new.spec.worker.image = Some("registry.example/neox-worker:2".into());
+    let new_rev = resources::revision(&new);
+    assert_ne!(old_rev, new_rev);
+    let all_pods = |ready0: bool| {
+        let mut p: Vec<_> = (0..2).map(|r| pod(&new, 0, r, ready0)).collect();
+        p.extend(ready_group(&new, 1));
+        p.extend(ready_group(&new, 2));
+        p
+    };
+    // Step 1: group 0 is replaced (new template applied, its pods deleted together).
+    let stss = vec![
+        existing_sts(&new, 0, Some(&old_rev)),
+        existing_sts(&new, 1, Some(&old_rev)),
+        existing_sts(&new, 2, Some(&old_rev)),
+    ];
+    let (client, rec) = fake(stss, all_pods(true));
+    reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(
+            rec.lines(),
+            expect(&[
+                format!("PATCH {BASE}/llm-0"),
+                format!("DELETE {PODS}/llm-0-0"),
+                format!("DELETE {PODS}/llm-0-1")
+            ])
+        );
+        let body = rec.body_of(&format!("PATCH {BASE}/llm-0"));
+        assert_eq!(
+            body["spec"]["template"]["spec"]["containers"][0]["image"],
+            "registry.example/neox-worker:2"
+        );
+        assert_eq!(
+            body["spec"]["template"]["metadata"]["labels"]["serving.neox.dev/revision"],
+            new_rev.as_str()
+        );
+        assert_eq!(rec.events, vec!["RollingGroup"]);
+        assert_eq!(rec.body_of(STATUS)["status"]["updatedReplicas"], 0);
+    }
+    // Step 2: group 0 is new but its ranks are not ready yet: nothing else moves.
+    let stss = vec![
+        existing_sts(&new, 0, Some(&new_rev)),
+        existing_sts(&new, 1, Some(&old_rev)),
+        existing_sts(&new, 2, Some(&old_rev)),
+    ];
+    let (client, rec) = fake(stss.clone(), all_pods(false));
+    reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
+    assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
+    // Step 3: group 0 ready: group 1 is next.
+    let (client, rec) = fake(stss, all_pods(true));
+    reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(
+        rec.lines(),
+        expect(&[
+            format!("PATCH {BASE}/llm-1"),
+            format!("DELETE {PODS}/llm-1-0"),
+            format!("DELETE {PODS}/llm-1-1")
+        ])
+    );
+    assert_eq!(rec.body_of(STATUS)["status"]["updatedReplicas"], 1);
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
+    let mut d = deployment(1, 2);
+    d.spec.worker.env.push(k8s_openapi::api::core::v1::EnvVar {
+        name: "NEOX_RANK".into(),
+        value: Some("3".into()),
+        ..Default::default()
+    });
+    let (client, rec) = fake(vec![], vec![]);
+    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(rec.lines(), vec![STATUS.to_owned()]);
+    let degraded = rec.body_of(STATUS)["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
+    assert_eq!(rec.events, vec!["InvalidSpec"]);
+}

@@ -1,0 +1,174 @@
+//! A fake Kubernetes API server behind kube's `Client` (the tower-test pattern of kube-rs's
+//! controller-rs): it answers from a scenario and records every call in order.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
+use kube::client::Body;
+use kube::{Client, Resource, ResourceExt};
+use neox_operator::crd::{NeoXDeployment, NeoXDeploymentSpec};
+use neox_operator::metrics::Metrics;
+use neox_operator::reconcile::Context;
+use neox_operator::resources;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    pub query: String,
+    pub body: Value,
+}
+
+impl Call {
+    pub fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+#[derive(Default)]
+pub struct Recorded {
+    pub calls: Vec<Call>,
+    pub events: Vec<String>,
+}
+
+impl Recorded {
+    /// Every call but event posts, as `METHOD path`.
+    pub fn lines(&self) -> Vec<String> {
+        self.calls.iter().map(Call::line).collect()
+    }
+    pub fn body_of(&self, line: &str) -> &Value {
+        &self
+            .calls
+            .iter()
+            .find(|c| c.line() == line)
+            .unwrap_or_else(|| panic!("no call {line}"))
+            .body
+    }
+}
+
+pub const NS: &str = "serving";
+
+/// Starts a fake API server answering from `sts` and `pods`; returns a client and the log.
+pub fn fake(sts: Vec<StatefulSet>, pods: Vec<Pod>) -> (Client, Arc<Mutex<Recorded>>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let rec = Arc::new(Mutex::new(Recorded::default()));
+    let log = rec.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let reply = if path.contains("/events") {
+                log.lock()
+                    .unwrap()
+                    .events
+                    .push(body["reason"].as_str().unwrap_or_default().to_owned());
+                body.clone()
+            } else {
+                log.lock().unwrap().calls.push(Call {
+                    method: method.clone(),
+                    path: path.clone(),
+                    query,
+                    body: body.clone(),
+                });
+                match method.as_str() {
+                    "GET" if path.ends_with("/statefulsets") => list(&sts),
+                    "GET" if path.ends_with("/pods") => list(&pods),
+                    "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+                    "PATCH" if path.ends_with("/status") => json!({
+                        "apiVersion": "serving.neox.dev/v1alpha1", "kind": "NeoXDeployment",
+                        "metadata": {"name": "llm", "namespace": NS},
+                        "spec": {"model": {"builtin": "shakespeare"}, "tensorParallelSize": 2},
+                        "status": body["status"].clone(),
+                    }),
+                    _ => with_meta(body.clone(), &path),
+                }
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(svc, NS), rec)
+}
+
+fn list<T: serde::Serialize>(items: &[T]) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// An applied object comes back with the name from its path (merge patches carry none).
+fn with_meta(mut body: Value, path: &str) -> Value {
+    let name = path.rsplit('/').next().unwrap_or_default();
+    if body.get("metadata").is_none() {
+        body["metadata"] = json!({});
+    }
+    body["metadata"]["name"] = json!(name);
+    body
+}
+
+pub fn deployment(replicas: i32, tp: i32) -> NeoXDeployment {
+    let spec: NeoXDeploymentSpec = serde_json::from_value(json!({
+        "model": {"builtin": "shakespeare"}, "tensorParallelSize": tp, "replicas": replicas,
+    }))
+    .unwrap();
+    let mut d = NeoXDeployment::new("llm", spec);
+    d.metadata.namespace = Some(NS.into());
+    d.metadata.uid = Some("uid-1".into());
+    d.metadata.generation = Some(1);
+    d
+}
+
+pub fn context(client: Client, now: i64) -> Arc<Context> {
+    let mut ctx = Context::new(client, Metrics::new().unwrap());
+    ctx.clock = Box::new(move || now);
+    Arc::new(ctx)
+}
+
+/// The StatefulSet of group `g` as the API server would hold it, with `revision` on it.
+pub fn existing_sts(d: &NeoXDeployment, g: i32, revision: Option<&str>) -> StatefulSet {
+    let mut s = resources::statefulset(d, g);
+    if let Some(r) = revision {
+        s.labels_mut().insert(resources::REVISION_LABEL.into(), r.into());
+    }
+    s
+}
+
+/// Pod `rank` of group `g`, ready or not.
+pub fn pod(d: &NeoXDeployment, g: i32, rank: i32, ready: bool) -> Pod {
+    let mut p = Pod::default();
+    p.meta_mut().name = Some(format!("{}-{rank}", resources::group_name(d, g)));
+    p.meta_mut().namespace = Some(NS.into());
+    let mut labels = resources::common_labels(d);
+    labels.insert(resources::GROUP_LABEL.into(), g.to_string());
+    labels.insert(resources::POD_INDEX_LABEL.into(), rank.to_string());
+    p.meta_mut().labels = Some(labels);
+    p.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..Default::default()
+        }]),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "worker".into(),
+            restart_count: 0,
+            ready,
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    p
+}
+
+pub fn ready_group(d: &NeoXDeployment, g: i32) -> Vec<Pod> {
+    (0..d.spec.tensor_parallel_size).map(|r| pod(d, g, r, true)).collect()
+}

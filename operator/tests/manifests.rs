@@ -1,0 +1,204 @@
+//! The shipped manifests: the CRD is current, samples are valid NeoXDeployments that the
+//! CRD's own schema and CEL rules accept, bad objects are refused, and the objects the
+//! operator creates match reviewed golden YAML.
+
+use std::path::{Path, PathBuf};
+
+use neox_operator::crd::NeoXDeployment;
+use neox_operator::resources;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+#[test]
+fn deploy_crd_yaml_is_current() {
+    let want = neox_operator::crd_yaml().unwrap();
+    assert!(
+        read("deploy/crd.yaml") == want,
+        "deploy/crd.yaml is stale: run `cargo run -p neox-operator --bin crdgen > deploy/crd.yaml`"
+    );
+}
+
+/// The openAPIV3Schema of the shipped CRD.
+fn schema() -> Value {
+    let crd: Value = serde_yaml::from_str(&read("deploy/crd.yaml")).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+/// The structural checks an API server makes (types, required, ranges, patterns, enums).
+fn structural(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
+    if v.is_null() {
+        if s["nullable"] != Value::Bool(true) {
+            errs.push(format!("{path}: null"));
+        }
+        return;
+    }
+    if s["x-kubernetes-int-or-string"] == Value::Bool(true)
+        || s["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true)
+    {
+        return;
+    }
+    let ok = match s["type"].as_str() {
+        Some("object") => v.is_object(),
+        Some("array") => v.is_array(),
+        Some("string") => v.is_string(),
+        Some("integer") => v.is_i64() || v.is_u64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        errs.push(format!("{path}: expected {}", s["type"]));
+        return;
+    }
+    if let (Some(min), Some(x)) = (s["minimum"].as_f64(), v.as_f64()) {
+        if x < min {
+            errs.push(format!("{path}: {x} < minimum {min}"));
+        }
+    }
+    if let (Some(max), Some(x)) = (s["maximum"].as_f64(), v.as_f64()) {
+        if x > max {
+            errs.push(format!("{path}: {x} > maximum {max}"));
+        }
+    }
+    if let (Some(p), Some(x)) = (s["pattern"].as_str(), v.as_str()) {
+        if !regex::Regex::new(p).unwrap().is_match(x) {
+            errs.push(format!("{path}: {x:?} does not match {p}"));
+        }
+    }
+    if let Some(e) = s["enum"].as_array() {
+        if !e.contains(v) {
+            errs.push(format!("{path}: {v} not in {e:?}"));
+        }
+    }
+    if let Some(obj) = v.as_object() {
+        for r in s["required"].as_array().into_iter().flatten() {
+            if !obj.contains_key(r.as_str().unwrap_or_default()) {
+                errs.push(format!("{path}: missing required {r}"));
+            }
+        }
+        for (k, x) in obj {
+            if let Some(ps) = s["properties"].get(k) {
+                structural(ps, x, &format!("{path}.{k}"), errs);
+            } else if s["additionalProperties"].is_object() {
+                structural(&s["additionalProperties"], x, &format!("{path}.{k}"), errs);
+            } else if path != "" && s["properties"].is_object() {
+                errs.push(format!("{path}: unknown field {k}"));
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (s.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            structural(items, x, &format!("{path}[{i}]"), errs);
+        }
+    }
+}
+
+/// Every error the API server would give for `obj` (schema, then CEL rules).
+fn admission_errors(obj: &Value) -> Vec<String> {
+    let s = schema();
+    let mut errs = Vec::new();
+    structural(&s["properties"]["spec"], &obj["spec"], ".spec", &mut errs);
+    if let Err(e) = kube::core::cel::Validator::new().validate(&s, obj, None) {
+        errs.push(e.to_string());
+    }
+    errs
+}
+
+fn sample(rel: &str) -> Value {
+    serde_yaml::from_str(&read(rel)).unwrap()
+}
+
+#[test]
+fn samples_are_valid_neoxdeployments() {
+    for rel in [
+        "deploy/samples/gpt-neox-20b-tp4-gpu.yaml",
+        "deploy/samples/shakespeare-cpu.yaml",
+    ] {
+        let v = sample(rel);
+        let d: NeoXDeployment = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert!(neox_operator::reconcile::spec_problems(&d).is_empty(), "{rel}");
+        assert_eq!(admission_errors(&v), Vec::<String>::new(), "{rel}");
+    }
+    let big: NeoXDeployment = serde_json::from_value(sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml")).unwrap();
+    assert_eq!(big.spec.tensor_parallel_size, 4);
+    assert_eq!(big.spec.worker.resources.gpus, 1);
+}
+
+#[test]
+fn bad_neoxdeployments_are_refused_with_a_reason() {
+    let base = sample("deploy/samples/shakespeare-cpu.yaml");
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        (
+            "tensorParallelSize must be 1, 2, 4 or 8",
+            Box::new(|v| v["spec"]["tensorParallelSize"] = 3.into()),
+        ),
+        (
+            "exactly one model source",
+            Box::new(|v| v["spec"]["model"] = serde_json::json!({})),
+        ),
+        (
+            "exactly one model source",
+            Box::new(|v| v["spec"]["model"]["hostPath"] = "/models/x".into()),
+        ),
+        ("< minimum", Box::new(|v| v["spec"]["replicas"] = (-1).into())),
+        (
+            "does not match",
+            Box::new(|v| v["spec"]["worker"]["resources"]["memory"] = "lots".into()),
+        ),
+        ("not in", Box::new(|v| v["spec"]["model"]["dtype"] = "int8".into())),
+        (
+            "< minimum",
+            Box::new(|v| v["spec"]["rollout"] = serde_json::json!({"maxUnavailable": 0})),
+        ),
+        (
+            "missing required",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("model");
+            }),
+        ),
+    ];
+    for (want, mutate) in cases {
+        let mut v = base.clone();
+        mutate(&mut v);
+        let errs = admission_errors(&v).join("\n");
+        assert!(errs.contains(want), "expected {want:?}, got {errs:?} for {}", v["spec"]);
+    }
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        want == actual,
+        "{} differs from the operator's output; review and rerun with UPDATE_GOLDEN=1\n{actual}",
+        path.display()
+    );
+}
+
+#[test]
+fn desired_objects_match_golden_yaml() {
+    for (rel, out) in [
+        ("deploy/samples/shakespeare-cpu.yaml", "shakespeare-cpu.yaml"),
+        ("deploy/samples/gpt-neox-20b-tp4-gpu.yaml", "gpt-neox-20b-tp4-gpu.yaml"),
+    ] {
+        let mut d: NeoXDeployment = serde_json::from_value(sample(rel)).unwrap();
+        d.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+        let docs = [
+            serde_yaml::to_string(&resources::statefulset(&d, 0)).unwrap(),
+            serde_yaml::to_string(&resources::headless_service(&d, 0)).unwrap(),
+            serde_yaml::to_string(&resources::client_service(&d)).unwrap(),
+            serde_yaml::to_string(&resources::disruption_budget(&d)).unwrap(),
+        ];
+        golden(out, &docs.join("---\n"));
+    }
+}
