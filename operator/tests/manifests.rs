@@ -88,7 +88,7 @@ fn structural(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
                 structural(ps, x, &format!("{path}.{k}"), errs);
             } else if s["additionalProperties"].is_object() {
                 structural(&s["additionalProperties"], x, &format!("{path}.{k}"), errs);
-            } else if path != "" && s["properties"].is_object() {
+            } else if !path.is_empty() && s["properties"].is_object() {
                 errs.push(format!("{path}: unknown field {k}"));
             }
         }
@@ -134,7 +134,8 @@ fn samples_are_valid_neoxdeployments() {
 #[test]
 fn bad_neoxdeployments_are_refused_with_a_reason() {
     let base = sample("deploy/samples/shakespeare-cpu.yaml");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "tensorParallelSize must be 1, 2, 4 or 8",
             Box::new(|v| v["spec"]["tensorParallelSize"] = 3.into()),
