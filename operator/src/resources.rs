@@ -38,9 +38,13 @@ const MODEL_MOUNT: &str = "/model";
 /// The non-root user of the worker image.
 const WORKER_UID: i64 = 65532;
 
-/// The worker image used when the spec names none: this operator's own version.
+/// The worker image used when the spec names none: `NEOX_WORKER_IMAGE` (the Helm chart's
+/// `workerImage`), else this operator's own version.
 pub fn default_image() -> String {
-    format!("ghcr.io/neox-serve/neox-worker:{}", env!("CARGO_PKG_VERSION"))
+    std::env::var("NEOX_WORKER_IMAGE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("ghcr.io/neox-serve/neox-worker:{}", env!("CARGO_PKG_VERSION")))
 }
 
 pub fn group_name(d: &NeoXDeployment, g: i32) -> String {

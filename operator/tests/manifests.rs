@@ -2,19 +2,15 @@
 //! CRD's own schema and CEL rules accept, bad objects are refused, and the objects the
 //! operator creates match reviewed golden YAML.
 
-use std::path::{Path, PathBuf};
+mod admission;
+
+use std::path::Path;
+
+use admission::{admission_errors, read};
 
 use neox_operator::crd::NeoXDeployment;
 use neox_operator::resources;
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
 
 #[test]
 fn deploy_crd_yaml_is_current() {
@@ -23,92 +19,6 @@ fn deploy_crd_yaml_is_current() {
         read("deploy/crd.yaml") == want,
         "deploy/crd.yaml is stale: run `cargo run -p neox-operator --bin crdgen > deploy/crd.yaml`"
     );
-}
-
-/// The openAPIV3Schema of the shipped CRD.
-fn schema() -> Value {
-    let crd: Value = serde_yaml::from_str(&read("deploy/crd.yaml")).unwrap();
-    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
-}
-
-/// The structural checks an API server makes (types, required, ranges, patterns, enums).
-fn structural(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
-    if v.is_null() {
-        if s["nullable"] != Value::Bool(true) {
-            errs.push(format!("{path}: null"));
-        }
-        return;
-    }
-    if s["x-kubernetes-int-or-string"] == Value::Bool(true)
-        || s["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true)
-    {
-        return;
-    }
-    let ok = match s["type"].as_str() {
-        Some("object") => v.is_object(),
-        Some("array") => v.is_array(),
-        Some("string") => v.is_string(),
-        Some("integer") => v.is_i64() || v.is_u64(),
-        Some("number") => v.is_number(),
-        Some("boolean") => v.is_boolean(),
-        _ => true,
-    };
-    if !ok {
-        errs.push(format!("{path}: expected {}", s["type"]));
-        return;
-    }
-    if let (Some(min), Some(x)) = (s["minimum"].as_f64(), v.as_f64()) {
-        if x < min {
-            errs.push(format!("{path}: {x} < minimum {min}"));
-        }
-    }
-    if let (Some(max), Some(x)) = (s["maximum"].as_f64(), v.as_f64()) {
-        if x > max {
-            errs.push(format!("{path}: {x} > maximum {max}"));
-        }
-    }
-    if let (Some(p), Some(x)) = (s["pattern"].as_str(), v.as_str()) {
-        if !regex::Regex::new(p).unwrap().is_match(x) {
-            errs.push(format!("{path}: {x:?} does not match {p}"));
-        }
-    }
-    if let Some(e) = s["enum"].as_array() {
-        if !e.contains(v) {
-            errs.push(format!("{path}: {v} not in {e:?}"));
-        }
-    }
-    if let Some(obj) = v.as_object() {
-        for r in s["required"].as_array().into_iter().flatten() {
-            if !obj.contains_key(r.as_str().unwrap_or_default()) {
-                errs.push(format!("{path}: missing required {r}"));
-            }
-        }
-        for (k, x) in obj {
-            if let Some(ps) = s["properties"].get(k) {
-                structural(ps, x, &format!("{path}.{k}"), errs);
-            } else if s["additionalProperties"].is_object() {
-                structural(&s["additionalProperties"], x, &format!("{path}.{k}"), errs);
-            } else if !path.is_empty() && s["properties"].is_object() {
-                errs.push(format!("{path}: unknown field {k}"));
-            }
-        }
-    }
-    if let (Some(items), Some(arr)) = (s.get("items"), v.as_array()) {
-        for (i, x) in arr.iter().enumerate() {
-            structural(items, x, &format!("{path}[{i}]"), errs);
-        }
-    }
-}
-
-/// Every error the API server would give for `obj` (schema, then CEL rules).
-fn admission_errors(obj: &Value) -> Vec<String> {
-    let s = schema();
-    let mut errs = Vec::new();
-    structural(&s["properties"]["spec"], &obj["spec"], ".spec", &mut errs);
-    if let Err(e) = kube::core::cel::Validator::new().validate(&s, obj, None) {
-        errs.push(e.to_string());
-    }
-    errs
 }
 
 fn sample(rel: &str) -> Value {

@@ -1,0 +1,230 @@
+//! The Helm chart with the real Helm CLI: lint, render (defaults and every option), bad values
+//! refused by values.schema.json, CRDs identical to deploy/, versions tied to the crate, and
+//! the rendered objects valid (Kubernetes schemas; the sample through the CRD's own schema).
+//! Skipped with a printed reason when no `helm` is found, except under CI.
+
+mod admission;
+
+use std::process::Command;
+
+use admission::{admission_errors, read, root};
+use neox_operator::crd::NeoXDeployment;
+use serde_json::Value;
+
+fn helm() -> Option<String> {
+    let bin = std::env::var("NEOX_HELM").unwrap_or_else(|_| "helm".into());
+    Command::new(&bin)
+        .arg("version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| bin)
+}
+
+fn chart() -> String {
+    root().join("helm/neox-operator").display().to_string()
+}
+
+fn run(helm: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(helm).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const ALL_OPTIONS: &[&str] = &[
+    "--set",
+    "rbac.namespaced=true",
+    "--set",
+    "serviceMonitor.enabled=true",
+    "--set",
+    "podMonitor.enabled=true",
+    "--set",
+    "sample.enabled=true",
+    "--set",
+    "prometheus.url=http://prometheus.monitoring:9090",
+    "--set",
+    "workerImage=registry.example/neox-worker:1",
+    "--set",
+    "imagePullSecrets[0]=regcred",
+    "--set",
+    "nodeSelector.pool=system",
+    "--set",
+    "leaderElection.leaseDurationSeconds=30",
+];
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn helm_chart_lints_renders_and_validates() {
+    let Some(helm) = helm() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide helm (NEOX_HELM, see .ci/run)"
+        );
+        eprintln!("SKIPPED: no helm CLI (set NEOX_HELM or put helm on PATH)");
+        return;
+    };
+    let chart = chart();
+    let meta: Value = serde_yaml::from_str(&read("helm/neox-operator/Chart.yaml")).unwrap();
+    assert_eq!(meta["apiVersion"], "v2");
+    assert_eq!(
+        meta["appVersion"],
+        env!("CARGO_PKG_VERSION"),
+        "Chart appVersion must follow the crate version"
+    );
+    assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        read("helm/neox-operator/crds/neoxdeployments.yaml") == read("deploy/crd.yaml"),
+        "helm/neox-operator/crds/ differs from deploy/crd.yaml: copy it over"
+    );
+
+    let (ok, out, err) = run(&helm, &["lint", &chart, "--strict"]);
+    assert!(ok, "helm lint: {out}{err}");
+    let (ok, out, err) = run(
+        &helm,
+        &["lint", &chart, "--strict"]
+            .iter()
+            .copied()
+            .chain(ALL_OPTIONS.iter().copied())
+            .collect::<Vec<_>>(),
+    );
+    assert!(ok, "helm lint with every option: {out}{err}");
+
+    let (ok, default, err) = run(&helm, &["template", "neox", &chart, "--namespace", "neox-system"]);
+    assert!(ok, "{err}");
+    let kinds: Vec<String> = docs(&default)
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for k in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "default render lacks a {k}: {kinds:?}");
+    }
+    for d in docs(&default) {
+        let labels = &d["metadata"]["labels"];
+        assert_eq!(labels["app.kubernetes.io/instance"], "neox", "{}", d["kind"]);
+        assert!(
+            labels["helm.sh/chart"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("neox-operator-")),
+            "{}",
+            d["kind"]
+        );
+    }
+
+    let args: Vec<&str> = ["template", "neox", &chart, "--namespace", "team-a", "--include-crds"]
+        .iter()
+        .copied()
+        .chain(ALL_OPTIONS.iter().copied())
+        .collect();
+    let (ok, all, err) = run(&helm, &args);
+    assert!(ok, "{err}");
+    let all_docs = docs(&all);
+    let kinds: Vec<&str> = all_docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for k in [
+        "CustomResourceDefinition",
+        "ServiceMonitor",
+        "PodMonitor",
+        "NeoXDeployment",
+        "Role",
+    ] {
+        assert!(kinds.contains(&k), "full render lacks a {k}: {kinds:?}");
+    }
+    assert!(
+        !kinds.contains(&"ClusterRole"),
+        "namespaced mode must not need cluster-wide roles"
+    );
+    assert!(all.contains("WATCH_NAMESPACE") && all.contains("registry.example/neox-worker:1"));
+    // The sample is a valid NeoXDeployment by the operator's types and the CRD's schema.
+    let sample = all_docs.iter().find(|d| d["kind"] == "NeoXDeployment").unwrap();
+    let _: NeoXDeployment = serde_json::from_value(sample.clone()).unwrap();
+    assert_eq!(admission_errors(sample), Vec::<String>::new());
+
+    // Every built-in object against the Kubernetes 1.33 schemas.
+    let builtin: Vec<String> = docs(&default)
+        .into_iter()
+        .chain(all_docs)
+        .filter(|d| {
+            !matches!(
+                d["kind"].as_str(),
+                Some("ServiceMonitor" | "PodMonitor" | "NeoXDeployment")
+            )
+        })
+        .map(|d| serde_yaml::to_string(&d).unwrap())
+        .collect();
+    let validator = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if validator {
+        let dir = tempfile_dir();
+        let file = dir.join("rendered.yaml");
+        std::fs::write(&file, builtin.join("---\n")).unwrap();
+        let out = Command::new("kubernetes-validate")
+            .args(["--strict", "-k", "1.33.0"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI must install kubernetes-validate");
+        eprintln!("SKIPPED part: kubernetes-validate not installed");
+    }
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("neox-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn bad_values_are_refused_by_the_values_schema() {
+    let Some(helm) = helm() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide helm (NEOX_HELM, see .ci/run)"
+        );
+        eprintln!("SKIPPED: no helm CLI");
+        return;
+    };
+    let chart = chart();
+    for (set, want) in [
+        ("replicaCount=-1", "minimum"),
+        ("replicaCount=two", "want integer"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("logFormat=xml", "/logFormat"),
+        (
+            "leaderElection.leaseDurationSeconds=1",
+            "/leaderElection/leaseDurationSeconds",
+        ),
+        ("sample.tensorParallelSize=3", "/sample/tensorParallelSize"),
+        ("metrics.port=70000", "/metrics/port"),
+        ("prometheus.url=prometheus:9090", "/prometheus/url"),
+        ("replicas=3", "additional properties"),
+    ] {
+        let (ok, _, err) = run(&helm, &["template", "neox", &chart, "--set", set]);
+        assert!(!ok, "{set} should be refused");
+        assert!(err.contains(want), "{set}: expected {want:?} in {err}");
+    }
+}
