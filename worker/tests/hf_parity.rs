@@ -221,3 +221,67 @@ fn fp16_weights_and_fp16_compute_stay_within_tolerance() {
         assert!(worst <= tol, "{dtype:?} compute on fp16 weights: {worst} > {tol}");
     }
 }
+
+#[test]
+fn padded_vocabulary_rows_are_never_sampled() {
+    // Like GPT-NeoX-20B (50432 rows, fewer tokenizer entries): add 64 embedding rows past the
+    // tokenizer whose logits dominate everything. Greedy output must not change.
+    let g = Goldens::load();
+    let src = fixture_dir();
+    let dir = tempfile::tempdir().unwrap();
+    copy_side_files(&src, dir.path());
+    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let w = t["embed_out.weight"].clone();
+    let (rows, _h) = w.dims2().unwrap();
+    // Each padded row points along some case's final hidden state, scaled up: its logit beats
+    // every real one by far.
+    let cases = g.cases();
+    let pads: Vec<Tensor> = (0..64)
+        .map(|k| {
+            let hid = g
+                .get(&format!("case{}.hidden_last", cases[k % cases.len()]))
+                .to_dtype(DType::F32)
+                .unwrap();
+            let hid = if hid.rank() == 3 { hid.squeeze(0).unwrap() } else { hid };
+            let last = hid.get(hid.dim(0).unwrap() - 1).unwrap();
+            let norm = last.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+            (last.broadcast_div(&norm).unwrap() * 100.0)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        })
+        .collect();
+    let pad = Tensor::cat(&pads, 0).unwrap();
+    t.insert("embed_out.weight".into(), Tensor::cat(&[&w, &pad], 0).unwrap());
+    let e = t["gpt_neox.embed_in.weight"].clone();
+    t.insert("gpt_neox.embed_in.weight".into(), Tensor::cat(&[&e, &pad], 0).unwrap());
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["vocab_size"] = (rows + 64).into();
+    std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+
+    let m = load_model(dir.path().to_str().unwrap(), DType::F32);
+    assert_eq!(m.model.sampleable_vocab(), rows);
+    for i in g.cases() {
+        // The test bites: over all rows, a padded one has the largest logit.
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let row = all_logits(&m.model, &ids).pop().unwrap();
+        assert!(
+            neox_worker::engine::sampling::argmax(&row) as usize >= rows,
+            "case{i}: padding does not dominate"
+        );
+    }
+    let mut runner = LocalRunner::new(m.model);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let want = g.ids(&format!("case{i}.greedy"));
+        let opts = OfflineOptions {
+            max_new_tokens: want.len(),
+            sampling: SamplingParams::default(),
+            eos_token_id: None,
+        };
+        let (out, _) = generate_batch(&mut runner, &[ids], &opts).unwrap();
+        assert_eq!(out[0].ids, want, "case{i}: a padded row was sampled");
+    }
+}
