@@ -48,6 +48,64 @@ pub struct NeoXDeploymentSpec {
     pub engine: EngineSpec,
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// Scale `replicas` (groups) from a Prometheus metric, HPA-style.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// HPA-style autoscaling of groups from Prometheus: `desired = ceil(replicas × value / target)`
+/// outside a tolerance band, held by stabilization windows, clamped to [min, max].
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas"))]
+#[x_kube(validation = Rule::new("!(has(self.query) && has(self.metric))").message("set autoscaling.metric or autoscaling.query, not both"))]
+pub struct AutoscalingSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Prometheus base URL (default: the operator's `NEOX_PROMETHEUS_URL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_url: Option<String>,
+    /// A built-in signal (default queueDepth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<ScalingMetric>,
+    /// A PromQL query giving the per-group value to hold at `target` (instead of `metric`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Value per group to hold: waiting requests per group, or TTFT p90 seconds.
+    #[x_kube(validation = Rule::new("self > 0.0").message("autoscaling.target must be positive"))]
+    pub target: f64,
+    /// Relative deviation from target that causes no scaling.
+    #[serde(default = "default_tolerance")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub tolerance: f64,
+    /// Scale up only to the lowest recommendation of this window.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub scale_up_stabilization_seconds: i32,
+    /// Scale down only to the highest recommendation of this window.
+    #[serde(default = "default_down_window")]
+    #[schemars(range(min = 0))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+fn default_tolerance() -> f64 {
+    0.1
+}
+
+fn default_down_window() -> i32 {
+    300
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ScalingMetric {
+    /// `neox_requests_waiting` averaged over the groups' leaders.
+    QueueDepth,
+    /// p90 of `neox_time_to_first_token_seconds` over the last 2 minutes.
+    TtftP90,
 }
 
 fn one() -> i32 {
@@ -214,6 +272,31 @@ pub struct NeoXDeploymentStatus {
     pub groups: Vec<GroupStatus>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The autoscaler's last look at its metric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_decision: Option<ScaleDecision>,
+    /// Recent recommendations (unix seconds, groups), for the stabilization windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recommendations: Vec<Recommendation>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDecision {
+    /// RFC 3339.
+    pub time: String,
+    pub from: i32,
+    pub to: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_value: Option<f64>,
+    pub message: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    pub time: i64,
+    pub replicas: i32,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -4,6 +4,7 @@
 //! and rollout choices from observed state, pure) → `reconcile` (the API calls) → `controller`
 //! (watches, leader election, metrics).
 
+pub mod autoscale;
 pub mod controller;
 pub mod crd;
 pub mod decisions;

@@ -12,7 +12,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::crd::{Condition, NeoXDeployment, NeoXDeploymentStatus};
+use crate::autoscale;
+use crate::crd::{AutoscalingSpec, Condition, NeoXDeployment, NeoXDeploymentStatus, Recommendation, ScaleDecision};
 use crate::decisions::{self, Action, ObservedGroup, ObservedPod, Plan};
 use crate::metrics::Metrics;
 use crate::resources::{
@@ -204,6 +205,8 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
         updated_replicas: plan.updated,
         selector: resources::leader_selector(d),
         groups: plan.groups.clone(),
+        last_scale_decision: d.status.as_ref().and_then(|s| s.last_scale_decision.clone()),
+        recommendations: d.status.as_ref().map(|s| s.recommendations.clone()).unwrap_or_default(),
         conditions: vec![
             condition(
                 "Available",
@@ -269,6 +272,27 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         return Ok(Requeue::requeue(Duration::from_secs(300)));
     }
 
+    // Autoscaling first: the groups below follow the replicas it settles on.
+    let mut replicas = d.spec.replicas;
+    let mut scaled = None;
+    if let Some(a) = &d.spec.autoscaling {
+        let (desired, decision, recs) = autoscale_step(d, a, now).await;
+        if desired != replicas {
+            let patch = Patch::Merge(json!({ "spec": { "replicas": desired } }));
+            deployments.patch(&name, &PatchParams::default(), &patch).await?;
+            publish(
+                ctx,
+                d,
+                EventType::Normal,
+                "Scaled",
+                format!("{replicas} -> {desired} groups: {}", decision.message),
+            )
+            .await;
+            replicas = desired;
+        }
+        scaled = Some((decision, recs));
+    }
+
     let pp = PatchParams::apply(MANAGER).force();
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
@@ -287,7 +311,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let revision = resources::revision(d);
     let spec = &d.spec;
     let plan = decisions::plan(
-        spec.replicas,
+        replicas,
         spec.tensor_parallel_size,
         &revision,
         spec.rollout.max_unavailable,
@@ -387,7 +411,15 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         }
     }
 
-    let status = status_for(d, &plan, &[], now);
+    let mut scaled_spec = d.clone();
+    scaled_spec.spec.replicas = replicas;
+    let mut status = status_for(&scaled_spec, &plan, &[], now);
+    let mut requeue = plan.requeue_secs;
+    if let Some((decision, recs)) = scaled {
+        status.last_scale_decision = Some(decision);
+        status.recommendations = recs;
+        requeue = requeue.min(AUTOSCALE_PERIOD_SECS);
+    }
     deployments
         .patch_status(
             &name,
@@ -395,8 +427,65 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
             &Patch::Merge(json!({ "status": status })),
         )
         .await?;
-    ctx.metrics.set_groups(&ns, &name, spec.replicas, plan.ready);
-    Ok(Requeue::requeue(Duration::from_secs(plan.requeue_secs)))
+    ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
+    Ok(Requeue::requeue(Duration::from_secs(requeue)))
+}
+
+/// How often an autoscaled deployment looks at its metric.
+const AUTOSCALE_PERIOD_SECS: u64 = 15;
+
+/// One autoscaler look: the replicas to run, what was decided and why, and the recent
+/// recommendations. A metric that cannot be read leaves the replicas as they are (clamped).
+async fn autoscale_step(
+    d: &NeoXDeployment,
+    a: &AutoscalingSpec,
+    now: i64,
+) -> (i32, ScaleDecision, Vec<Recommendation>) {
+    let current = d.spec.replicas;
+    let history = d.status.as_ref().map(|s| s.recommendations.clone()).unwrap_or_default();
+    let bounded = current.clamp(a.min_replicas, a.max_replicas);
+    let url = a
+        .prometheus_url
+        .clone()
+        .or_else(|| std::env::var("NEOX_PROMETHEUS_URL").ok())
+        .filter(|u| !u.is_empty());
+    let (promql, per_group) = autoscale::query_for(d, a);
+    let value = match url {
+        None => Err(autoscale::QueryError::NoUrl.to_string()),
+        Some(u) => autoscale::query(&u, &promql).await.map_err(|e| e.to_string()),
+    };
+    let decision = |to: i32, metric_value: Option<f64>, message: String| ScaleDecision {
+        time: rfc3339(now),
+        from: current,
+        to,
+        metric_value,
+        message,
+    };
+    match value {
+        Ok(Some(v)) => {
+            let v = if per_group { v / f64::from(current.max(1)) } else { v };
+            let fresh = autoscale::recommend(current, v, a);
+            let (desired, recs) = autoscale::stabilize(current, fresh, &history, now, a);
+            let msg = format!(
+                "metric {v:.3} per group against target {} (recommended {fresh})",
+                a.target
+            );
+            (desired, decision(desired, Some(v), msg), recs)
+        }
+        Ok(None) => (
+            bounded,
+            decision(bounded, None, format!("no samples for {promql}")),
+            history,
+        ),
+        Err(e) => {
+            tracing::warn!(name = %d.name_any(), "autoscaler: {e}");
+            (
+                bounded,
+                decision(bounded, None, format!("metric unavailable: {e}")),
+                history,
+            )
+        }
+    }
 }
 
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>

@@ -252,3 +252,123 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
     assert_eq!(rec.events, vec!["InvalidSpec"]);
 }
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// A stand-in Prometheus answering every instant query with `value`; returns its URL and the
+/// queries it saw.
+async fn fake_prometheus(value: &'static str) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/query",
+        axum::routing::get(move |uri: axum::http::Uri| {
+            let log = log.clone();
+            async move {
+                let q = uri
+                    .query()
+                    .unwrap_or_default()
+                    .strip_prefix("query=")
+                    .unwrap_or_default()
+                    .to_owned();
+                log.lock().unwrap().push(percent_decode(&q));
+                serde_json::json!({"status": "success", "data": {"resultType": "vector",
+                    "result": [{"metric": {}, "value": [1.0, value]}]}})
+                .to_string()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
+    // 12 requests waiting over 2 groups, target 2 per group: ceil(2 × 6/2) = 6, capped at 5.
+    let (url, seen) = fake_prometheus("12").await;
+    let mut d = deployment(2, 2);
+    d.spec.autoscaling = Some(
+        serde_json::from_value(serde_json::json!({
+            "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url, "scaleUpStabilizationSeconds": 0
+        }))
+        .unwrap(),
+    );
+    let rev = resources::revision(&d);
+    let mut pods = ready_group(&d, 0);
+    pods.extend(ready_group(&d, 1));
+    let (client, rec) = fake(
+        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
+        pods,
+    );
+    let action = reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let q = seen.lock().unwrap().clone();
+    assert_eq!(
+        q,
+        vec![r#"sum(neox_requests_waiting{namespace="serving",pod=~"llm-[0-9]+-0"})"#.to_owned()]
+    );
+    let rec = rec.lock().unwrap();
+    let mut want = vec!["PATCH /apis/serving.neox.dev/v1alpha1/namespaces/serving/neoxdeployments/llm".to_owned()];
+    want.extend(expect(&[
+        format!("PATCH {SVC}/llm-2"),
+        format!("PATCH {BASE}/llm-2"),
+        format!("PATCH {SVC}/llm-3"),
+        format!("PATCH {BASE}/llm-3"),
+        format!("PATCH {SVC}/llm-4"),
+        format!("PATCH {BASE}/llm-4"),
+    ]));
+    assert_eq!(rec.lines(), want);
+    assert_eq!(rec.calls[0].body, serde_json::json!({"spec": {"replicas": 5}}));
+    assert_eq!(rec.events[0], "Scaled");
+    let status = &rec.body_of(STATUS)["status"];
+    assert_eq!(status["lastScaleDecision"]["from"], 2);
+    assert_eq!(status["lastScaleDecision"]["to"], 5);
+    assert_eq!(status["lastScaleDecision"]["metricValue"], 6.0);
+    assert_eq!(status["recommendations"][0]["replicas"], 5);
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_prometheus_never_scales_and_says_why() {
+    let mut d = deployment(2, 2);
+    d.spec.autoscaling = Some(
+        serde_json::from_value(serde_json::json!({
+            "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "http://127.0.0.1:9"
+        }))
+        .unwrap(),
+    );
+    let rev = resources::revision(&d);
+    let mut pods = ready_group(&d, 0);
+    pods.extend(ready_group(&d, 1));
+    let (client, rec) = fake(
+        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
+        pods,
+    );
+    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(rec.lines(), expect(&[]));
+    let decision = &rec.body_of(STATUS)["status"]["lastScaleDecision"];
+    assert_eq!((decision["from"].as_i64(), decision["to"].as_i64()), (Some(2), Some(2)));
+    assert!(
+        decision["message"].as_str().unwrap().contains("metric unavailable"),
+        "{decision}"
+    );
+}

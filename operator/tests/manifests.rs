@@ -69,6 +69,23 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
             Box::new(|v| v["spec"]["rollout"] = serde_json::json!({"maxUnavailable": 0})),
         ),
         (
+            "minReplicas must not exceed maxReplicas",
+            Box::new(|v| {
+                v["spec"]["autoscaling"] = serde_json::json!({"minReplicas": 4, "maxReplicas": 2, "target": 1.0})
+            }),
+        ),
+        (
+            "target must be positive",
+            Box::new(|v| v["spec"]["autoscaling"] = serde_json::json!({"maxReplicas": 2, "target": 0.0})),
+        ),
+        (
+            "not both",
+            Box::new(|v| {
+                v["spec"]["autoscaling"] =
+                    serde_json::json!({"maxReplicas": 2, "target": 1.0, "metric": "queueDepth", "query": "up"})
+            }),
+        ),
+        (
             "missing required",
             Box::new(|v| {
                 v["spec"].as_object_mut().unwrap().remove("model");

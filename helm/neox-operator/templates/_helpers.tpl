@@ -47,7 +47,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "neox-operator.rules" -}}
 - apiGroups: ["serving.neox.dev"]
   resources: ["neoxdeployments"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["serving.neox.dev"]
   resources: ["neoxdeployments/status"]
   verbs: ["get", "patch"]

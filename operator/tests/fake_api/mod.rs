@@ -82,7 +82,7 @@ pub fn fake(sts: Vec<StatefulSet>, pods: Vec<Pod>) -> (Client, Arc<Mutex<Recorde
                     "GET" if path.ends_with("/statefulsets") => list(&sts),
                     "GET" if path.ends_with("/pods") => list(&pods),
                     "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
-                    "PATCH" if path.ends_with("/status") => json!({
+                    "PATCH" if path.contains("/neoxdeployments/") => json!({
                         "apiVersion": "serving.neox.dev/v1alpha1", "kind": "NeoXDeployment",
                         "metadata": {"name": "llm", "namespace": NS},
                         "spec": {"model": {"builtin": "shakespeare"}, "tensorParallelSize": 2},

@@ -1,0 +1,191 @@
+//! Scaling groups from Prometheus, the way the HorizontalPodAutoscaler scales pods: a ratio
+//! against a target with a tolerance band, stabilization windows, and min/max bounds.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::crd::{AutoscalingSpec, NeoXDeployment, Recommendation, ScalingMetric};
+use kube::ResourceExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("no Prometheus URL (set autoscaling.prometheusUrl or the operator's NEOX_PROMETHEUS_URL)")]
+    NoUrl,
+    #[error("Prometheus at {url}: {message}")]
+    Http { url: String, message: String },
+    #[error("Prometheus answered {0}")]
+    Answer(String),
+}
+
+/// The PromQL giving the metric to hold at `target`, and whether it is a sum over groups
+/// (to be divided by the number of groups).
+pub fn query_for(d: &NeoXDeployment, a: &AutoscalingSpec) -> (String, bool) {
+    if let Some(q) = &a.query {
+        return (q.clone(), false);
+    }
+    let sel = format!(
+        r#"namespace="{}",pod=~"{}-[0-9]+-0""#,
+        d.namespace().unwrap_or_default(),
+        d.name_any()
+    );
+    match a.metric.unwrap_or(ScalingMetric::QueueDepth) {
+        ScalingMetric::QueueDepth => (format!("sum(neox_requests_waiting{{{sel}}})"), true),
+        ScalingMetric::TtftP90 => (
+            format!(
+                "histogram_quantile(0.9, sum by (le) (rate(neox_time_to_first_token_seconds_bucket{{{sel}}}[2m])))"
+            ),
+            false,
+        ),
+    }
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs an instant query; `None` when it returns no series.
+pub async fn query(base: &str, promql: &str) -> Result<Option<f64>, QueryError> {
+    let url = format!("{}/api/v1/query?query={}", base.trim_end_matches('/'), encode(promql));
+    let err = |m: String| QueryError::Http {
+        url: base.to_owned(),
+        message: m,
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| err("timed out".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| err(format!("{status}: {e}")))?;
+    if v["status"] != "success" {
+        return Err(QueryError::Answer(v["error"].as_str().unwrap_or("an error").to_owned()));
+    }
+    let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+    let Some(first) = result.first() else { return Ok(None) };
+    let value = first["value"][1].as_str().and_then(|s| s.parse::<f64>().ok());
+    match value {
+        Some(x) if x.is_finite() => Ok(Some(x)),
+        Some(_) => Ok(None),
+        None => Err(QueryError::Answer(format!("an unreadable sample: {first}"))),
+    }
+}
+
+/// HPA's rule: `ceil(current × value / target)` unless within `tolerance` of the target.
+pub fn recommend(current: i32, value: f64, a: &AutoscalingSpec) -> i32 {
+    let ratio = value / a.target;
+    let raw = if current == 0 {
+        // From zero there is no per-group average: any load asks for one group.
+        i32::from(value > 0.0)
+    } else if (ratio - 1.0).abs() <= a.tolerance {
+        current
+    } else {
+        (current as f64 * ratio).ceil() as i32
+    };
+    raw.clamp(a.min_replicas, a.max_replicas)
+}
+
+/// Applies the stabilization windows to a fresh recommendation; returns the replicas to
+/// scale to and the recommendations to keep.
+pub fn stabilize(
+    current: i32,
+    fresh: i32,
+    history: &[Recommendation],
+    now: i64,
+    a: &AutoscalingSpec,
+) -> (i32, Vec<Recommendation>) {
+    let keep_for = i64::from(a.scale_up_stabilization_seconds.max(a.scale_down_stabilization_seconds));
+    let mut recs: Vec<Recommendation> = history.iter().filter(|r| now - r.time <= keep_for).cloned().collect();
+    recs.push(Recommendation {
+        time: now,
+        replicas: fresh,
+    });
+    let within = |secs: i32| {
+        recs.iter()
+            .filter(move |r| now - r.time <= i64::from(secs))
+            .map(|r| r.replicas)
+    };
+    let desired = if fresh > current {
+        within(a.scale_up_stabilization_seconds)
+            .min()
+            .unwrap_or(fresh)
+            .max(current)
+    } else if fresh < current {
+        within(a.scale_down_stabilization_seconds)
+            .max()
+            .unwrap_or(fresh)
+            .min(current)
+    } else {
+        current
+    };
+    (desired.clamp(a.min_replicas, a.max_replicas), recs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> AutoscalingSpec {
+        serde_json::from_value(serde_json::json!({"minReplicas": 1, "maxReplicas": 8, "target": 4.0})).unwrap()
+    }
+
+    #[test]
+    fn ratio_tolerance_and_bounds() {
+        let a = spec();
+        assert_eq!(recommend(2, 8.0, &a), 4); // twice the target per group: twice the groups
+        assert_eq!(recommend(2, 4.3, &a), 2); // within 10%
+        assert_eq!(recommend(2, 0.0, &a), 1); // min
+        assert_eq!(recommend(4, 100.0, &a), 8); // max
+        assert_eq!(recommend(0, 3.0, &a), 1);
+    }
+
+    #[test]
+    fn windows_hold_back_flapping() {
+        let mut a = spec();
+        a.scale_down_stabilization_seconds = 300;
+        a.scale_up_stabilization_seconds = 60;
+        // Load dropped a minute after asking for 6: stay at 6 for the down window.
+        let hist = vec![Recommendation {
+            time: 1000,
+            replicas: 6,
+        }];
+        assert_eq!(stabilize(6, 2, &hist, 1060, &a).0, 6);
+        assert_eq!(stabilize(6, 2, &hist, 1400, &a).0, 2);
+        // Up: the lowest recommendation of the last 60 s.
+        let hist = vec![Recommendation {
+            time: 1000,
+            replicas: 3,
+        }];
+        assert_eq!(stabilize(2, 5, &hist, 1030, &a).0, 3);
+        assert_eq!(stabilize(2, 5, &hist, 1100, &a).0, 5);
+        // History older than both windows is dropped.
+        let (_, kept) = stabilize(2, 2, &[Recommendation { time: 0, replicas: 9 }], 1000, &a);
+        assert_eq!(
+            kept,
+            vec![Recommendation {
+                time: 1000,
+                replicas: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn promql_is_url_encoded() {
+        assert_eq!(encode("sum(a{b=\"c\"})"), "sum%28a%7Bb%3D%22c%22%7D%29");
+    }
+}
