@@ -1,1 +1,25 @@
-//! Integration tests live in tests/.
+//! Cross-crate integration tests live in `tests/tests/`; `tests/python/` holds the
+//! independent Python gRPC client.
+//!
+//! Helpers shared by those tests: finding the workspace's binaries.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Path of a workspace binary (`neox-worker`, `neox`), building it if this test run has not.
+pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in <target>/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "neox-worker", "--bins"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the worker binaries failed");
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}

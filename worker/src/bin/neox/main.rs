@@ -28,8 +28,11 @@ enum Command {
     Tokenize { text: String },
     /// Show the served model and the server's limits.
     Info,
-    /// Check the server's gRPC health.
-    Health,
+    /// Check the server's gRPC health (the whole server, as Kubernetes probes do, or one service).
+    Health {
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Load generator: throughput and latency percentiles.
     Bench(bench::BenchArgs),
 }
@@ -187,16 +190,14 @@ async fn run(cli: Cli) -> Result<()> {
                 i.max_batch_size, i.max_total_tokens, i.max_new_tokens, i.max_waiting_requests
             );
         }
-        Command::Health => {
+        Command::Health { service } => {
             let ch = Channel::from_shared(cli.addr.clone())?
                 .connect()
                 .await
                 .with_context(|| format!("cannot connect to {}", cli.addr))?;
             let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
             let r = h
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: "neox.v1.TextGeneration".into(),
-                })
+                .check(tonic_health::pb::HealthCheckRequest { service })
                 .await
                 .map_err(status)?
                 .into_inner();

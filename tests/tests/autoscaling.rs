@@ -1,0 +1,153 @@
+//! The autoscaling signal end to end: a real worker under load, a real Prometheus scraping
+//! it with the labels a PodMonitor gives, and the operator's own query and HPA rule reading
+//! it. Skipped with a printed reason when Prometheus is missing, except under CI.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use neox_operator::autoscale;
+use neox_operator::crd::{AutoscalingSpec, NeoXDeployment, NeoXDeploymentSpec};
+use neox_tests::binary;
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have_prometheus() -> bool {
+    Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn queue_depth_in_prometheus_drives_the_scale_decision() {
+    if !have_prometheus() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install prometheus (see .ci/run)"
+        );
+        eprintln!("SKIPPED: prometheus is not installed (apt-get install prometheus)");
+        return;
+    }
+    // One sequence at a time, so load turns into a queue.
+    let (grpc, metrics) = (free_port(), free_port());
+    let mut worker = Command::new(binary("neox-worker"))
+        .args(["serve", "--max-batch-size", "1", "--max-waiting-requests", "64"])
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(worker.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving gRPC"), "{line}");
+    let _worker = Killed(worker);
+
+    // Prometheus labels the target as a PodMonitor would: namespace and pod of rank 0.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: neox\n    static_configs:\n      - targets: ['127.0.0.1:{metrics}']\n        labels: {{namespace: serving, pod: llm-0-0}}\n"
+        ),
+    )
+    .unwrap();
+    let web = free_port();
+    let _prom = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{web}");
+
+    let spec: NeoXDeploymentSpec = serde_json::from_value(serde_json::json!({
+        "model": {"builtin": "shakespeare"}, "tensorParallelSize": 1, "replicas": 1,
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 8, "target": 2.0, "scaleDownStabilizationSeconds": 0},
+    }))
+    .unwrap();
+    let mut d = NeoXDeployment::new("llm", spec);
+    d.metadata.namespace = Some("serving".into());
+    let a: AutoscalingSpec = d.spec.autoscaling.clone().unwrap();
+    let (promql, per_group) = autoscale::query_for(&d, &a);
+    assert!(per_group);
+
+    // Prometheus first has to scrape the idle worker (its first scrape takes a few seconds).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    while !matches!(rt.block_on(autoscale::query(&url, &promql)), Ok(Some(_))) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "Prometheus never scraped the worker"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Nine long requests in flight at a time: one runs, eight wait (about 30 s of load).
+    let _load = Killed(
+        Command::new(binary("neox"))
+            .args(["--addr", &format!("http://127.0.0.1:{grpc}"), "bench", "--json"])
+            .args([
+                "--concurrency",
+                "9",
+                "--requests",
+                "27",
+                "--max-new-tokens",
+                "500",
+                "--ignore-eos",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    let value = loop {
+        let got = rt.block_on(autoscale::query(&url, &promql));
+        if let Ok(Some(v)) = got {
+            if v >= 4.0 {
+                break v;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "Prometheus never saw the queue: last answer {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // One group with `value` waiting against a target of 2 per group: scale out.
+    let desired = autoscale::recommend(1, value, &a);
+    assert!(
+        desired >= 2,
+        "queue of {value} should ask for more groups, got {desired}"
+    );
+    assert_eq!(desired, ((value / 2.0).ceil() as i32).min(8));
+}
