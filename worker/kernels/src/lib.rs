@@ -2,9 +2,11 @@
 //!
 //! At decode time a step multiplies a handful of activation rows by every weight matrix, so it
 //! is bound by streaming the weights from memory. General GEMM libraries pack the weight
-//! matrix first, which doubles that traffic; here each weight row is read exactly once and
-//! dotted with every activation row while it sits in L1. Kept in its own crate so it is always
-//! compiled with optimisations (see the workspace's dev profile).
+//! matrix first, which doubles that traffic; here each weight row is read from memory once
+//! and dotted with every activation row while it sits in cache. Several rows are computed as
+//! register tiles (4 activation rows × 4 weight rows with AVX-512, × 2 with AVX2) so that
+//! every load feeds several FMAs. Kept in its own crate so it is always compiled with
+//! optimisations (see the workspace's dev profile).
 
 use rayon::prelude::*;
 
@@ -52,12 +54,15 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
             let rows = (m - i).min(4);
             let mut dj = 0;
             while dj < cols {
-                let wcols = (cols - dj).min(2);
+                let wcols = (cols - dj).min(tile.cols);
                 let j = j0 + dj;
-                let w0 = &w[j * k..(j + 1) * k];
-                let w1 = if wcols == 2 { &w[(j + 1) * k..(j + 2) * k] } else { w0 };
-                let mut acc = [[0f32; 2]; 4];
-                tile(&x[i * k..(i + rows) * k], rows, k, w0, w1, &mut acc);
+                // Missing columns of a tail tile repeat the last one; their results are dropped.
+                let ws: [&[f32]; 4] = std::array::from_fn(|q| {
+                    let jj = j + q.min(wcols - 1);
+                    &w[jj * k..(jj + 1) * k]
+                });
+                let mut acc = [[0f32; 4]; 4];
+                (tile.f)(&x[i * k..(i + rows) * k], rows, k, ws, &mut acc);
                 for (r, a) in acc.iter().enumerate().take(rows) {
                     for (q, v) in a.iter().enumerate().take(wcols) {
                         chunk[(dj + q) * m + i + r] = *v;
@@ -75,27 +80,50 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
     }
 }
 
-/// `acc[r][q] = x[r] · w_q` for `rows` ≤ 4 activation rows (`x`: `[rows, k]`).
-type TileFn = fn(&[f32], usize, usize, &[f32], &[f32], &mut [[f32; 2]; 4]);
+/// `acc[r][q] = x[r] · w[q]` for `rows` ≤ 4 activation rows (`x`: `[rows, k]`) and up to
+/// `Tile::cols` weight rows.
+type TileFn = fn(&[f32], usize, usize, [&[f32]; 4], &mut [[f32; 4]; 4]);
 
-fn tile_fn() -> TileFn {
+struct Tile {
+    f: TileFn,
+    /// Weight rows one call handles.
+    cols: usize,
+}
+
+fn tile_fn() -> Tile {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // 32 vector registers: 4 × 4 accumulators, 16 lanes each.
+            return Tile {
+                f: |x, rows, k, ws, acc| {
+                    // SAFETY: AVX-512F is present (checked above); slices are sized by the caller.
+                    unsafe { x86::tile_avx512(x, rows, k, ws, acc) }
+                },
+                cols: 4,
+            };
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return |x, rows, k, w0, w1, acc| {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are sized by
-                // the caller (`x` holds rows × k, each w holds k).
-                unsafe { x86::tile_avx2(x, rows, k, w0, w1, acc) }
+            return Tile {
+                f: |x, rows, k, ws, acc| {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are sized by
+                    // the caller (`x` holds rows × k, each w holds k).
+                    unsafe { x86::tile_avx2(x, rows, k, ws[0], ws[1], acc) }
+                },
+                cols: 2,
             };
         }
     }
-    tile_scalar
+    Tile {
+        f: tile_scalar,
+        cols: 4,
+    }
 }
 
-fn tile_scalar(x: &[f32], rows: usize, k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 2]; 4]) {
+fn tile_scalar(x: &[f32], rows: usize, k: usize, ws: [&[f32]; 4], acc: &mut [[f32; 4]; 4]) {
     for r in 0..rows {
         let xr = &x[r * k..(r + 1) * k];
-        acc[r] = [dot_scalar(xr, w0), dot_scalar(xr, w1)];
+        acc[r] = ws.map(|w| dot_scalar(xr, w));
     }
 }
 
@@ -139,7 +167,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 2]; 4]) {
+    pub unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 4]; 4]) {
         // A constant row count lets the compiler keep all accumulators in registers.
         match rows {
             1 => tile_n::<1>(x, k, w0, w1, acc),
@@ -150,7 +178,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_n<const R: usize>(x: &[f32], k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 2]; 4]) {
+    unsafe fn tile_n<const R: usize>(x: &[f32], k: usize, w0: &[f32], w1: &[f32], acc: &mut [[f32; 4]; 4]) {
         let rows = R;
         let mut a = [[_mm256_setzero_ps(); 2]; R];
         let (p0, p1, px) = (w0.as_ptr(), w1.as_ptr(), x.as_ptr());
@@ -172,7 +200,44 @@ mod x86 {
                 s[0] += xv * *p0.add(t);
                 s[1] += xv * *p1.add(t);
             }
-            acc[r] = s;
+            acc[r][..2].copy_from_slice(&s);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_avx512(x: &[f32], rows: usize, k: usize, ws: [&[f32]; 4], acc: &mut [[f32; 4]; 4]) {
+        match rows {
+            1 => tile512::<1>(x, k, ws, acc),
+            2 => tile512::<2>(x, k, ws, acc),
+            3 => tile512::<3>(x, k, ws, acc),
+            _ => tile512::<4>(x, k, ws, acc),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile512<const R: usize>(x: &[f32], k: usize, ws: [&[f32]; 4], acc: &mut [[f32; 4]; 4]) {
+        let mut a = [[_mm512_setzero_ps(); 4]; R];
+        let p = ws.map(|w| w.as_ptr());
+        let px = x.as_ptr();
+        let mut kk = 0;
+        while kk + 16 <= k {
+            let v = p.map(|q| _mm512_loadu_ps(q.add(kk)));
+            for (r, ar) in a.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(px.add(r * k + kk));
+                for q in 0..4 {
+                    ar[q] = _mm512_fmadd_ps(xv, v[q], ar[q]);
+                }
+            }
+            kk += 16;
+        }
+        for r in 0..R {
+            for q in 0..4 {
+                let mut s = _mm512_reduce_add_ps(a[r][q]);
+                for t in kk..k {
+                    s += *px.add(r * k + t) * *p[q].add(t);
+                }
+                acc[r][q] = s;
+            }
         }
     }
 

@@ -7,8 +7,9 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 use super::ModelError;
 
-/// Up to this many rows, a step is memory-bound and the streaming kernel wins.
-const STREAMING_MAX_ROWS: usize = 16;
+/// Up to this many rows the streaming kernel beats GEMM here (decode batches and short
+/// prefill chunks; measured with `cargo bench -p neox-kernels --bench matmul`).
+const STREAMING_MAX_ROWS: usize = 64;
 
 pub(super) struct Linear {
     /// `[out, in]`, contiguous.
