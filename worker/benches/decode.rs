@@ -256,9 +256,10 @@ fn tensor_parallel(dir: &Path, config: &NeoXConfig, threads: usize) -> anyhow::R
     all_reduce_latency(config.hidden_size)
 }
 
-fn all_reduce_latency(hidden: usize) -> anyhow::Result<()> {
+/// Median all-reduce time of `floats` f32 across `n` in-process ranks over loopback TCP.
+fn all_reduce_median(n: usize, floats: usize, ring_threshold: usize, iters: usize) -> anyhow::Result<f64> {
     use neox_worker::parallel::{Communicator, TcpCommunicator};
-    let listeners: Vec<_> = (0..2)
+    let listeners: Vec<_> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
     let addrs: Vec<String> = listeners
@@ -273,7 +274,7 @@ fn all_reduce_latency(hidden: usize) -> anyhow::Result<()> {
                 let addrs = addrs.clone();
                 s.spawn(move || {
                     TcpCommunicator::connect_mesh(
-                        RankInfo { rank: r, world_size: 2 },
+                        RankInfo { rank: r, world_size: n },
                         l,
                         &addrs,
                         std::time::Duration::from_secs(10),
@@ -285,33 +286,50 @@ fn all_reduce_latency(hidden: usize) -> anyhow::Result<()> {
             .map(|h| {
                 h.join()
                     .map_err(|_| anyhow::anyhow!("mesh thread"))
-                    .and_then(|r| Ok(r?))
+                    .and_then(|r| Ok(r?.with_ring_threshold(ring_threshold)))
             })
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
-    let t = Tensor::ones(hidden, DType::F32, &Device::Cpu)?;
-    const N: usize = 2000;
+    let t = Tensor::ones(floats, DType::F32, &Device::Cpu)?;
     let times: Vec<f64> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()
             .map(|c| {
                 let t = t.clone();
                 s.spawn(move || {
-                    let mut v = Vec::with_capacity(N);
-                    for _ in 0..N {
-                        let t0 = Instant::now();
-                        let _ = c.all_reduce_sum(&t);
-                        v.push(t0.elapsed().as_secs_f64());
-                    }
-                    v
+                    (0..iters)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            let _ = c.all_reduce_sum(&t);
+                            t0.elapsed().as_secs_f64()
+                        })
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
         hs.into_iter().next().and_then(|h| h.join().ok()).unwrap_or_default()
     });
+    Ok(median(times))
+}
+
+/// One-shot against ring all-reduce, the measurement behind `DEFAULT_RING_THRESHOLD`.
+fn all_reduce_latency(hidden: usize) -> anyhow::Result<()> {
+    println!("\nall-reduce over loopback TCP, median (ranks are threads of one process)");
     println!(
-        "all-reduce of {hidden} f32 between 2 ranks over loopback TCP: median {:.1} us",
-        median(times) * 1e6
+        "{:<6} {:>12} {:>14} {:>14}",
+        "ranks", "f32 values", "one-shot us", "ring us"
     );
+    for n in [2usize, 4] {
+        for floats in [hidden, 32 * hidden, 512 * hidden] {
+            let iters = if floats > 100_000 { 20 } else { 300 };
+            let one = all_reduce_median(n, floats, usize::MAX, iters)? * 1e6;
+            let ring = if n > 2 {
+                format!("{:.1}", all_reduce_median(n, floats, 0, iters)? * 1e6)
+            } else {
+                "= one-shot".into()
+            };
+            println!("{n:<6} {floats:>12} {one:>14.1} {ring:>14}");
+        }
+    }
     Ok(())
 }

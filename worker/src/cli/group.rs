@@ -40,6 +40,10 @@ pub struct GroupArgs {
     /// Seconds a collective may wait for a peer before the group is declared broken.
     #[arg(long, env = "NEOX_COLLECTIVE_TIMEOUT", default_value_t = 30.0)]
     pub collective_timeout: f64,
+    /// All-reduces of at least this many bytes use a ring instead of one-shot exchange
+    /// (worth lowering for groups spread over slow links).
+    #[arg(long, env = "NEOX_RING_THRESHOLD_BYTES", default_value_t = neox_worker::parallel::DEFAULT_RING_THRESHOLD)]
+    pub ring_threshold_bytes: usize,
     /// Seconds to wait for every rank to join (model loads included).
     #[arg(long, env = "NEOX_RENDEZVOUS_TIMEOUT", default_value_t = 600.0)]
     pub rendezvous_timeout: f64,
@@ -218,6 +222,7 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         rendezvous_timeout,
         collective_timeout,
         collective_addr,
+        ring_threshold: g.ring_threshold_bytes,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -256,6 +261,7 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
                 .args(["--leader-addr", &grpc_addr.to_string(), "--advertise-host", "127.0.0.1"])
                 .args(["--collective-timeout", &g.collective_timeout.to_string()])
                 .args(["--rendezvous-timeout", &g.rendezvous_timeout.to_string()])
+                .args(["--ring-threshold-bytes", &g.ring_threshold_bytes.to_string()])
                 .env_remove("NEOX_RANK")
                 .env_remove("NEOX_WORLD_SIZE")
                 .env_remove("NEOX_LEADER_ADDR")
@@ -335,6 +341,7 @@ pub fn follower_with_health(a: FollowerArgs, health_addr: Option<std::net::Socke
         collective_port: a.group.collective_port,
         rendezvous_timeout: secs("rendezvous-timeout", a.group.rendezvous_timeout)?,
         collective_timeout: secs("collective-timeout", a.group.collective_timeout)?,
+        ring_threshold: a.group.ring_threshold_bytes,
         on_ready: None,
     };
     let Some(addr) = health_addr else {

@@ -9,7 +9,7 @@ mod single;
 mod tcp;
 
 pub use single::{SingleRank, Unconnected};
-pub use tcp::TcpCommunicator;
+pub use tcp::{TcpCommunicator, DEFAULT_RING_THRESHOLD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParallelError {

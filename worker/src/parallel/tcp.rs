@@ -1,11 +1,13 @@
 //! Collectives over TCP for CPU ranks on any hosts.
 //!
-//! Ranks form a full mesh (one connection per pair). Every collective is one-shot: each rank
-//! sends its whole tensor to every peer and reduces locally in rank order, so all ranks get
-//! bit-identical results in a single network round trip. On CPU groups (tp ≤ 8, activations
-//! of a few hundred KiB at most) latency dominates bandwidth, which is why this beats a ring
-//! here (see the tp benchmark). Every read and write has a deadline: a dead or stuck peer
-//! becomes an error, never a hang.
+//! Ranks form a full mesh (one connection per pair). Small all-reduces are one-shot: each rank
+//! sends its whole tensor to every peer and reduces locally in rank order — one round trip,
+//! bit-identical results everywhere. Large ones (≥ `ring_threshold` bytes, more than two
+//! ranks) use a ring (reduce-scatter then all-gather), which moves 2(n-1)/n of the data per
+//! rank instead of n-1 times it, at the cost of 2(n-1) round trips; each chunk is reduced by
+//! one rank, so results stay identical everywhere. The threshold comes from the collectives
+//! benchmark (`cargo bench -p neox-worker --bench decode`). Every read and write has a
+//! deadline: a dead or stuck peer becomes an error, never a hang.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -29,7 +31,14 @@ pub struct TcpCommunicator {
     peers: Vec<Option<(Mutex<TcpStream>, Mutex<TcpStream>)>>,
     timeout: Duration,
     seq: AtomicU64,
+    /// All-reduces of at least this many bytes use the ring (with more than two ranks).
+    ring_threshold: usize,
 }
+
+/// Default switch-over from one-shot to ring all-reduce. On loopback with 2 and 4 ranks the
+/// one-shot form won at every size measured (up to 1.5 MB); the ring pays off only where
+/// links, not CPUs, are the limit (several hosts), so it is kept for messages beyond that.
+pub const DEFAULT_RING_THRESHOLD: usize = 4 << 20;
 
 fn io_err(op: &'static str, peer: usize, timeout: Duration, e: std::io::Error) -> ParallelError {
     match e.kind() {
@@ -127,7 +136,78 @@ impl TcpCommunicator {
             peers: out,
             timeout,
             seq: AtomicU64::new(0),
+            ring_threshold: DEFAULT_RING_THRESHOLD,
         })
+    }
+
+    /// Sets the size from which all-reduces use the ring (0: always, `usize::MAX`: never).
+    pub fn with_ring_threshold(mut self, bytes: usize) -> Self {
+        self.ring_threshold = bytes;
+        self
+    }
+
+    /// Sends `payload` to `to` while receiving from `from`, both under collective `seq`.
+    fn send_recv(
+        &self,
+        op: &'static str,
+        to: usize,
+        from: usize,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ParallelError> {
+        std::thread::scope(|sc| {
+            let writer = sc.spawn(|| self.send(op, to, seq, payload));
+            let got = self.recv(op, from, seq);
+            let sent = writer.join().map_err(|_| ParallelError::PeerLost {
+                op,
+                peer: to,
+                message: "writer panicked".into(),
+            })?;
+            sent?;
+            got
+        })
+    }
+
+    /// Ring all-reduce (sum) of `data` in place.
+    fn ring_all_reduce(&self, data: &mut [f32]) -> Result<(), ParallelError> {
+        const OP: &str = "all_reduce(ring)";
+        let (n, r) = (self.rank.world_size, self.rank.rank);
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        let len = data.len();
+        let bounds = |c: usize| (c * len / n, (c + 1) * len / n);
+        let to_bytes = |s: &[f32]| s.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let bad = |got: usize, want: usize| ParallelError::PeerLost {
+            op: OP,
+            peer: prev,
+            message: format!("chunk of {got} bytes, expected {want}"),
+        };
+        // Reduce-scatter: after n-1 steps rank r holds the full sum of chunk r+1.
+        for step in 0..n - 1 {
+            let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+            let (s0, s1) = bounds((r + n - step) % n);
+            let got = self.send_recv(OP, next, prev, seq, &to_bytes(&data[s0..s1]))?;
+            let (a, b) = bounds((r + 2 * n - step - 1) % n);
+            if got.len() != (b - a) * 4 {
+                return Err(bad(got.len(), (b - a) * 4));
+            }
+            for (x, c) in data[a..b].iter_mut().zip(got.chunks_exact(4)) {
+                *x += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        // All-gather the reduced chunks around the ring.
+        for step in 0..n - 1 {
+            let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+            let (s0, s1) = bounds((r + 1 + n - step) % n);
+            let got = self.send_recv(OP, next, prev, seq, &to_bytes(&data[s0..s1]))?;
+            let (a, b) = bounds((r + n - step) % n);
+            if got.len() != (b - a) * 4 {
+                return Err(bad(got.len(), (b - a) * 4));
+            }
+            for (x, c) in data[a..b].iter_mut().zip(got.chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Ok(())
     }
 
     fn peer(&self, r: usize, write: bool) -> Result<std::sync::MutexGuard<'_, TcpStream>, ParallelError> {
@@ -259,6 +339,18 @@ impl Communicator for TcpCommunicator {
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, ParallelError> {
         const OP: &str = "all_reduce";
+        if self.rank.world_size > 2 && t.elem_count() * t.dtype().size_in_bytes() >= self.ring_threshold {
+            let f = t
+                .flatten_all()
+                .and_then(|x| x.to_dtype(DType::F32))
+                .map_err(tensor_err(OP))?;
+            let mut v: Vec<f32> = f.to_vec1().map_err(tensor_err(OP))?;
+            self.ring_all_reduce(&mut v)?;
+            return Tensor::from_vec(v, t.dims(), &Device::Cpu)
+                .and_then(|x| x.to_dtype(t.dtype()))
+                .and_then(|x| x.to_device(t.device()))
+                .map_err(tensor_err(OP));
+        }
         let parts = self.exchange(OP, tensor_bytes(t).map_err(tensor_err(OP))?)?;
         let mut sum: Option<Tensor> = None;
         for (r, p) in parts.iter().enumerate() {
@@ -370,6 +462,47 @@ mod tests {
                 let want: Vec<f32> = (0..n).flat_map(|r| [r as f32, 10.0 * r as f32]).collect();
                 assert_eq!(g, vec![want]);
                 assert_eq!(b, vec![0u8; 3]);
+            }
+        }
+    }
+
+    #[test]
+    fn ring_and_one_shot_all_reduce_agree_on_every_rank() {
+        for n in [3, 4] {
+            for threshold in [0, usize::MAX] {
+                let comms: Vec<_> = group(n, Duration::from_secs(10))
+                    .into_iter()
+                    .map(|c| c.with_ring_threshold(threshold))
+                    .collect();
+                let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let hs: Vec<_> = comms
+                        .iter()
+                        .map(|c| {
+                            s.spawn(move || {
+                                let r = c.rank_info().rank;
+                                // An odd length, so ring chunks are uneven.
+                                let v: Vec<f32> = (0..1001).map(|i| ((i * (r + 1)) % 17) as f32 * 0.25).collect();
+                                let t = Tensor::from_vec(v, (7, 143), &Device::Cpu).unwrap();
+                                c.all_reduce_sum(&t)
+                                    .unwrap()
+                                    .flatten_all()
+                                    .unwrap()
+                                    .to_vec1::<f32>()
+                                    .unwrap()
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let want: Vec<f32> = (0..1001)
+                    .map(|i| (0..n).map(|r| ((i * (r + 1)) % 17) as f32 * 0.25).sum())
+                    .collect();
+                for got in &results {
+                    assert_eq!(got, &results[0], "ranks disagree (n {n}, threshold {threshold})");
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() < 1e-4, "n {n}, threshold {threshold}: {a} vs {b}");
+                    }
+                }
             }
         }
     }

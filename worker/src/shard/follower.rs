@@ -23,6 +23,8 @@ pub struct FollowerOptions {
     pub collective_port: u16,
     pub rendezvous_timeout: Duration,
     pub collective_timeout: Duration,
+    /// All-reduces of at least this many bytes use the ring algorithm.
+    pub ring_threshold: usize,
     /// Called once the group has formed (e.g. to turn a health endpoint SERVING).
     pub on_ready: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -110,7 +112,8 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     let pb::step_plan::Kind::Setup(setup) = next("the group setup")? else {
         return Err(ModelError::Internal("the leader sent a step before the setup".into()));
     };
-    let comm = TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?;
+    let comm = TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?
+        .with_ring_threshold(opts.ring_threshold);
     model.attach_comm(Arc::new(comm))?;
     let mut runner = LocalRunner::new(model);
     if let Some(f) = &opts.on_ready {

@@ -26,6 +26,8 @@ pub struct GroupOptions {
     pub collective_timeout: Duration,
     /// The leader's collective endpoint as followers can reach it (host:port).
     pub collective_addr: String,
+    /// All-reduces of at least this many bytes use the ring algorithm.
+    pub ring_threshold: usize,
 }
 
 type PlanSender = UnboundedSender<Result<pb::StepPlan, Status>>;
@@ -137,7 +139,8 @@ impl GroupLeader {
             rank: 0,
             world_size: world,
         };
-        let comm = TcpCommunicator::connect_mesh(rank, listener, &addrs, self.opts.collective_timeout)?;
+        let comm = TcpCommunicator::connect_mesh(rank, listener, &addrs, self.opts.collective_timeout)?
+            .with_ring_threshold(self.opts.ring_threshold);
         Ok((comm, senders))
     }
 }
