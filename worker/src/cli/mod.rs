@@ -55,6 +55,12 @@ const COMMANDS: &[&str] = &[
 ];
 
 pub fn main() -> std::process::ExitCode {
+    // candle looks the CPU count up (reading /proc) on every op unless this is set: set it
+    // once, before any thread starts. `--threads` and the TP launcher override it.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     // `neox-worker [FLAGS]` means `neox-worker serve [FLAGS]`.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args
