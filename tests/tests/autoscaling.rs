@@ -3,34 +3,18 @@
 //! it. Skipped with a printed reason when Prometheus is missing, except under CI.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use neox_operator::autoscale;
 use neox_operator::crd::{AutoscalingSpec, NeoXDeployment, NeoXDeploymentSpec};
-use neox_tests::binary;
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use neox_tests::{binary, free_port, Killed};
 
 fn have_prometheus() -> bool {
     Command::new("prometheus")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -17,33 +17,37 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Runs `n` greedy prompts one by one, then all at once, and checks each concurrent stream
+/// against its own sequential run.
+async fn sequential_then_concurrent(server: &Server, n: usize, tokens: u32, what: &str) {
+    let mut c = server.client().await;
+    let ps = prompts(n);
+    let mut sequential = Vec::new();
+    for p in &ps {
+        sequential.push(stream_all(&mut c, greedy(p, tokens)).await.unwrap());
+    }
+    let tasks: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            let mut c = c.clone();
+            let req = greedy(p, tokens);
+            tokio::spawn(async move { stream_all(&mut c, req).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(
+            t.await.unwrap().unwrap(),
+            sequential[i],
+            "stream {i} ({:?}) differs from {what}",
+            ps[i]
+        );
+    }
+}
+
 #[test]
 fn concurrent_streams_equal_their_sequential_runs() {
     let server = start(&["--max-batch-size", "32"]);
-    rt().block_on(async {
-        let mut c = server.client().await;
-        let ps = prompts(32);
-        let mut sequential = Vec::new();
-        for p in &ps {
-            sequential.push(stream_all(&mut c, greedy(p, 24)).await.unwrap());
-        }
-        let tasks: Vec<_> = ps
-            .iter()
-            .map(|p| {
-                let mut c = c.clone();
-                let req = greedy(p, 24);
-                tokio::spawn(async move { stream_all(&mut c, req).await })
-            })
-            .collect();
-        for (i, t) in tasks.into_iter().enumerate() {
-            let got = t.await.unwrap().unwrap();
-            assert_eq!(
-                got, sequential[i],
-                "stream {i} ({:?}) differs from its sequential run",
-                ps[i]
-            );
-        }
-    });
+    rt().block_on(sequential_then_concurrent(&server, 32, 24, "its sequential run"));
     // Continuous batching really batched: some step ran many sequences at once.
     let text = server.metrics_text();
     let over8: f64 = text
@@ -116,29 +120,12 @@ fn a_full_queue_answers_resource_exhausted_and_keeps_serving() {
 fn preemption_under_a_tiny_kv_budget_keeps_outputs_exact() {
     // 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit.
     let server = start(&["--kv-cache-mib", "1", "--max-batch-size", "4"]);
-    rt().block_on(async {
-        let mut c = server.client().await;
-        let ps = prompts(4);
-        let mut want = Vec::new();
-        for p in &ps {
-            want.push(stream_all(&mut c, greedy(p, 100)).await.unwrap());
-        }
-        let tasks: Vec<_> = ps
-            .iter()
-            .map(|p| {
-                let mut c = c.clone();
-                let r = greedy(p, 100);
-                tokio::spawn(async move { stream_all(&mut c, r).await })
-            })
-            .collect();
-        for (i, t) in tasks.into_iter().enumerate() {
-            assert_eq!(
-                t.await.unwrap().unwrap(),
-                want[i],
-                "request {i} changed under preemption"
-            );
-        }
-    });
+    rt().block_on(sequential_then_concurrent(
+        &server,
+        4,
+        100,
+        "its run without preemption",
+    ));
     assert!(
         server.metric("neox_preemptions_total") > 0.0,
         "the budget should have forced preemption"
