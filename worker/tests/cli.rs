@@ -102,6 +102,7 @@ fn bad_arguments_fail_cleanly() {
         vec!["generate", "--prompt", "x", "--dtype", "int3"],
         vec!["generate", "--prompt", "x", "--max-new-tokens", "100000"],
         vec!["logits", "--prompt-ids", "999999"],
+        vec!["generate", "--prompt", "x", "--device", "tpu"],
     ] {
         let out = worker().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

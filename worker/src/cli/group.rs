@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 
 use neox_worker::model::{self, LoadedModel, NeoXTokenizer};
@@ -114,7 +113,8 @@ fn set_threads(m: &ModelArgs, world: usize, launcher: bool) -> Result<Option<usi
 
 fn load(m: &ModelArgs, rank: RankInfo) -> Result<LoadedModel> {
     let dtype = model::parse_dtype(&m.dtype)?;
-    model::load(&m.model, dtype, &Device::Cpu, rank)
+    let device = model::parse_device(&m.device)?;
+    model::load(&m.model, dtype, &device, rank)
         .with_context(|| format!("loading model {} (rank {})", m.model, rank.rank))
 }
 
@@ -251,22 +251,24 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         let exe = std::env::current_exe().context("locating neox-worker for the followers")?;
         for r in 1..role.rank.world_size {
             let mut cmd = Command::new(&exe);
-            cmd.args(["follower", "--model", &m.model, "--dtype", &m.dtype])
-                .args([
-                    "--rank",
-                    &r.to_string(),
-                    "--world-size",
-                    &role.rank.world_size.to_string(),
-                ])
-                .args(["--leader-addr", &grpc_addr.to_string(), "--advertise-host", "127.0.0.1"])
-                .args(["--collective-timeout", &g.collective_timeout.to_string()])
-                .args(["--rendezvous-timeout", &g.rendezvous_timeout.to_string()])
-                .args(["--ring-threshold-bytes", &g.ring_threshold_bytes.to_string()])
-                .env_remove("NEOX_RANK")
-                .env_remove("NEOX_WORLD_SIZE")
-                .env_remove("NEOX_LEADER_ADDR")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null());
+            cmd.args([
+                "follower", "--model", &m.model, "--dtype", &m.dtype, "--device", &m.device,
+            ])
+            .args([
+                "--rank",
+                &r.to_string(),
+                "--world-size",
+                &role.rank.world_size.to_string(),
+            ])
+            .args(["--leader-addr", &grpc_addr.to_string(), "--advertise-host", "127.0.0.1"])
+            .args(["--collective-timeout", &g.collective_timeout.to_string()])
+            .args(["--rendezvous-timeout", &g.rendezvous_timeout.to_string()])
+            .args(["--ring-threshold-bytes", &g.ring_threshold_bytes.to_string()])
+            .env_remove("NEOX_RANK")
+            .env_remove("NEOX_WORLD_SIZE")
+            .env_remove("NEOX_LEADER_ADDR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
             if let Some(t) = threads {
                 cmd.args(["--threads", &t.to_string()]);
             }

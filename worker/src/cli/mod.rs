@@ -36,6 +36,9 @@ pub struct ModelArgs {
     /// Compute dtype: fp32, fp16 or bf16.
     #[arg(long, env = "NEOX_DTYPE", default_value = "fp32")]
     pub dtype: String,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, env = "NEOX_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// CPU threads for matrix work (default: all cores, split between local ranks).
     #[arg(long, env = "NEOX_THREADS")]
     pub threads: Option<usize>,

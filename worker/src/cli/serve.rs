@@ -112,7 +112,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_position_embeddings: cfg.max_position_embeddings as u32,
         tensor_parallel_size: model.rank().world_size as u32,
         dtype: dtype_name(model.dtype()).into(),
-        device: "cpu".into(),
+        device: neox_worker::model::device_name(model.device()),
         max_batch_size: a.max_batch_size as u32,
         max_total_tokens: max_total as u32,
         max_new_tokens: a.max_new_tokens.min(max_total) as u32,

@@ -31,6 +31,8 @@ pub enum ModelError {
         tensor: Option<String>,
         message: String,
     },
+    #[error("device: {0}")]
+    Device(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("tensor parallelism: {0}")]
@@ -45,6 +47,35 @@ pub enum ModelError {
     Internal(String),
 }
 
+/// Parses `cpu`, `cuda` or `cuda:N` into a device; CUDA needs the `cuda` build.
+pub fn parse_device(name: &str) -> Result<Device, ModelError> {
+    let name = name.trim().to_ascii_lowercase();
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| ModelError::Device(format!("{name:?} is not cpu, cuda or cuda:N")))?,
+        None => return Err(ModelError::Device(format!("{name:?} is not cpu, cuda or cuda:N"))),
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device, ModelError> {
+    Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> Result<Device, ModelError> {
+    Err(ModelError::Device(
+        "this neox-worker was built without CUDA support (rebuild with --features cuda)".into(),
+    ))
+}
+
 /// Parses a dtype name as used on the command line and in `config.json`.
 pub fn parse_dtype(name: &str) -> Result<DType, ModelError> {
     match name.to_ascii_lowercase().as_str() {
@@ -54,6 +85,15 @@ pub fn parse_dtype(name: &str) -> Result<DType, ModelError> {
         other => Err(ModelError::Config(format!(
             "dtype {other:?} is not supported (fp32, fp16, bf16)"
         ))),
+    }
+}
+
+/// `cpu` or `cuda:N`.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 
