@@ -356,7 +356,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
                     d,
                     EventType::Normal,
                     "DeletedGroup",
-                    format!("removed group {g} (replicas {})", spec.replicas),
+                    format!("removed group {g} (replicas {replicas})"),
                 )
                 .await;
             }
