@@ -231,7 +231,8 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
     grpc.set_nonblocking(true)?;
     let incoming = {
         let _guard = runtime.enter();
-        tokio_stream::wrappers::TcpListenerStream::new(tokio::net::TcpListener::from_std(grpc)?)
+        // No Nagle: step plans are small messages on the critical path of every step.
+        tonic::transport::server::TcpIncoming::from(tokio::net::TcpListener::from_std(grpc)?).with_nodelay(Some(true))
     };
     let svc = leader.service();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
