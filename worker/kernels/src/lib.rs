@@ -127,6 +127,64 @@ fn tile_scalar(x: &[f32], rows: usize, k: usize, ws: [&[f32]; 4], acc: &mut [[f3
     }
 }
 
+/// Strided view of a `[heads, len, head_dim]` tensor with unit stride on the last axis.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadsView<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub head_stride: usize,
+    pub row_stride: usize,
+}
+
+impl HeadsView<'_> {
+    fn row(&self, h: usize, j: usize, hd: usize) -> &[f32] {
+        let at = self.offset + h * self.head_stride + j * self.row_stride;
+        &self.data[at..at + hd]
+    }
+}
+
+/// Attention of one new token against `len` cached positions, per head:
+/// `out[h] = softmax(scale · q[h] · K[h]ᵀ) · V[h]` (no mask is needed: every cached position
+/// precedes the token). `q` and `out` are `[heads, head_dim]`; softmax is computed in f32 with
+/// the maximum subtracted, as torch does.
+///
+/// # Panics
+/// If a view is shorter than its shape says.
+pub fn attend_one(
+    q: &[f32],
+    k: HeadsView<'_>,
+    v: HeadsView<'_>,
+    heads: usize,
+    len: usize,
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let dot = dot_fn();
+    let mut scores = vec![0f32; len];
+    for h in 0..heads {
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(qh, k.row(h, j, hd)) * scale;
+            max = max.max(*s);
+        }
+        let mut z = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            z += *s;
+        }
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let w = p / z;
+            for (x, &vv) in o.iter_mut().zip(v.row(h, j, hd)) {
+                *x += w * vv;
+            }
+        }
+    }
+}
+
 type DotFn = fn(&[f32], &[f32]) -> f32;
 
 fn dot_fn() -> DotFn {
@@ -285,6 +343,46 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn attend_one_matches_a_plain_softmax() {
+        let (heads, len, hd, cap) = (3, 5, 8, 7);
+        let q: Vec<f32> = (0..heads * hd).map(|i| ((i * 13 % 7) as f32 - 3.0) / 4.0).collect();
+        // K/V buffers with spare capacity (strided like a narrowed cache).
+        let kbuf: Vec<f32> = (0..heads * cap * hd)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let vbuf: Vec<f32> = (0..heads * cap * hd)
+            .map(|i| ((i * 3 % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        let view = |d: &'static [f32]| HeadsView {
+            data: d,
+            offset: 0,
+            head_stride: cap * hd,
+            row_stride: hd,
+        };
+        let (kb, vb): (&'static [f32], &'static [f32]) = (kbuf.leak(), vbuf.leak());
+        let mut out = vec![0f32; heads * hd];
+        attend_one(&q, view(kb), view(vb), heads, len, hd, 0.5, &mut out);
+        for h in 0..heads {
+            let s: Vec<f64> = (0..len)
+                .map(|j| {
+                    (0..hd)
+                        .map(|d| q[h * hd + d] as f64 * kb[h * cap * hd + j * hd + d] as f64)
+                        .sum::<f64>()
+                        * 0.5
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for d in 0..hd {
+                let want: f64 = (0..len)
+                    .map(|j| (s[j] - m).exp() / z * vb[h * cap * hd + j * hd + d] as f64)
+                    .sum();
+                assert!((out[h * hd + d] as f64 - want).abs() < 1e-5, "h {h} d {d}");
+            }
+        }
     }
 
     #[test]

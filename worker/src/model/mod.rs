@@ -3,6 +3,7 @@
 mod builtin;
 mod checkpoint;
 mod config;
+mod decode_attention;
 mod kv_cache;
 mod linear;
 mod neox;

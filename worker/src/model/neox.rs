@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{Checkpoint, Slice};
 use super::config::{Activation, NeoXConfig};
+use super::decode_attention::attend_one_token;
 use super::kv_cache::SequenceCache;
 use super::linear::{matmul_wt, Linear};
 use super::ModelError;
@@ -504,13 +505,19 @@ impl GptNeoX {
             let ks = k.narrow(1, offset, n)?.contiguous()?;
             let vs = v.narrow(1, offset, n)?.contiguous()?;
             let (kc, vc) = s.cache.append(li, &ks, &vs)?;
+            offset += n;
+            if n == 1 {
+                if let Some(o) = attend_one_token(&qs, &kc, &vc, scale)? {
+                    outs.push(o);
+                    continue;
+                }
+            }
             let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
             if n > 1 {
                 scores = scores.broadcast_add(&self.causal_mask(n, start)?)?;
             }
             let probs = softmax_f32(&scores)?;
             outs.push(probs.matmul(&vc)?);
-            offset += n;
         }
         let o = if outs.len() == 1 {
             outs.remove(0)
