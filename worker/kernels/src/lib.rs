@@ -143,6 +143,16 @@ impl HeadsView<'_> {
     }
 }
 
+/// Sizes of one decode-attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttendShape {
+    pub heads: usize,
+    /// Cached positions (the new token's included).
+    pub len: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
 /// Attention of one new token against `len` cached positions, per head:
 /// `out[h] = softmax(scale · q[h] · K[h]ᵀ) · V[h]` (no mask is needed: every cached position
 /// precedes the token). `q` and `out` are `[heads, head_dim]`; softmax is computed in f32 with
@@ -150,16 +160,13 @@ impl HeadsView<'_> {
 ///
 /// # Panics
 /// If a view is shorter than its shape says.
-pub fn attend_one(
-    q: &[f32],
-    k: HeadsView<'_>,
-    v: HeadsView<'_>,
-    heads: usize,
-    len: usize,
-    hd: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub fn attend_one(q: &[f32], k: HeadsView<'_>, v: HeadsView<'_>, shape: AttendShape, out: &mut [f32]) {
+    let AttendShape {
+        heads,
+        len,
+        head_dim: hd,
+        scale,
+    } = shape;
     let dot = dot_fn();
     let mut scores = vec![0f32; len];
     for h in 0..heads {
@@ -364,7 +371,18 @@ mod tests {
         };
         let (kb, vb): (&'static [f32], &'static [f32]) = (kbuf.leak(), vbuf.leak());
         let mut out = vec![0f32; heads * hd];
-        attend_one(&q, view(kb), view(vb), heads, len, hd, 0.5, &mut out);
+        attend_one(
+            &q,
+            view(kb),
+            view(vb),
+            AttendShape {
+                heads,
+                len,
+                head_dim: hd,
+                scale: 0.5,
+            },
+            &mut out,
+        );
         for h in 0..heads {
             let s: Vec<f64> = (0..len)
                 .map(|j| {

@@ -73,16 +73,13 @@ impl candle_core::CustomOp3 for DecodeAttention {
             candle_core::bail!("decode attention needs a contiguous query");
         };
         let mut out = vec![0f32; heads * hd];
-        neox_kernels::attend_one(
-            &q[q0..q1],
-            view(k, l2)?,
-            view(v, l3)?,
+        let shape = neox_kernels::AttendShape {
             heads,
             len,
-            hd,
-            self.scale,
-            &mut out,
-        );
+            head_dim: hd,
+            scale: self.scale,
+        };
+        neox_kernels::attend_one(&q[q0..q1], view(k, l2)?, view(v, l3)?, shape, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((heads, 1, hd))))
     }
 }
