@@ -41,14 +41,14 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
             });
         return;
     }
-    // Column-major scratch so each task owns a contiguous block, transposed at the end.
-    let mut t = vec![0f32; n * m];
+    // Each task owns a block of output columns in every row and writes them in place.
+    let dst = SharedOut(out.as_mut_ptr());
     let tile = tile_fn();
-    t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(c, chunk)| {
+    (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each(|c| {
         let j0 = c * COLS_PER_TASK;
-        let cols = chunk.len() / m;
-        // Tiles of up to 4 activation rows × 2 weight rows: each weight load feeds 4 FMAs and
-        // each activation load 2, so the loop is bound by arithmetic, not loads.
+        let cols = COLS_PER_TASK.min(n - j0);
+        // Register tiles of up to 4 activation rows × `tile.cols` weight rows: every load
+        // feeds several FMAs, so the loop is bound by arithmetic, not loads.
         let mut i = 0;
         while i < m {
             let rows = (m - i).min(4);
@@ -65,7 +65,10 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
                 (tile.f)(&x[i * k..(i + rows) * k], rows, k, ws, &mut acc);
                 for (r, a) in acc.iter().enumerate().take(rows) {
                     for (q, v) in a.iter().enumerate().take(wcols) {
-                        chunk[(dj + q) * m + i + r] = *v;
+                        // SAFETY: (i + r) < m and j + q < j0 + cols ≤ n, so the index is inside
+                        // `out` (checked above to hold m × n); column blocks are disjoint
+                        // between tasks, so no two tasks write the same element.
+                        unsafe { *dst.get().add((i + r) * n + j + q) = *v };
                     }
                 }
                 dj += wcols;
@@ -73,10 +76,17 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut 
             i += rows;
         }
     });
-    for (j, col) in t.chunks(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
+}
+
+/// The output buffer shared by tasks that write disjoint column blocks of it.
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks only write disjoint elements (see `matmul_xwt`), and the buffer outlives them.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 
