@@ -9,10 +9,7 @@ mod scheduler;
 mod stop;
 
 pub use blocks::BlockManager;
-pub use offline::{
-    generate_batch, perplexity, BatchTimings, FinishReason as OfflineFinishReason, Generation, OfflineOptions,
-    Perplexity,
-};
+pub use offline::{generate_batch, perplexity, BatchTimings, Generation, OfflineOptions, Perplexity};
 pub use request::{Event, Failure, Finish, FinishReason, Request, StopCriteria, TokenInfo};
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use scheduler::{start, EngineConfig, EngineHandle, SubmitError};

@@ -6,22 +6,8 @@ use std::time::Instant;
 use crate::model::{LogitsWanted, ModelError};
 use crate::shard::{SeqPlan, StepRunner};
 
+use super::request::FinishReason;
 use super::sampling::{Sampler, SamplingParams};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Length,
-    EosToken,
-}
-
-impl FinishReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::EosToken => "eos_token",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct OfflineOptions {

@@ -54,8 +54,6 @@ pub enum Slice {
 pub struct Checkpoint {
     files: Vec<File>,
     index: HashMap<String, usize>,
-    /// Bytes copied out so far, for reporting a rank's resident weights.
-    loaded_bytes: std::cell::Cell<usize>,
 }
 
 fn parse_file(name: String, bytes: Bytes) -> Result<File, ModelError> {
@@ -155,11 +153,7 @@ impl Checkpoint {
                 index.insert(name.clone(), i);
             }
         }
-        Self {
-            files,
-            index,
-            loaded_bytes: std::cell::Cell::new(0),
-        }
+        Self { files, index }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -172,11 +166,6 @@ impl Checkpoint {
             .map(|f| f.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
-    }
-
-    /// Bytes of tensor data copied out of the checkpoint so far.
-    pub fn loaded_bytes(&self) -> usize {
-        self.loaded_bytes.get()
     }
 
     /// Reads `slice` of tensor `name`, checking its full shape is `expected`, into `dtype`.
@@ -251,7 +240,6 @@ impl Checkpoint {
                 (out.into(), vec![rows, len])
             }
         };
-        self.loaded_bytes.set(self.loaded_bytes.get() + bytes.len());
         let t = Tensor::from_raw_buffer(&bytes, src_dtype, &shape, device).map_err(|e| err(e.to_string()))?;
         t.to_dtype(dtype).map_err(|e| err(e.to_string()))
     }

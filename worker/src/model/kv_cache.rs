@@ -12,7 +12,6 @@ use super::ModelError;
 pub struct SequenceCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
-    capacity: usize,
     reserve: usize,
 }
 
@@ -22,7 +21,6 @@ impl SequenceCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
-            capacity: 0,
             reserve: reserve.max(1),
         }
     }
@@ -48,11 +46,6 @@ impl SequenceCache {
     /// Tokens the caller has reserved room for; the buffers grow to it when they next grow.
     pub fn set_reserve(&mut self, reserve: usize) {
         self.reserve = reserve.max(1);
-    }
-
-    /// Forgets every token after the first `len`, keeping the buffers.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
     }
 
     pub(crate) fn advance(&mut self, n: usize) {
@@ -83,7 +76,6 @@ impl SequenceCache {
                 }
             }
             *slot = Some((nk, nv));
-            self.capacity = self.capacity.max(new_cap);
         }
         let (ck, cv) = slot.as_ref().ok_or_else(|| ModelError::Internal("cache slot".into()))?;
         ck.slice_set(k, 1, self.len)?;

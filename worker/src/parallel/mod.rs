@@ -37,10 +37,6 @@ pub struct RankInfo {
 impl RankInfo {
     pub const SINGLE: RankInfo = RankInfo { rank: 0, world_size: 1 };
 
-    pub fn is_leader(&self) -> bool {
-        self.rank == 0
-    }
-
     /// `[start, start + len)` of `total` items owned by this rank; `total` must divide evenly.
     pub fn split(&self, total: usize) -> (usize, usize) {
         let len = total / self.world_size;
