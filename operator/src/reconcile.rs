@@ -262,13 +262,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         if d.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions) {
             publish(ctx, d, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
         }
-        deployments
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
-            )
-            .await?;
+        patch_status(&deployments, &name, &status).await?;
         return Ok(Requeue::requeue(Duration::from_secs(300)));
     }
 
@@ -420,15 +414,19 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         status.recommendations = recs;
         requeue = requeue.min(AUTOSCALE_PERIOD_SECS);
     }
-    deployments
-        .patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await?;
+    patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
+}
+
+async fn patch_status(api: &Api<NeoXDeployment>, name: &str, status: &NeoXDeploymentStatus) -> Result<(), Error> {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
 }
 
 /// How often an autoscaled deployment looks at its metric.

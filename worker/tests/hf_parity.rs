@@ -54,10 +54,8 @@ fn logits_and_hidden_states_match_hf() {
     }
 }
 
-#[test]
-fn greedy_continuations_with_kv_cache_match_hf() {
-    let g = Goldens::load();
-    let mut runner = LocalRunner::new(load_model(&fixture(), DType::F32).model);
+/// Every case's greedy continuation (with the KV cache) equals HF's, token for token.
+fn assert_greedy_matches_hf(g: &Goldens, runner: &mut LocalRunner, what: &str) {
     for i in g.cases() {
         let ids = g.ids(&format!("case{i}.input_ids"));
         let want = g.ids(&format!("case{i}.greedy"));
@@ -66,9 +64,16 @@ fn greedy_continuations_with_kv_cache_match_hf() {
             sampling: SamplingParams::default(),
             eos_token_id: None,
         };
-        let (out, _) = generate_batch(&mut runner, &[ids], &opts).unwrap();
-        assert_eq!(out[0].ids, want, "case{i}: greedy continuation differs from HF");
+        let (out, _) = generate_batch(runner, &[ids], &opts).unwrap();
+        assert_eq!(out[0].ids, want, "case{i}: {what}");
     }
+}
+
+#[test]
+fn greedy_continuations_with_kv_cache_match_hf() {
+    let g = Goldens::load();
+    let mut runner = LocalRunner::new(load_model(&fixture(), DType::F32).model);
+    assert_greedy_matches_hf(&g, &mut runner, "greedy continuation differs from HF");
 }
 
 #[test]
@@ -273,15 +278,5 @@ fn padded_vocabulary_rows_are_never_sampled() {
         );
     }
     let mut runner = LocalRunner::new(m.model);
-    for i in g.cases() {
-        let ids = g.ids(&format!("case{i}.input_ids"));
-        let want = g.ids(&format!("case{i}.greedy"));
-        let opts = OfflineOptions {
-            max_new_tokens: want.len(),
-            sampling: SamplingParams::default(),
-            eos_token_id: None,
-        };
-        let (out, _) = generate_batch(&mut runner, &[ids], &opts).unwrap();
-        assert_eq!(out[0].ids, want, "case{i}: a padded row was sampled");
-    }
+    assert_greedy_matches_hf(&g, &mut runner, "a padded row was sampled");
 }
