@@ -1,77 +1,117 @@
 //! Linear layers with PyTorch's `[out, in]` weight layout.
 //!
-//! Decode steps (a few rows) on CPU in f32 go through `neox_kernels::matmul_xwt`, which
-//! streams each weight row once; everything else uses candle's matmul.
+//! On CPU in f32 the weight is packed once at load time into `neox_kernels::PackedMatrix`
+//! panels and every matmul, decode or prefill, runs there with the bias fused; on other
+//! devices and dtypes it stays a candle tensor and uses candle's matmul.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
+use neox_kernels::PackedMatrix;
 
 use super::ModelError;
 
-/// Up to this many rows the streaming kernel beats GEMM here (decode batches and short
-/// prefill chunks; measured with `cargo bench -p neox-kernels --bench matmul`).
-const STREAMING_MAX_ROWS: usize = 64;
-
 pub(super) struct Linear {
-    /// `[out, in]`, contiguous.
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    weight: Weight,
+}
+
+enum Weight {
+    Packed {
+        matrix: PackedMatrix,
+        bias: Option<Vec<f32>>,
+    },
+    Dense {
+        /// `[out, in]`, contiguous.
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = matmul_wt(x, &self.weight)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+    /// A layer over `weight` (`[out, in]`) and an optional `bias` (`[out]`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self, ModelError> {
+        let packable = weight.device().is_cpu() && weight.dtype() == DType::F32 && weight.rank() == 2;
+        if !packable {
+            return Ok(Self {
+                weight: Weight::Dense { weight, bias },
+            });
+        }
+        let (n, k) = weight.dims2()?;
+        let matrix = PackedMatrix::from_rows(&weight.flatten_all()?.to_vec1::<f32>()?, n, k);
+        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        if let Some(b) = &bias {
+            if b.len() != n {
+                return Err(ModelError::Internal(format!("bias of {} for {n} outputs", b.len())));
+            }
+        }
+        Ok(Self {
+            weight: Weight::Packed { matrix, bias },
         })
     }
-}
 
-/// `x · wᵀ` for `x`: `[m, in]` and `w`: `[out, in]`.
-pub(super) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
-    let small = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && x.rank() == 2
-        && x.dim(0)? <= STREAMING_MAX_ROWS;
-    if small {
-        return Ok(x.contiguous()?.apply_op2_no_bwd(w, &StreamingMatmul)?);
+    /// `x · Wᵀ + b` for `x`: `[rows, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match &self.weight {
+            Weight::Packed { matrix, bias } if x.dtype() == DType::F32 && x.device().is_cpu() => {
+                Ok(x.contiguous()?.apply_op1_no_bwd(&PackedMatmul {
+                    matrix,
+                    bias: bias.as_deref(),
+                })?)
+            }
+            Weight::Packed { .. } => Err(ModelError::Internal(format!(
+                "packed f32 CPU weights got a {:?} input on {:?}",
+                x.dtype(),
+                x.device()
+            ))),
+            Weight::Dense { weight, bias } => {
+                let y = x.matmul(&weight.t()?)?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
     }
-    Ok(x.matmul(&w.t()?)?)
+
+    /// Bytes of weights and bias held.
+    pub fn bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Packed { matrix, bias } => matrix.bytes() + bias.as_ref().map_or(0, |b| b.len() * 4),
+            Weight::Dense { weight, bias } => {
+                let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+                b(weight) + bias.as_ref().map_or(0, b)
+            }
+        }
+    }
 }
 
-struct StreamingMatmul;
+struct PackedMatmul<'a> {
+    matrix: &'a PackedMatrix,
+    bias: Option<&'a [f32]>,
+}
 
-impl candle_core::CustomOp2 for StreamingMatmul {
+impl candle_core::CustomOp1 for PackedMatmul<'_> {
     fn name(&self) -> &'static str {
-        "streaming-matmul-xwt"
+        "packed-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("streaming matmul needs f32 inputs");
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("packed matmul needs an f32 input");
         };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("streaming matmul needs contiguous inputs");
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("packed matmul needs a contiguous input");
         };
-        let (&[m, k], &[n, k2]) = (l1.dims(), l2.dims()) else {
+        let &[m, k] = l.dims() else {
+            candle_core::bail!("packed matmul needs a 2-D input, got {:?}", l.dims());
+        };
+        let n = self.matrix.rows();
+        if k != self.matrix.cols() {
             candle_core::bail!(
-                "streaming matmul needs 2-D inputs, got {:?} and {:?}",
-                l1.dims(),
-                l2.dims()
+                "packed matmul: input has {k} features, the weight {}",
+                self.matrix.cols()
             );
-        };
-        if k != k2 {
-            candle_core::bail!("streaming matmul: inner dims {k} and {k2} differ");
         }
         let mut out = vec![0f32; m * n];
-        neox_kernels::matmul_xwt(&x[x0..x1], m, k, &w[w0..w1], n, &mut out);
+        self.matrix.matmul_t(&x[x0..x1], m, self.bias, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

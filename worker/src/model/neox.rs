@@ -12,7 +12,7 @@ use super::checkpoint::{Checkpoint, Slice};
 use super::config::{Activation, NeoXConfig};
 use super::decode_attention::attend_one_token;
 use super::kv_cache::SequenceCache;
-use super::linear::{matmul_wt, Linear};
+use super::linear::Linear;
 use super::ModelError;
 use crate::parallel::{Communicator, RankInfo};
 
@@ -78,7 +78,7 @@ pub struct GptNeoX {
     layers: Vec<Layer>,
     final_ln: LayerNorm,
     /// This rank's vocabulary rows of `embed_out`.
-    embed_out: Tensor,
+    embed_out: Linear,
     local_heads: usize,
     cos: Tensor,
     sin: Tensor,
@@ -178,12 +178,12 @@ impl GptNeoX {
                     Ok(None)
                 }
             };
-            let qkv = Linear {
-                weight: load(&format!("{p}.attention.query_key_value.weight"), &[3 * h, h], qkv_rows)?,
-                bias: bias(&format!("{p}.attention.query_key_value.bias"), 3 * h, qkv_rows)?,
-            };
-            let attn_out = Linear {
-                weight: load(
+            let qkv = Linear::new(
+                load(&format!("{p}.attention.query_key_value.weight"), &[3 * h, h], qkv_rows)?,
+                bias(&format!("{p}.attention.query_key_value.bias"), 3 * h, qkv_rows)?,
+            )?;
+            let attn_out = Linear::new(
+                load(
                     &format!("{p}.attention.dense.weight"),
                     &[h, h],
                     Slice::Cols {
@@ -191,19 +191,19 @@ impl GptNeoX {
                         len: local_heads * hd,
                     },
                 )?,
-                bias: None,
-            };
+                None,
+            )?;
             let attn_out_bias = bias(&format!("{p}.attention.dense.bias"), h, Slice::Full)?;
             let up_rows = Slice::Rows {
                 start: i0,
                 len: local_inter,
             };
-            let mlp_up = Linear {
-                weight: load(&format!("{p}.mlp.dense_h_to_4h.weight"), &[inter, h], up_rows)?,
-                bias: Some(load(&format!("{p}.mlp.dense_h_to_4h.bias"), &[inter], up_rows)?),
-            };
-            let mlp_down = Linear {
-                weight: load(
+            let mlp_up = Linear::new(
+                load(&format!("{p}.mlp.dense_h_to_4h.weight"), &[inter, h], up_rows)?,
+                Some(load(&format!("{p}.mlp.dense_h_to_4h.bias"), &[inter], up_rows)?),
+            )?;
+            let mlp_down = Linear::new(
+                load(
                     &format!("{p}.mlp.dense_4h_to_h.weight"),
                     &[h, inter],
                     Slice::Cols {
@@ -211,8 +211,8 @@ impl GptNeoX {
                         len: local_inter,
                     },
                 )?,
-                bias: None,
-            };
+                None,
+            )?;
             let mlp_down_bias = load(&format!("{p}.mlp.dense_4h_to_h.bias"), &[h], Slice::Full)?;
             let fused_bias = match &attn_out_bias {
                 Some(b) => (b + &mlp_down_bias)?,
@@ -235,11 +235,14 @@ impl GptNeoX {
             start: v0,
             len: local_vocab,
         };
-        let embed_out = if c.tie_word_embeddings && !ckpt.contains("embed_out.weight") {
-            load("gpt_neox.embed_in.weight", &[vocab, h], out_rows)?
-        } else {
-            load("embed_out.weight", &[vocab, h], out_rows)?
-        };
+        let embed_out = Linear::new(
+            if c.tie_word_embeddings && !ckpt.contains("embed_out.weight") {
+                load("gpt_neox.embed_in.weight", &[vocab, h], out_rows)?
+            } else {
+                load("embed_out.weight", &[vocab, h], out_rows)?
+            },
+            None,
+        )?;
         let final_ln = ln(ckpt, "gpt_neox.final_layer_norm", c, dtype, dev)?;
         let (cos, sin) = rotary_tables(c, dtype, dev)?;
         let weight_bytes = Self::count_bytes(&embed_in, &layers, &embed_out, &final_ln);
@@ -261,25 +264,23 @@ impl GptNeoX {
         })
     }
 
-    fn count_bytes(embed_in: &Tensor, layers: &[Layer], embed_out: &Tensor, final_ln: &LayerNorm) -> usize {
+    fn count_bytes(embed_in: &Tensor, layers: &[Layer], embed_out: &Linear, final_ln: &LayerNorm) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let ob = |t: &Option<Tensor>| t.as_ref().map(b).unwrap_or(0);
         let lnb = |l: &LayerNorm| b(&l.weight) + b(&l.bias);
         b(embed_in)
-            + b(embed_out)
+            + embed_out.bytes()
             + lnb(final_ln)
             + layers
                 .iter()
                 .map(|l| {
                     lnb(&l.ln_attn)
                         + lnb(&l.ln_mlp)
-                        + b(&l.qkv.weight)
-                        + ob(&l.qkv.bias)
-                        + b(&l.attn_out.weight)
+                        + l.qkv.bytes()
                         + ob(&l.attn_out_bias)
-                        + b(&l.mlp_up.weight)
-                        + ob(&l.mlp_up.bias)
-                        + b(&l.mlp_down.weight)
+                        + l.attn_out.bytes()
+                        + l.mlp_up.bytes()
+                        + l.mlp_down.bytes()
                         + b(&l.mlp_down_bias)
                 })
                 .sum::<usize>()
@@ -376,7 +377,7 @@ impl GptNeoX {
 
     /// Full-vocabulary f32 logits for `hidden` rows (gathered across ranks).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        let local = matmul_wt(hidden, &self.embed_out)?;
+        let local = self.embed_out.forward(hidden)?;
         let full = self.comm.all_gather(&local, 1)?;
         Ok(full.to_dtype(DType::F32)?)
     }
