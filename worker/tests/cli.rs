@@ -103,6 +103,8 @@ fn bad_arguments_fail_cleanly() {
         vec!["generate", "--prompt", "x", "--max-new-tokens", "100000"],
         vec!["logits", "--prompt-ids", "999999"],
         vec!["generate", "--prompt", "x", "--device", "tpu"],
+        vec!["generate", "--prompt", "x", "--tp", "2", "--collectives", "nccl"],
+        vec!["generate", "--prompt", "x", "--collectives", "mpi"],
     ] {
         let out = worker().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use neox_worker::model::{self, LoadedModel, NeoXTokenizer};
-use neox_worker::parallel::RankInfo;
+use neox_worker::parallel::{Backend, RankInfo};
 use neox_worker::shard::{self, GroupLeader, GroupOptions, LeaderRunner, LocalRunner, StepRunner};
 
 use super::ModelArgs;
@@ -43,9 +43,33 @@ pub struct GroupArgs {
     /// (worth lowering for groups spread over slow links).
     #[arg(long, env = "NEOX_RING_THRESHOLD_BYTES", default_value_t = neox_worker::parallel::DEFAULT_RING_THRESHOLD)]
     pub ring_threshold_bytes: usize,
+    /// Collectives between ranks: nccl (GPUs, one per rank), tcp (any device, any hosts), or
+    /// auto: nccl when the model runs on CUDA, else tcp. Followers use the leader's choice.
+    #[arg(long, env = "NEOX_COLLECTIVES", value_enum, default_value_t = Collectives::Auto)]
+    pub collectives: Collectives,
     /// Seconds to wait for every rank to join (model loads included).
     #[arg(long, env = "NEOX_RENDEZVOUS_TIMEOUT", default_value_t = 600.0)]
     pub rendezvous_timeout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Collectives {
+    Auto,
+    Tcp,
+    Nccl,
+}
+
+impl Collectives {
+    /// The backend for a group whose leader runs on `device`.
+    fn resolve(self, device: &candle_core::Device) -> Result<Backend> {
+        Ok(match self {
+            Collectives::Tcp => Backend::Tcp,
+            Collectives::Auto if device.is_cuda() => Backend::Nccl,
+            Collectives::Auto => Backend::Tcp,
+            Collectives::Nccl if device.is_cuda() => Backend::Nccl,
+            Collectives::Nccl => bail!("--collectives nccl needs --device cuda (the model runs on {device:?})"),
+        })
+    }
 }
 
 fn secs(name: &str, v: f64) -> Result<Duration> {
@@ -223,6 +247,7 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         collective_timeout,
         collective_addr,
         ring_threshold: g.ring_threshold_bytes,
+        backend: g.collectives.resolve(loaded.model.device())?,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -283,9 +308,9 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         }
         watch_children(children.clone(), leader.clone());
     }
-    let (comm, senders) = leader.form_group(collective)?;
     let mut model = loaded.model;
-    model.attach_comm(Arc::new(comm))?;
+    let (comm, senders) = leader.form_group(collective, model.device())?;
+    model.attach_comm(comm)?;
     eprintln!("neox-worker: group of {} ranks formed", role.rank.world_size);
     Ok(Group {
         name: loaded.name,

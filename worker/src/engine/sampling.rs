@@ -101,6 +101,17 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// Whether the next token is just the argmax of the raw logits (greedy, no penalties, no
+    /// alternatives to report), so the logits need not leave their device.
+    pub fn needs_only_argmax(&self) -> bool {
+        let p = &self.params;
+        p.is_greedy()
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && p.top_n_tokens == 0
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

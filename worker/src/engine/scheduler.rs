@@ -20,7 +20,7 @@ use crate::shard::{SeqPlan, StepRunner};
 
 use super::blocks::BlockManager;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
-use super::sampling::{log_softmax_at, Sampler};
+use super::sampling::{log_softmax_at, Sampled, Sampler};
 use super::stop::{StopMatcher, StopOutcome};
 
 /// How often an idle engine checks that every rank is still there.
@@ -461,7 +461,14 @@ impl Engine {
             self.metrics.prompt_tokens.inc_by(prefill_tokens as u64);
         }
         let Some(logits) = logits else { return Ok(None) };
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        // A plain greedy pick needs only the argmax: it is taken where the logits are, so on a
+        // GPU only the token id crosses to the host.
+        let argmax_on_device = p.logits == LogitsWanted::Last && !s.req.logprobs && s.sampler.needs_only_argmax();
+        let rows: Vec<Vec<f32>> = if argmax_on_device {
+            Vec::new()
+        } else {
+            logits.to_vec2()?
+        };
         if p.logits == LogitsWanted::All && !s.prompt_lp_sent {
             // Row j predicts token start + j + 1.
             if start == 0 {
@@ -495,8 +502,17 @@ impl Engine {
             s.prompt_lp_sent = true;
             let _ = s.req.events.send(Event::PromptTokens(std::mem::take(&mut s.prompt_lp)));
         }
-        let Some(last) = rows.last() else { return Ok(None) };
-        let sampled = s.sampler.sample(last, vocab, &s.tokens, &s.generated);
+        let sampled = if argmax_on_device {
+            Sampled {
+                id: device_argmax(&logits, vocab)?,
+                // Not computed: the request asked for no logprobs.
+                logprob: f32::NAN,
+                top: Vec::new(),
+            }
+        } else {
+            let Some(last) = rows.last() else { return Ok(None) };
+            s.sampler.sample(last, vocab, &s.tokens, &s.generated)
+        };
         let now = Instant::now();
         match s.last_token_at {
             None => {
@@ -588,4 +604,14 @@ impl Engine {
             self.in_engine.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+/// Index of the largest of the first `vocab` logits of a `[1, vocab+]` tensor, reduced on the
+/// tensor's device.
+fn device_argmax(logits: &candle_core::Tensor, vocab: usize) -> Result<u32, ModelError> {
+    let cols = logits.dim(1)?;
+    let ids = logits.narrow(1, 0, vocab.min(cols))?.argmax(1)?.to_vec1::<u32>()?;
+    ids.first()
+        .copied()
+        .ok_or_else(|| ModelError::Internal("argmax of an empty logits row".into()))
 }

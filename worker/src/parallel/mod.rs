@@ -1,12 +1,18 @@
 //! Collective communication between the ranks of a tensor-parallel group.
 //!
 //! The model only sees the [`Communicator`] trait; backends decide how bytes move:
-//! [`SingleRank`] (no-op) and, for CPU ranks on any hosts, TCP.
+//! [`SingleRank`] (no-op), TCP for CPU ranks on any hosts (or GPU ranks without NCCL), and
+//! NCCL for GPU ranks (`cuda` builds).
 
 use candle_core::Tensor;
 
+#[cfg(feature = "cuda")]
+mod nccl;
 mod single;
 mod tcp;
+
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclCommunicator, NCCL_ID_BYTES};
 
 pub use single::{SingleRank, Unconnected};
 pub use tcp::{TcpCommunicator, DEFAULT_RING_THRESHOLD};
@@ -23,11 +29,59 @@ pub enum ParallelError {
     },
     #[error("rendezvous failed: {0}")]
     Rendezvous(String),
+    #[error("NCCL {op} failed: {message}")]
+    Nccl { op: &'static str, message: String },
     #[error("tensor error in {op}: {message}")]
     Tensor { op: &'static str, message: String },
 }
 
 /// This rank's place in its group.
+/// How a group's ranks move collective data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Sockets between any hosts; works for every device (GPU tensors go through the host).
+    Tcp,
+    /// NCCL between GPUs, one per rank (`cuda` builds only).
+    Nccl,
+}
+
+/// A fresh NCCL unique id for a new group (made by the leader, sent to every rank).
+pub fn new_nccl_id() -> Result<Vec<u8>, ParallelError> {
+    #[cfg(feature = "cuda")]
+    {
+        nccl::new_unique_id()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_cuda())
+    }
+}
+
+/// Joins the NCCL group `id` as `rank` on `device`.
+pub fn connect_nccl(
+    rank: RankInfo,
+    id: &[u8],
+    device: &candle_core::Device,
+    timeout: std::time::Duration,
+) -> Result<std::sync::Arc<dyn Communicator>, ParallelError> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(std::sync::Arc::new(NcclCommunicator::connect(
+            rank, id, device, timeout,
+        )?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (rank, id, device, timeout);
+        Err(no_cuda())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> ParallelError {
+    ParallelError::Rendezvous("NCCL collectives need a CUDA build of neox-worker (cargo build --features cuda)".into())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RankInfo {
     pub rank: usize,

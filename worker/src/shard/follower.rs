@@ -9,7 +9,7 @@ use pb::shard_client::ShardClient;
 
 use super::{LocalRunner, SeqPlan, StepRunner};
 use crate::model::{GptNeoX, LogitsWanted, ModelError};
-use crate::parallel::{ParallelError, RankInfo, TcpCommunicator};
+use crate::parallel::{connect_nccl, Communicator, ParallelError, RankInfo, TcpCommunicator};
 
 #[derive(Clone)]
 pub struct FollowerOptions {
@@ -112,9 +112,18 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     let pb::step_plan::Kind::Setup(setup) = next("the group setup")? else {
         return Err(ModelError::Internal("the leader sent a step before the setup".into()));
     };
-    let comm = TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?
-        .with_ring_threshold(opts.ring_threshold);
-    model.attach_comm(Arc::new(comm))?;
+    // The leader chose the collectives: NCCL when it sent an id, TCP otherwise.
+    let comm: Arc<dyn Communicator> = if setup.nccl_id.is_empty() {
+        Arc::new(
+            TcpCommunicator::connect_mesh(opts.rank, listener, &setup.collective_addrs, opts.collective_timeout)?
+                .with_ring_threshold(opts.ring_threshold),
+        )
+    } else {
+        drop(listener);
+        let device = model.device().clone();
+        connect_nccl(opts.rank, &setup.nccl_id, &device, opts.rendezvous_timeout)?
+    };
+    model.attach_comm(comm)?;
     let mut runner = LocalRunner::new(model);
     if let Some(f) = &opts.on_ready {
         f();

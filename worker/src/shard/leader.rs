@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{LocalRunner, SeqPlan, StepRunner};
 use crate::model::{GptNeoX, LogitsWanted, ModelError};
-use crate::parallel::{ParallelError, RankInfo, TcpCommunicator};
+use crate::parallel::{connect_nccl, new_nccl_id, Backend, Communicator, ParallelError, RankInfo, TcpCommunicator};
 
 #[derive(Debug, Clone)]
 pub struct GroupOptions {
@@ -28,6 +28,8 @@ pub struct GroupOptions {
     pub collective_addr: String,
     /// All-reduces of at least this many bytes use the ring algorithm.
     pub ring_threshold: usize,
+    /// The collectives every rank of the group uses (the leader decides for all).
+    pub backend: Backend,
 }
 
 type PlanSender = UnboundedSender<Result<pb::StepPlan, Status>>;
@@ -79,8 +81,13 @@ impl GroupLeader {
         status
     }
 
-    /// Waits for every follower, hands out the collective addresses and forms the TCP mesh.
-    pub fn form_group(&self, listener: TcpListener) -> Result<(TcpCommunicator, Vec<PlanSender>), ParallelError> {
+    /// Waits for every follower, hands out the group's setup and joins its collectives
+    /// (`device`: the leader's, for NCCL).
+    pub fn form_group(
+        &self,
+        listener: TcpListener,
+        device: &candle_core::Device,
+    ) -> Result<(Arc<dyn Communicator>, Vec<PlanSender>), ParallelError> {
         let world = self.opts.world_size;
         let deadline = Instant::now() + self.opts.rendezvous_timeout;
         let (m, cv) = &*self.state;
@@ -123,9 +130,14 @@ impl GroupLeader {
             senders.push(tx);
         }
         drop(s);
+        let nccl_id = match self.opts.backend {
+            Backend::Tcp => Vec::new(),
+            Backend::Nccl => new_nccl_id()?,
+        };
         let setup = pb::StepPlan {
             kind: Some(pb::step_plan::Kind::Setup(pb::Setup {
                 collective_addrs: addrs.clone(),
+                nccl_id: nccl_id.clone(),
             })),
         };
         for (i, tx) in senders.iter().enumerate() {
@@ -139,8 +151,13 @@ impl GroupLeader {
             rank: 0,
             world_size: world,
         };
-        let comm = TcpCommunicator::connect_mesh(rank, listener, &addrs, self.opts.collective_timeout)?
-            .with_ring_threshold(self.opts.ring_threshold);
+        let comm: Arc<dyn Communicator> = match self.opts.backend {
+            Backend::Tcp => Arc::new(
+                TcpCommunicator::connect_mesh(rank, listener, &addrs, self.opts.collective_timeout)?
+                    .with_ring_threshold(self.opts.ring_threshold),
+            ),
+            Backend::Nccl => connect_nccl(rank, &nccl_id, device, self.opts.rendezvous_timeout)?,
+        };
         Ok((comm, senders))
     }
 }
