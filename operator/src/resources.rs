@@ -204,6 +204,10 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         env("NEOX_MODEL", model_arg),
         env("NEOX_LOG", "info"),
     ];
+    if gpus > 0 {
+        // The device plugin exposes the pod's GPU as device 0; NCCL collectives follow from it.
+        envs.push(env("NEOX_DEVICE", "cuda"));
+    }
     if let Some(dt) = s.model.dtype {
         envs.push(env("NEOX_DTYPE", dt.as_str()));
     }
@@ -219,7 +223,14 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
             envs.push(env(name, v.to_string()));
         }
     }
-    envs.extend(s.worker.env.iter().cloned());
+    // The user's env wins over the operator's defaults of the same name (NEOX_DEVICE=cuda:1,
+    // say) and never duplicates one: env is a list keyed by name under server-side apply.
+    for e in &s.worker.env {
+        match envs.iter_mut().find(|o| o.name == e.name) {
+            Some(o) => *o = e.clone(),
+            None => envs.push(e.clone()),
+        }
+    }
     let r = &s.worker.resources;
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();

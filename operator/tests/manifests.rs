@@ -130,3 +130,41 @@ fn desired_objects_match_golden_yaml() {
         golden(out, &docs.join("---\n"));
     }
 }
+
+#[test]
+fn worker_env_overrides_operator_defaults_without_duplicates() {
+    let mut v = sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml");
+    v["spec"]["worker"]["env"] = serde_json::json!([
+        {"name": "NEOX_DEVICE", "value": "cuda:0"},
+        {"name": "NEOX_DTYPE", "value": "bf16"},
+        {"name": "EXTRA", "value": "1"},
+    ]);
+    let mut d: NeoXDeployment = serde_json::from_value(v).unwrap();
+    d.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    let sts = serde_json::to_value(resources::statefulset(&d, 0)).unwrap();
+    let env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let value = |name: &str| -> Vec<String> {
+        env.iter()
+            .filter(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(value("NEOX_DEVICE"), ["cuda:0"], "the user's device wins, once");
+    assert_eq!(
+        value("NEOX_DTYPE"),
+        ["bf16"],
+        "the user's dtype wins over spec.model.dtype, once"
+    );
+    assert_eq!(value("EXTRA"), ["1"]);
+    // A CPU deployment gets no device variable: the worker's default is the CPU.
+    let cpu: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    let sts = serde_json::to_value(resources::statefulset(&cpu, 0)).unwrap();
+    let env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(env.iter().all(|e| e["name"] != "NEOX_DEVICE"));
+}

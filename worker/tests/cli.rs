@@ -105,11 +105,44 @@ fn bad_arguments_fail_cleanly() {
         vec!["generate", "--prompt", "x", "--device", "tpu"],
         vec!["generate", "--prompt", "x", "--tp", "2", "--collectives", "nccl"],
         vec!["generate", "--prompt", "x", "--collectives", "mpi"],
+        vec!["bench", "--batch", "0"],
+        vec!["bench", "--prefill-len", "100000"],
     ] {
         let out = worker().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(err.contains("error"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[test]
+fn bench_reports_every_figure_for_each_batch_size() {
+    let v = run_json(&[
+        "bench",
+        "--prefill-len",
+        "24",
+        "--batch",
+        "1,3",
+        "--steps",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["prefill"]["tokens"], 24);
+    assert!(v["prefill"]["tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(v["load_seconds"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_memory_bytes"].as_u64().unwrap() > 0);
+    let decode = v["decode"].as_array().unwrap();
+    assert_eq!(
+        decode.iter().map(|d| d["batch"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    for d in decode {
+        let (ms, tps) = (
+            d["ms_per_step"].as_f64().unwrap(),
+            d["tokens_per_second"].as_f64().unwrap(),
+        );
+        let b = d["batch"].as_f64().unwrap();
+        assert!(ms > 0.0 && (tps - b * 1e3 / ms).abs() < 1e-6 * tps, "{d}");
     }
 }

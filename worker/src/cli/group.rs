@@ -137,7 +137,7 @@ fn set_threads(m: &ModelArgs, world: usize, launcher: bool) -> Result<Option<usi
 
 fn load(m: &ModelArgs, rank: RankInfo) -> Result<LoadedModel> {
     let dtype = model::parse_dtype(&m.dtype)?;
-    let device = model::parse_device(&m.device)?;
+    let device = model::parse_device_for_rank(&m.device, rank.rank)?;
     model::load(&m.model, dtype, &device, rank)
         .with_context(|| format!("loading model {} (rank {})", m.model, rank.rank))
 }

@@ -1,5 +1,6 @@
 //! Command line of `neox-worker`. Errors meet `anyhow` here, at the binary's edge.
 
+mod bench;
 mod group;
 mod offline;
 mod serve;
@@ -23,6 +24,8 @@ enum Command {
     Logits(offline::LogitsArgs),
     /// Perplexity over non-overlapping windows of a token-id file.
     Perplexity(offline::PerplexityArgs),
+    /// Measure load time, prefill throughput, decode ms/step per batch size and peak memory.
+    Bench(bench::BenchArgs),
     /// Run as rank ≥ 1 of a tensor-parallel group (NEOX_RANK, NEOX_WORLD_SIZE, NEOX_LEADER_ADDR).
     Follower(group::FollowerArgs),
 }
@@ -49,6 +52,7 @@ const COMMANDS: &[&str] = &[
     "generate",
     "logits",
     "perplexity",
+    "bench",
     "follower",
     "help",
     "-h",
@@ -83,6 +87,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Generate(a) => offline::generate(a),
         Command::Logits(a) => offline::logits(a),
         Command::Perplexity(a) => offline::perplexity(a),
+        Command::Bench(a) => bench::bench(a),
         Command::Follower(a) => group::follower(a),
     };
     match result {

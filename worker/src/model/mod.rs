@@ -50,12 +50,19 @@ pub enum ModelError {
 
 /// Parses `cpu`, `cuda` or `cuda:N` into a device; CUDA needs the `cuda` build.
 pub fn parse_device(name: &str) -> Result<Device, ModelError> {
+    parse_device_for_rank(name, 0)
+}
+
+/// As [`parse_device`], for rank `rank` of a group: plain `cuda` is the rank's own GPU among
+/// those visible (`cuda:(rank mod count)`), so `--tp N` on an N-GPU host spreads its ranks and
+/// a pod that sees one GPU uses it.
+pub fn parse_device_for_rank(name: &str, rank: usize) -> Result<Device, ModelError> {
     let name = name.trim().to_ascii_lowercase();
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
     let ordinal = match name.strip_prefix("cuda") {
-        Some("") => 0,
+        Some("") => rank % cuda_device_count()?.max(1),
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
@@ -68,6 +75,23 @@ pub fn parse_device(name: &str) -> Result<Device, ModelError> {
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device, ModelError> {
     Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> Result<usize, ModelError> {
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    let n = CudaContext::device_count().map_err(|e| ModelError::Device(format!("no usable CUDA driver: {e}")))?;
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(ModelError::Device(
+            "no CUDA device is visible (CUDA_VISIBLE_DEVICES?)".into(),
+        )),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device_count() -> Result<usize, ModelError> {
+    cuda_device(0).map(|_| 0)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""GPT-NeoX-20B-shaped benchmark on one GPU, NeoX Serve beside HF transformers, same checkpoint.
+
+Run on the GPU machine (torch + transformers there; no Rust needed):
+    python3 worker/benches/gpu_20b.py --worker target/cuda/release/neox-worker --dir /tmp/neox20b
+
+1. Writes a 20B-shaped GPT-NeoX (44 layers, hidden 6144, 64 heads, intermediate 24576, vocab
+   50432, rotary 25%, parallel residual) with random fp16 weights as a sharded HF checkpoint
+   (skipped if DIR already holds one).
+2. Measures the device-to-device copy bandwidth, which gives the batch-1 decode floor:
+   every decode step reads all weights once.
+3. HF transformers: load time, prefill tokens/s for a 512-token prompt, decode ms/step at
+   batch 1, 8, 32 (greedy, KV cache), peak memory.
+4. `neox-worker bench` on the same checkpoint, the same figures.
+Prints both side by side with the ratios the GPU issue asks for.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def shape_config():
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=50432,
+        hidden_size=6144,
+        num_hidden_layers=44,
+        num_attention_heads=64,
+        intermediate_size=24576,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        torch_dtype="float16",
+    )
+
+
+def write_checkpoint(path, tokenizer):
+    from transformers import GPTNeoXForCausalLM
+
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        print(f"checkpoint: reusing {path}", flush=True)
+        return
+    os.makedirs(path, exist_ok=True)
+    t = time.time()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GPTNeoXForCausalLM(shape_config()).half()
+    model.save_pretrained(path, max_shard_size="5GB", safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    with open(tokenizer, "rb") as src, open(os.path.join(path, "tokenizer.json"), "wb") as dst:
+        dst.write(src.read())
+    print(f"checkpoint: wrote {path} in {time.time() - t:.0f} s", flush=True)
+
+
+def copy_bandwidth():
+    """GB/s of a device-to-device copy (bytes read + written), best of 10."""
+    n = 1 << 30  # 2 GiB of fp16
+    a = torch.empty(n, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / best / 1e9
+
+
+def hf_figures(path, batches, prefill_len, context_len, steps):
+    from transformers import GPTNeoXForCausalLM
+
+    torch.cuda.reset_peak_memory_stats()
+    t = time.time()
+    model = GPTNeoXForCausalLM.from_pretrained(path, torch_dtype=torch.float16, device_map="cuda")
+    model.eval()
+    torch.cuda.synchronize()
+    load = time.time() - t
+    vocab = model.config.vocab_size
+    out = {"load_seconds": load}
+    with torch.inference_mode():
+        ids = (torch.arange(prefill_len, device="cuda") * 7919 + 13) % vocab
+        model(ids[: prefill_len // 10].unsqueeze(0))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(ids.unsqueeze(0)).logits[:, -1].argmax(-1).tolist()
+        secs = time.perf_counter() - t
+        out["prefill"] = {"tokens": prefill_len, "seconds": secs, "tokens_per_second": prefill_len / secs}
+        out["decode"] = []
+        for b in batches:
+            ctx = (torch.arange(b * context_len, device="cuda").reshape(b, context_len) * 104729 + 13) % vocab
+            r = model(ctx, use_cache=True)
+            past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+            times = []
+            for s in range(steps + 2):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                r = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+                nxt.tolist()
+                if s >= 2:
+                    times.append(time.perf_counter() - t)
+            times.sort()
+            med = times[len(times) // 2]
+            out["decode"].append({"batch": b, "ms_per_step": med * 1e3, "tokens_per_second": b / med})
+            del past, r
+            torch.cuda.empty_cache()
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, help="CUDA neox-worker binary")
+    p.add_argument("--dir", default="/tmp/neox20b")
+    p.add_argument("--tokenizer", default="worker/assets/shakespeare-neox/tokenizer.json")
+    p.add_argument("--batch", default="1,8,32")
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--context-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--skip-hf", action="store_true")
+    a = p.parse_args()
+    batches = [int(b) for b in a.batch.split(",")]
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    print(subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip(), flush=True)
+    write_checkpoint(a.dir, a.tokenizer)
+    weights = sum(os.path.getsize(os.path.join(a.dir, f)) for f in os.listdir(a.dir) if f.endswith(".safetensors"))
+    bw = copy_bandwidth()
+    floor_ms = weights / (bw / 2) / 1e6  # a step reads every weight once: read bandwidth = copy / 2
+    print(f"weights {weights / 1e9:.1f} GB; d2d copy {bw:.0f} GB/s (read {bw / 2:.0f}); batch-1 floor {floor_ms:.1f} ms",
+          flush=True)
+
+    cmd = [a.worker, "bench", "--model", a.dir, "--device", "cuda", "--dtype", "fp16", "--batch", a.batch,
+           "--prefill-len", str(a.prefill_len), "--context-len", str(a.context_len), "--steps", str(a.steps), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr, file=sys.stderr)
+        sys.exit(f"neox-worker bench failed ({r.returncode})")
+    ours = json.loads(r.stdout.strip().splitlines()[-1])
+    hf = None if a.skip_hf else hf_figures(a.dir, batches, a.prefill_len, a.context_len, a.steps)
+
+    def row(name, mine, theirs, better_low):
+        ratio = ""
+        if theirs:
+            ratio = f"{(theirs / mine) if better_low else (mine / theirs):.2f}x"
+        print(f"{name:<28} {mine:>12.2f} {theirs if theirs is not None else float('nan'):>12.2f} {ratio:>8}")
+
+    print(f"\n{'figure':<28} {'neox-serve':>12} {'HF':>12} {'speedup':>8}")
+    row("load s", ours["load_seconds"], hf and hf["load_seconds"], True)
+    row(f"prefill {a.prefill_len} tokens/s", ours["prefill"]["tokens_per_second"],
+        hf and hf["prefill"]["tokens_per_second"], False)
+    for i, d in enumerate(ours["decode"]):
+        h = hf and hf["decode"][i]["ms_per_step"]
+        row(f"decode batch {d['batch']} ms/step", d["ms_per_step"], h, True)
+    row("peak memory GiB", ours["peak_memory_bytes"] / 2**30, hf and hf["peak_memory_bytes"] / 2**30, True)
+    b1 = ours["decode"][0]
+    print(f"\nbatch-1 decode {b1['ms_per_step']:.2f} ms = {b1['ms_per_step'] / floor_ms:.2f}x the bandwidth floor "
+          f"(target <= 1.1x)")
+    if len(ours["decode"]) > 1:
+        last = ours["decode"][-1]
+        print(f"batch {last['batch']} = {last['tokens_per_second'] / b1['tokens_per_second']:.1f}x batch 1 in tokens/s "
+              f"(target >= 20x)")
+    print(json.dumps({"neox": ours, "hf": hf, "copy_gbps": bw, "floor_ms": floor_ms}))
+
+
+if __name__ == "__main__":
+    main()

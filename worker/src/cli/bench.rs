@@ -1,0 +1,195 @@
+//! `neox-worker bench`: load time, prefill throughput, decode ms/step at several batch sizes
+//! and peak memory, through the same step runner the server uses (TP groups included). It
+//! ships in the binary because GPU machines have no Rust toolchain to run `cargo bench`.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use neox_worker::model::LogitsWanted;
+use neox_worker::shard::{SeqPlan, StepRunner};
+
+use super::group::{start_leader, GroupArgs};
+use super::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    group: GroupArgs,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prefill_len: usize,
+    /// Prompt length of every sequence before the decode measurement.
+    #[arg(long, default_value_t = 32)]
+    context_len: usize,
+    /// Decode steps measured per batch size (after 2 warm-up steps).
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Deterministic, spread-out token ids below `vocab`.
+fn tokens(n: usize, seed: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729 + 13) % vocab) as u32)
+        .collect()
+}
+
+/// The greedy next token of each sequence, taken on the logits' device (so the timing
+/// includes the device-to-host synchronisation a served step has).
+fn next_tokens(out: Vec<Option<candle_core::Tensor>>, vocab: usize) -> Result<Vec<u32>> {
+    out.into_iter()
+        .map(|l| {
+            let l = l.context("a sequence returned no logits")?;
+            let cols = l.dim(1)?;
+            let ids = l.narrow(1, 0, vocab.min(cols))?.argmax(1)?.to_vec1::<u32>()?;
+            ids.last().copied().context("empty logits")
+        })
+        .collect()
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.batch.is_empty() || a.batch.contains(&0) || a.steps == 0 || a.prefill_len == 0 || a.context_len == 0 {
+        bail!("--batch entries, --steps, --prefill-len and --context-len must be positive");
+    }
+    let t_load = Instant::now();
+    let mut group = start_leader(&a.model, &a.group)?;
+    let load_secs = t_load.elapsed().as_secs_f64();
+    let runner = group.runner()?;
+    let vocab = runner.model().sampleable_vocab();
+    let max_pos = runner.model().config().max_position_embeddings;
+    if a.prefill_len > max_pos || a.context_len + a.steps + 2 > max_pos {
+        bail!("the model has {max_pos} positions: shorten --prefill-len or --context-len + --steps");
+    }
+    let mut next_id = 0u64;
+
+    // Prefill: one warm-up at a tenth of the length, then the measured prompt.
+    let mut prefill = |runner: &mut dyn StepRunner, len: usize| -> Result<f64> {
+        next_id += 1;
+        let plan = [SeqPlan {
+            id: next_id,
+            tokens: tokens(len, next_id as usize, vocab),
+            logits: LogitsWanted::Last,
+            reserve: len,
+        }];
+        let t = Instant::now();
+        next_tokens(runner.step(&plan)?, vocab)?;
+        let secs = t.elapsed().as_secs_f64();
+        runner.release(&[next_id])?;
+        Ok(secs)
+    };
+    prefill(runner, (a.prefill_len / 10).max(1))?;
+    let prefill_secs = prefill(runner, a.prefill_len)?;
+    let mut peak = memory_in_use(runner);
+
+    let mut decode = Vec::new();
+    for &b in &a.batch {
+        let ids: Vec<u64> = (0..b as u64).map(|i| 1_000_000 + next_id + i).collect();
+        next_id += b as u64;
+        let reserve = a.context_len + a.steps + 2;
+        let plan: Vec<SeqPlan> = ids
+            .iter()
+            .map(|&id| SeqPlan {
+                id,
+                tokens: tokens(a.context_len, id as usize, vocab),
+                logits: LogitsWanted::Last,
+                reserve,
+            })
+            .collect();
+        let mut last = next_tokens(runner.step(&plan)?, vocab)?;
+        let mut step_secs = Vec::with_capacity(a.steps);
+        for s in 0..a.steps + 2 {
+            let plan: Vec<SeqPlan> = ids
+                .iter()
+                .zip(&last)
+                .map(|(&id, &t)| SeqPlan {
+                    id,
+                    tokens: vec![t],
+                    logits: LogitsWanted::Last,
+                    reserve,
+                })
+                .collect();
+            let t = Instant::now();
+            last = next_tokens(runner.step(&plan)?, vocab)?;
+            if s >= 2 {
+                step_secs.push(t.elapsed().as_secs_f64());
+            }
+        }
+        peak = peak.max(memory_in_use(runner));
+        runner.release(&ids)?;
+        step_secs.sort_by(f64::total_cmp);
+        let median = step_secs[step_secs.len() / 2];
+        decode.push(json!({
+            "batch": b,
+            "ms_per_step": median * 1e3,
+            "tokens_per_second": b as f64 / median,
+        }));
+    }
+    let out = json!({
+        "model": group.name,
+        "device": a.model.device,
+        "dtype": a.model.dtype,
+        "tp": a.group.world_size.unwrap_or(a.group.tp),
+        "load_seconds": load_secs,
+        "prefill": { "tokens": a.prefill_len, "seconds": prefill_secs, "tokens_per_second": a.prefill_len as f64 / prefill_secs },
+        "decode": decode,
+        "context_len": a.context_len,
+        "peak_memory_bytes": peak,
+    });
+    if a.json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({}), load {:.2} s",
+        group.name, a.model.device, a.model.dtype, load_secs
+    );
+    println!(
+        "prefill {} tokens: {:.1} ms, {:.0} tokens/s",
+        a.prefill_len,
+        prefill_secs * 1e3,
+        a.prefill_len as f64 / prefill_secs
+    );
+    println!("batch  decode ms/step  tokens/s");
+    for d in &decode {
+        println!(
+            "{:<6} {:>14.2} {:>9.1}",
+            d["batch"],
+            d["ms_per_step"].as_f64().unwrap_or(0.0),
+            d["tokens_per_second"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("peak memory in use: {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
+    Ok(())
+}
+
+/// Device memory in use on a GPU (all processes'), else this process's peak resident set.
+fn memory_in_use(runner: &mut dyn StepRunner) -> u64 {
+    #[cfg(feature = "cuda")]
+    {
+        if let candle_core::Device::Cuda(d) = runner.model().device() {
+            let ctx = d.cuda_stream().context().clone();
+            if let Ok((free, total)) = ctx.mem_get_info() {
+                return (total - free) as u64;
+            }
+        }
+    }
+    let _ = runner;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,174 @@
+//! The CUDA path, for a GPU machine: the model on `cuda:0` against HF's goldens, the demo
+//! model's perplexity in fp16, and NCCL collectives with one rank. Built only with
+//! `--features cuda`; such a build is meant for a GPU, so these tests fail (they do not skip)
+//! where no CUDA device is usable. CI only type-checks them.
+//!
+//! Build the test binary with `worker/scripts/build-cuda.sh --tests`, carry it with the
+//! fixtures (`NEOX_FIXTURE_DIR`) and run it there.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use neox_worker::engine::{generate_batch, perplexity, OfflineOptions, SamplingParams};
+use neox_worker::model::{self, LogitsWanted, SeqStep};
+use neox_worker::parallel::{Communicator, NcclCommunicator, RankInfo};
+use neox_worker::shard::LocalRunner;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).unwrap_or_else(|e| panic!("these tests need a usable CUDA device: {e}"))
+}
+
+fn load_on_gpu(spec: &str, dtype: DType) -> model::LoadedModel {
+    model::load(spec, dtype, &gpu(), RankInfo::SINGLE).unwrap_or_else(|e| panic!("loading {spec} on cuda:0: {e}"))
+}
+
+fn all_logits(m: &model::GptNeoX, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache(ids.len());
+    let out = m
+        .forward(&mut [SeqStep {
+            tokens: ids,
+            cache: &mut cache,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap();
+    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
+}
+
+/// fp32 on the GPU: cuBLAS may sum in another order than torch on CPU (and uses TF32 only
+/// when asked, which candle does not), so 1e-3 rather than the CPU's 1e-4.
+#[test]
+fn fp32_logits_and_greedy_on_gpu_match_hf() {
+    let g = Goldens::load();
+    let dir = fixture_dir().display().to_string();
+    let m = load_on_gpu(&dir, DType::F32);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let d = max_abs_diff(&all_logits(&m.model, &ids), &g.f32_2d(&format!("case{i}.logits")));
+        assert!(d <= 1e-3, "case{i}: GPU fp32 logits differ from HF by {d}");
+    }
+    let mut runner = LocalRunner::new(m.model);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let want = g.ids(&format!("case{i}.greedy"));
+        let opts = OfflineOptions {
+            max_new_tokens: want.len(),
+            sampling: SamplingParams::default(),
+            eos_token_id: None,
+        };
+        let (out, _) = generate_batch(&mut runner, &[ids], &opts).unwrap();
+        assert_eq!(out[0].ids, want, "case{i}: GPU greedy continuation differs from HF");
+    }
+}
+
+/// fp16/bf16 compute: the same bounds as the CPU tests of those dtypes (hf_parity.rs), which
+/// come from the rounding of 10 (fp16) and 7 (bf16) mantissa bits through the fixture's layers.
+#[test]
+fn half_precision_logits_on_gpu_stay_close_to_hf() {
+    let g = Goldens::load();
+    let dir = fixture_dir().display().to_string();
+    for (dtype, tol) in [(DType::F16, 1e-1f32), (DType::BF16, 0.25)] {
+        let m = load_on_gpu(&dir, dtype);
+        for i in g.cases() {
+            let ids = g.ids(&format!("case{i}.input_ids"));
+            let d = max_abs_diff(&all_logits(&m.model, &ids), &g.f32_2d(&format!("case{i}.logits")));
+            assert!(d <= tol, "case{i}: {dtype:?} logits differ from HF by {d}");
+        }
+    }
+}
+
+#[test]
+fn demo_model_perplexity_in_fp16_is_within_005_of_hf() {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shakespeare_dir().join("golden.json")).unwrap()).unwrap();
+    let want = golden["hamlet_eval"]["perplexity"].as_f64().unwrap();
+    let window = golden["hamlet_eval"]["window"].as_u64().unwrap() as usize;
+    let eval: Vec<u32> =
+        serde_json::from_str(&std::fs::read_to_string(shakespeare_dir().join("hamlet_eval_ids.json")).unwrap())
+            .unwrap();
+    let m = load_on_gpu("builtin:shakespeare", DType::F16);
+    let p = perplexity(&mut LocalRunner::new(m.model), &eval, window).unwrap();
+    assert!(
+        (p.perplexity - want).abs() <= 0.05,
+        "fp16 perplexity {} vs HF {want}",
+        p.perplexity
+    );
+}
+
+fn single_rank_nccl() -> NcclCommunicator {
+    let id = neox_worker::parallel::new_nccl_id().unwrap();
+    NcclCommunicator::connect(RankInfo::SINGLE, &id, &gpu(), Duration::from_secs(30)).unwrap()
+}
+
+#[test]
+fn nccl_single_rank_collectives_return_their_input() {
+    let comm = single_rank_nccl();
+    let dev = gpu();
+    let x = Tensor::arange(0f32, 24.0, &dev).unwrap().reshape((2, 3, 4)).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let t = x.to_dtype(dtype).unwrap();
+        let want = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let sum = comm.all_reduce_sum(&t).unwrap();
+        assert_eq!(sum.dims(), t.dims());
+        assert_eq!(sum.dtype(), dtype);
+        let got = sum
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want, "{dtype:?} all-reduce");
+        for dim in 0..3 {
+            let g = comm.all_gather(&t, dim).unwrap();
+            assert_eq!(g.dims(), t.dims(), "{dtype:?} all-gather along {dim}");
+        }
+    }
+    // A strided (non-contiguous) input goes through too.
+    let tr = x.transpose(1, 2).unwrap();
+    let got = comm.all_reduce_sum(&tr).unwrap();
+    assert_eq!(
+        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        tr.contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+    assert_eq!(
+        comm.broadcast_bytes(b"rank zero says hi".to_vec()).unwrap(),
+        b"rank zero says hi"
+    );
+    assert_eq!(comm.broadcast_bytes(Vec::new()).unwrap(), Vec::<u8>::new());
+    comm.barrier().unwrap();
+}
+
+#[test]
+fn nccl_group_whose_peer_never_joins_fails_within_the_timeout() {
+    let id = neox_worker::parallel::new_nccl_id().unwrap();
+    let rank = RankInfo { rank: 0, world_size: 2 };
+    let t0 = Instant::now();
+    let err = NcclCommunicator::connect(rank, &id, &gpu(), Duration::from_secs(2)).unwrap_err();
+    let waited = t0.elapsed();
+    assert!(err.to_string().contains("did not form"), "{err}");
+    assert!(waited < Duration::from_secs(6), "waited {waited:?}");
+}
+
+#[test]
+fn nccl_refuses_a_cpu_device_and_a_bad_id() {
+    let id = neox_worker::parallel::new_nccl_id().unwrap();
+    let cpu = NcclCommunicator::connect(RankInfo::SINGLE, &id, &Device::Cpu, Duration::from_secs(5)).unwrap_err();
+    assert!(cpu.to_string().contains("CUDA device"), "{cpu}");
+    let short = NcclCommunicator::connect(RankInfo::SINGLE, &id[..10], &gpu(), Duration::from_secs(5)).unwrap_err();
+    assert!(short.to_string().contains("128 bytes"), "{short}");
+}
