@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use neox_worker::engine::{generate_batch, perplexity, OfflineOptions, SamplingParams};
-use neox_worker::model::{self, LogitsWanted, SeqStep};
+use neox_worker::engine::perplexity;
+use neox_worker::model;
 use neox_worker::parallel::{Communicator, NcclCommunicator, RankInfo};
 use neox_worker::shard::LocalRunner;
 
@@ -24,18 +24,6 @@ fn gpu() -> Device {
 
 fn load_on_gpu(spec: &str, dtype: DType) -> model::LoadedModel {
     model::load(spec, dtype, &gpu(), RankInfo::SINGLE).unwrap_or_else(|e| panic!("loading {spec} on cuda:0: {e}"))
-}
-
-fn all_logits(m: &model::GptNeoX, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = m.new_cache(ids.len());
-    let out = m
-        .forward(&mut [SeqStep {
-            tokens: ids,
-            cache: &mut cache,
-            logits: LogitsWanted::All,
-        }])
-        .unwrap();
-    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
 }
 
 /// fp32 on the GPU: cuBLAS may sum in another order than torch on CPU (and uses TF32 only
@@ -50,18 +38,11 @@ fn fp32_logits_and_greedy_on_gpu_match_hf() {
         let d = max_abs_diff(&all_logits(&m.model, &ids), &g.f32_2d(&format!("case{i}.logits")));
         assert!(d <= 1e-3, "case{i}: GPU fp32 logits differ from HF by {d}");
     }
-    let mut runner = LocalRunner::new(m.model);
-    for i in g.cases() {
-        let ids = g.ids(&format!("case{i}.input_ids"));
-        let want = g.ids(&format!("case{i}.greedy"));
-        let opts = OfflineOptions {
-            max_new_tokens: want.len(),
-            sampling: SamplingParams::default(),
-            eos_token_id: None,
-        };
-        let (out, _) = generate_batch(&mut runner, &[ids], &opts).unwrap();
-        assert_eq!(out[0].ids, want, "case{i}: GPU greedy continuation differs from HF");
-    }
+    assert_greedy_matches_hf(
+        &g,
+        &mut LocalRunner::new(m.model),
+        "GPU greedy continuation differs from HF",
+    );
 }
 
 /// fp16/bf16 compute: the same bounds as the CPU tests of those dtypes (hf_parity.rs), which
@@ -98,6 +79,15 @@ fn demo_model_perplexity_in_fp16_is_within_005_of_hf() {
     );
 }
 
+fn flat_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn single_rank_nccl() -> NcclCommunicator {
     let id = neox_worker::parallel::new_nccl_id().unwrap();
     NcclCommunicator::connect(RankInfo::SINGLE, &id, &gpu(), Duration::from_secs(30)).unwrap()
@@ -110,23 +100,11 @@ fn nccl_single_rank_collectives_return_their_input() {
     let x = Tensor::arange(0f32, 24.0, &dev).unwrap().reshape((2, 3, 4)).unwrap();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let t = x.to_dtype(dtype).unwrap();
-        let want = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want = flat_f32(&t);
         let sum = comm.all_reduce_sum(&t).unwrap();
         assert_eq!(sum.dims(), t.dims());
         assert_eq!(sum.dtype(), dtype);
-        let got = sum
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = flat_f32(&sum);
         assert_eq!(got, want, "{dtype:?} all-reduce");
         for dim in 0..3 {
             let g = comm.all_gather(&t, dim).unwrap();
@@ -136,15 +114,7 @@ fn nccl_single_rank_collectives_return_their_input() {
     // A strided (non-contiguous) input goes through too.
     let tr = x.transpose(1, 2).unwrap();
     let got = comm.all_reduce_sum(&tr).unwrap();
-    assert_eq!(
-        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        tr.contiguous()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    );
+    assert_eq!(flat_f32(&got), flat_f32(&tr));
     assert_eq!(
         comm.broadcast_bytes(b"rank zero says hi".to_vec()).unwrap(),
         b"rank zero says hi"

@@ -35,7 +35,18 @@ impl Linear {
             });
         }
         let (n, k) = weight.dims2()?;
-        let matrix = PackedMatrix::from_rows(&weight.flatten_all()?.to_vec1::<f32>()?, n, k);
+        // Packed straight from the tensor's buffer: no intermediate copy of the weights.
+        let matrix = {
+            let (storage, layout) = weight.storage_and_layout();
+            let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                return Err(ModelError::Internal(
+                    "a CPU f32 weight without a contiguous f32 buffer".into(),
+                ));
+            };
+            PackedMatrix::from_rows(&data[start..end], n, k)
+        };
         let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
         if let Some(b) = &bias {
             if b.len() != n {

@@ -19,7 +19,12 @@ pub fn fixture_dir() -> PathBuf {
 }
 
 pub fn shakespeare_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox")
+    let built_here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox");
+    if built_here.exists() {
+        return built_here;
+    }
+    // A test binary carried to another machine (the GPU tests), run from the repository root.
+    PathBuf::from("worker/assets/shakespeare-neox")
 }
 
 pub struct Goldens {
@@ -117,4 +122,32 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
 
 pub fn csv(ids: &[u32]) -> String {
     ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Every position's logits of `ids` run as one prefill.
+pub fn all_logits(m: &neox_worker::model::GptNeoX, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache(ids.len());
+    let out = m
+        .forward(&mut [neox_worker::model::SeqStep {
+            tokens: ids,
+            cache: &mut cache,
+            logits: neox_worker::model::LogitsWanted::All,
+        }])
+        .unwrap();
+    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
+}
+
+/// Every case's greedy continuation (with the KV cache) equals HF's, token for token.
+pub fn assert_greedy_matches_hf(g: &Goldens, runner: &mut neox_worker::shard::LocalRunner, what: &str) {
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let want = g.ids(&format!("case{i}.greedy"));
+        let opts = neox_worker::engine::OfflineOptions {
+            max_new_tokens: want.len(),
+            sampling: neox_worker::engine::SamplingParams::default(),
+            eos_token_id: None,
+        };
+        let (out, _) = neox_worker::engine::generate_batch(runner, &[ids], &opts).unwrap();
+        assert_eq!(out[0].ids, want, "case{i}: {what}");
+    }
 }
