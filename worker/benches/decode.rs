@@ -320,7 +320,7 @@ fn all_reduce_latency(hidden: usize) -> anyhow::Result<()> {
         "ranks", "f32 values", "one-shot us", "ring us"
     );
     for n in [2usize, 4] {
-        for floats in [hidden, 32 * hidden, 512 * hidden] {
+        for floats in [hidden, 32 * hidden, 64 * hidden, 128 * hidden, 512 * hidden] {
             let iters = if floats > 100_000 { 20 } else { 300 };
             let one = all_reduce_median(n, floats, usize::MAX, iters)? * 1e6;
             let ring = if n > 2 {
