@@ -36,12 +36,12 @@ pub struct AttendShape {
 
 /// Attention of one new token against `len` cached positions, per head:
 /// `out[h] = softmax(scale · q[h] · K[h]ᵀ) · V[h]` (no mask is needed: every cached position
-/// precedes the token). `q` and `out` are `[heads, head_dim]`; softmax is computed in f32 with
-/// the maximum subtracted, as torch does.
+/// precedes the token). `q` is read at row 0 of each head; `out` is `[heads, head_dim]`;
+/// softmax is computed in f32 with the maximum subtracted, as torch does.
 ///
 /// # Panics
 /// If a view is shorter than its shape says.
-pub fn attend_one(q: &[f32], k: HeadsView<'_>, v: HeadsView<'_>, shape: AttendShape, out: &mut [f32]) {
+pub fn attend_one(q: HeadsView<'_>, k: HeadsView<'_>, v: HeadsView<'_>, shape: AttendShape, out: &mut [f32]) {
     let AttendShape {
         heads,
         len,
@@ -51,7 +51,7 @@ pub fn attend_one(q: &[f32], k: HeadsView<'_>, v: HeadsView<'_>, shape: AttendSh
     let dot = dot_fn();
     let mut scores = vec![0f32; len];
     for h in 0..heads {
-        let qh = &q[h * hd..(h + 1) * hd];
+        let qh = q.row(h, 0, hd);
         let mut max = f32::NEG_INFINITY;
         for (j, s) in scores.iter_mut().enumerate() {
             *s = dot(qh, k.row(h, j, hd)) * scale;
@@ -71,6 +71,39 @@ pub fn attend_one(q: &[f32], k: HeadsView<'_>, v: HeadsView<'_>, shape: AttendSh
             }
         }
     }
+}
+
+/// One sequence of a batched decode step: its new token's query and its cache.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeSeq<'a> {
+    pub q: HeadsView<'a>,
+    pub k: HeadsView<'a>,
+    pub v: HeadsView<'a>,
+    /// Cached positions (the new token's included).
+    pub len: usize,
+}
+
+/// [`attend_one`] for every sequence of a decode step, in parallel over sequences: row `b`
+/// of `out` (`[seqs, heads · head_dim]`) is sequence `b`'s attention output.
+///
+/// # Panics
+/// If `out` or a view is shorter than its shape says.
+pub fn attend_batch(seqs: &[DecodeSeq<'_>], heads: usize, head_dim: usize, scale: f32, out: &mut [f32]) {
+    let width = heads * head_dim;
+    assert!(out.len() >= seqs.len() * width, "attend_batch: output too short");
+    if width == 0 {
+        return;
+    }
+    use rayon::prelude::*;
+    out.par_chunks_mut(width).zip(seqs).for_each(|(o, s)| {
+        let shape = AttendShape {
+            heads,
+            len: s.len,
+            head_dim,
+            scale,
+        };
+        attend_one(s.q, s.k, s.v, shape, o);
+    });
 }
 
 type DotFn = fn(&[f32], &[f32]) -> f32;
@@ -160,8 +193,14 @@ mod tests {
         };
         let (kb, vb): (&'static [f32], &'static [f32]) = (kbuf.leak(), vbuf.leak());
         let mut out = vec![0f32; heads * hd];
+        let qv = HeadsView {
+            data: &q,
+            offset: 0,
+            head_stride: hd,
+            row_stride: hd,
+        };
         attend_one(
-            &q,
+            qv,
             view(kb),
             view(vb),
             AttendShape {
@@ -189,6 +228,62 @@ mod tests {
                     .sum();
                 assert!((out[h * hd + d] as f64 - want).abs() < 1e-5, "h {h} d {d}");
             }
+        }
+    }
+
+    #[test]
+    fn attend_batch_equals_attend_one_per_sequence() {
+        let (heads, hd, cap) = (2, 4, 6);
+        let lens = [1usize, 3, 6];
+        let b = lens.len();
+        // q head-major [heads, b, hd], as the model's query projection is laid out.
+        let q: Vec<f32> = (0..heads * b * hd).map(|i| ((i * 7 % 9) as f32 - 4.0) / 3.0).collect();
+        let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..b)
+            .map(|s| {
+                let k = (0..heads * cap * hd)
+                    .map(|i| (((i + s) * 5 % 11) as f32 - 5.0) / 4.0)
+                    .collect();
+                let v = (0..heads * cap * hd)
+                    .map(|i| (((i + 2 * s) * 3 % 7) as f32 - 3.0) / 2.0)
+                    .collect();
+                (k, v)
+            })
+            .collect();
+        fn kv_view(d: &[f32], cap: usize, hd: usize) -> HeadsView<'_> {
+            HeadsView {
+                data: d,
+                offset: 0,
+                head_stride: cap * hd,
+                row_stride: hd,
+            }
+        }
+        let seqs: Vec<DecodeSeq<'_>> = caches
+            .iter()
+            .enumerate()
+            .map(|(s, (k, v))| DecodeSeq {
+                q: HeadsView {
+                    data: &q,
+                    offset: s * hd,
+                    head_stride: b * hd,
+                    row_stride: hd,
+                },
+                k: kv_view(k, cap, hd),
+                v: kv_view(v, cap, hd),
+                len: lens[s],
+            })
+            .collect();
+        let mut out = vec![f32::NAN; b * heads * hd];
+        attend_batch(&seqs, heads, hd, 0.5, &mut out);
+        for (s, seq) in seqs.iter().enumerate() {
+            let mut one = vec![0f32; heads * hd];
+            let shape = AttendShape {
+                heads,
+                len: lens[s],
+                head_dim: hd,
+                scale: 0.5,
+            };
+            attend_one(seq.q, seq.k, seq.v, shape, &mut one);
+            assert_eq!(&out[s * heads * hd..(s + 1) * heads * hd], &one[..], "sequence {s}");
         }
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{Checkpoint, Slice};
 use super::config::{Activation, NeoXConfig};
-use super::decode_attention::attend_one_token;
+use super::decode_attention::{attend_decode_step, attend_one_token};
 use super::kv_cache::SequenceCache;
 use super::linear::Linear;
 use super::ModelError;
@@ -497,6 +497,18 @@ impl GptNeoX {
         let k = self.rotary(&part(1)?, cos, sin)?;
         let v = part(2)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let on_cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
+        if on_cpu_f32 && seqs.iter().all(|s| s.tokens.len() == 1) {
+            // A pure decode step (the steady state of a busy server): every cache is appended
+            // to, then one parallel pass attends all sequences.
+            let mut kv = Vec::with_capacity(seqs.len());
+            for (i, s) in seqs.iter_mut().enumerate() {
+                let ks = k.narrow(1, i, 1)?.contiguous()?;
+                let vs = v.narrow(1, i, 1)?.contiguous()?;
+                kv.push(s.cache.append(li, &ks, &vs)?);
+            }
+            return layer.attn_out.forward(&attend_decode_step(&q, &kv, scale)?);
+        }
         let mut outs = Vec::with_capacity(seqs.len());
         let mut offset = 0;
         for s in seqs.iter_mut() {
