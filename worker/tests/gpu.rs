@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use neox_worker::engine::perplexity;
 use neox_worker::model;
-use neox_worker::parallel::{Communicator, NcclCommunicator, RankInfo};
+use neox_worker::parallel::{Communicator, NcclCommunicator, NcclTimeouts, RankInfo};
 use neox_worker::shard::LocalRunner;
 
 fn gpu() -> Device {
@@ -88,9 +88,16 @@ fn flat_f32(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+fn timeouts(secs: u64) -> NcclTimeouts {
+    NcclTimeouts {
+        join: Duration::from_secs(secs),
+        collective: Duration::from_secs(secs),
+    }
+}
+
 fn single_rank_nccl() -> NcclCommunicator {
     let id = neox_worker::parallel::new_nccl_id().unwrap();
-    NcclCommunicator::connect(RankInfo::SINGLE, &id, &gpu(), Duration::from_secs(30)).unwrap()
+    NcclCommunicator::connect(RankInfo::SINGLE, &id, &gpu(), timeouts(30)).unwrap()
 }
 
 #[test]
@@ -128,7 +135,7 @@ fn nccl_group_whose_peer_never_joins_fails_within_the_timeout() {
     let id = neox_worker::parallel::new_nccl_id().unwrap();
     let rank = RankInfo { rank: 0, world_size: 2 };
     let t0 = Instant::now();
-    let err = NcclCommunicator::connect(rank, &id, &gpu(), Duration::from_secs(2)).unwrap_err();
+    let err = NcclCommunicator::connect(rank, &id, &gpu(), timeouts(2)).unwrap_err();
     let waited = t0.elapsed();
     assert!(err.to_string().contains("did not form"), "{err}");
     assert!(waited < Duration::from_secs(6), "waited {waited:?}");
@@ -137,8 +144,8 @@ fn nccl_group_whose_peer_never_joins_fails_within_the_timeout() {
 #[test]
 fn nccl_refuses_a_cpu_device_and_a_bad_id() {
     let id = neox_worker::parallel::new_nccl_id().unwrap();
-    let cpu = NcclCommunicator::connect(RankInfo::SINGLE, &id, &Device::Cpu, Duration::from_secs(5)).unwrap_err();
+    let cpu = NcclCommunicator::connect(RankInfo::SINGLE, &id, &Device::Cpu, timeouts(5)).unwrap_err();
     assert!(cpu.to_string().contains("CUDA device"), "{cpu}");
-    let short = NcclCommunicator::connect(RankInfo::SINGLE, &id[..10], &gpu(), Duration::from_secs(5)).unwrap_err();
+    let short = NcclCommunicator::connect(RankInfo::SINGLE, &id[..10], &gpu(), timeouts(5)).unwrap_err();
     assert!(short.to_string().contains("128 bytes"), "{short}");
 }

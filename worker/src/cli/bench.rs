@@ -50,8 +50,7 @@ fn next_tokens(out: Vec<Option<candle_core::Tensor>>, vocab: usize) -> Result<Ve
     out.into_iter()
         .map(|l| {
             let l = l.context("a sequence returned no logits")?;
-            let cols = l.dim(1)?;
-            let ids = l.narrow(1, 0, vocab.min(cols))?.argmax(1)?.to_vec1::<u32>()?;
+            let ids = neox_worker::engine::sampling::argmax_rows(&l, vocab)?;
             ids.last().copied().context("empty logits")
         })
         .collect()

@@ -60,14 +60,25 @@ pub enum Collectives {
 }
 
 impl Collectives {
-    /// The backend for a group whose leader runs on `device`.
-    fn resolve(self, device: &candle_core::Device) -> Result<Backend> {
-        Ok(match self {
-            Collectives::Tcp => Backend::Tcp,
-            Collectives::Auto if device.is_cuda() => Backend::Nccl,
-            Collectives::Auto => Backend::Tcp,
-            Collectives::Nccl if device.is_cuda() => Backend::Nccl,
-            Collectives::Nccl => bail!("--collectives nccl needs --device cuda (the model runs on {device:?})"),
+    /// The backend for a group of `world` ranks whose leader runs on `device` (from
+    /// `--device device_arg`); `local`: every rank is on this host (the `--tp` launcher).
+    fn resolve(self, device: &candle_core::Device, device_arg: &str, world: usize, local: bool) -> Result<Backend> {
+        if self == Collectives::Tcp || !device.is_cuda() {
+            if self == Collectives::Nccl {
+                bail!("--collectives nccl needs --device cuda (the model runs on {device:?})");
+            }
+            return Ok(Backend::Tcp);
+        }
+        // NCCL refuses two ranks on one GPU: a pinned ordinal, or more local ranks than GPUs.
+        let pinned = device_arg.trim().to_ascii_lowercase().starts_with("cuda:");
+        let shares_gpu = local && world > 1 && (pinned || world > model::cuda_device_count()?);
+        Ok(match (self, shares_gpu) {
+            (Collectives::Nccl, true) => bail!(
+                "--collectives nccl needs one GPU per rank, but the {world} ranks on this host would share \
+                 GPUs (--device {device_arg}); use --collectives tcp, or --device cuda with enough GPUs"
+            ),
+            (_, true) => Backend::Tcp,
+            _ => Backend::Nccl,
         })
     }
 }
@@ -247,7 +258,9 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         collective_timeout,
         collective_addr,
         ring_threshold: g.ring_threshold_bytes,
-        backend: g.collectives.resolve(loaded.model.device())?,
+        backend: g
+            .collectives
+            .resolve(loaded.model.device(), &m.device, role.rank.world_size, role.launcher)?,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

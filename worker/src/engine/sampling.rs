@@ -80,6 +80,38 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
+/// Per row of `logits` (`[rows, vocab+]`), the index of the largest of the first `vocab`
+/// values, reduced on the tensor's device so only the ids cross to the host. The first index
+/// wins ties, as in [`argmax`] and torch.
+pub fn argmax_rows(logits: &candle_core::Tensor, vocab: usize) -> candle_core::Result<Vec<u32>> {
+    let cols = logits.dim(1)?;
+    let l = logits.narrow(1, 0, vocab.min(cols))?;
+    if l.device().is_cpu() {
+        // candle's CPU argmax keeps the first maximum.
+        return l.argmax(1)?.to_vec1();
+    }
+    first_max_index(&l)?.to_vec1()
+}
+
+/// Row-wise index of the first maximum, from element-wise ops only: candle's CUDA argmax
+/// does not say which of equal values it returns, and half-precision logits do tie.
+fn first_max_index(l: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    let l = l.to_dtype(DType::F32)?;
+    let (rows, n) = l.dims2()?;
+    let dev = l.device();
+    let max = l.max_keepdim(1)?;
+    let index = Tensor::arange(0u32, n as u32, dev)?
+        .to_dtype(DType::F32)?
+        .unsqueeze(0)?
+        .broadcast_as((rows, n))?;
+    let past_end = Tensor::full(n as f32, (rows, n), dev)?;
+    l.broadcast_eq(&max)?
+        .where_cond(&index, &past_end)?
+        .min(1)?
+        .to_dtype(DType::U32)
+}
+
 fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let n = n.min(idx.len());
@@ -246,6 +278,25 @@ fn normalise(p: &mut [f64]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn device_argmax_takes_the_first_of_equal_maxima() {
+        use candle_core::{Device, Tensor};
+        let rows = [
+            [0.5f32, 2.0, 1.0, 2.0, -1.0],
+            [3.0, 3.0, 3.0, 0.0, 9.0],
+            [-4.0, -2.0, -2.0, -3.0, -5.0],
+        ];
+        let t = Tensor::new(&rows, &Device::Cpu).unwrap();
+        // The element-wise form (used off the CPU) and the CPU argmax agree with `argmax`.
+        let generic: Vec<u32> = super::first_max_index(&t).unwrap().to_vec1().unwrap();
+        assert_eq!(generic, [1, 4, 1]);
+        assert_eq!(super::argmax_rows(&t, 5).unwrap(), [1, 4, 1]);
+        // Only the first `vocab` columns are candidates.
+        assert_eq!(super::argmax_rows(&t, 4).unwrap(), [1, 0, 1]);
+        let host: Vec<u32> = rows.iter().map(|r| super::argmax(r)).collect();
+        assert_eq!(generic, host);
+    }
+
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {

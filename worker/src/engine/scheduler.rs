@@ -20,7 +20,7 @@ use crate::shard::{SeqPlan, StepRunner};
 
 use super::blocks::BlockManager;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
-use super::sampling::{log_softmax_at, Sampled, Sampler};
+use super::sampling::{argmax_rows, log_softmax_at, Sampled, Sampler};
 use super::stop::{StopMatcher, StopOutcome};
 
 /// How often an idle engine checks that every rank is still there.
@@ -504,7 +504,10 @@ impl Engine {
         }
         let sampled = if argmax_on_device {
             Sampled {
-                id: device_argmax(&logits, vocab)?,
+                id: argmax_rows(&logits, vocab)?
+                    .last()
+                    .copied()
+                    .ok_or_else(|| ModelError::Internal("argmax of an empty logits row".into()))?,
                 // Not computed: the request asked for no logprobs.
                 logprob: f32::NAN,
                 top: Vec::new(),
@@ -604,14 +607,4 @@ impl Engine {
             self.in_engine.fetch_sub(1, Ordering::SeqCst);
         }
     }
-}
-
-/// Index of the largest of the first `vocab` logits of a `[1, vocab+]` tensor, reduced on the
-/// tensor's device.
-fn device_argmax(logits: &candle_core::Tensor, vocab: usize) -> Result<u32, ModelError> {
-    let cols = logits.dim(1)?;
-    let ids = logits.narrow(1, 0, vocab.min(cols))?.argmax(1)?.to_vec1::<u32>()?;
-    ids.first()
-        .copied()
-        .ok_or_else(|| ModelError::Internal("argmax of an empty logits row".into()))
 }

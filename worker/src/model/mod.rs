@@ -77,8 +77,9 @@ fn cuda_device(ordinal: usize) -> Result<Device, ModelError> {
     Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
 }
 
+/// CUDA devices visible to this process (an error in builds without CUDA).
 #[cfg(feature = "cuda")]
-fn cuda_device_count() -> Result<usize, ModelError> {
+pub fn cuda_device_count() -> Result<usize, ModelError> {
     use candle_core::cuda_backend::cudarc::driver::CudaContext;
     let n = CudaContext::device_count().map_err(|e| ModelError::Device(format!("no usable CUDA driver: {e}")))?;
     match usize::try_from(n) {
@@ -89,8 +90,9 @@ fn cuda_device_count() -> Result<usize, ModelError> {
     }
 }
 
+/// CUDA devices visible to this process (an error in builds without CUDA).
 #[cfg(not(feature = "cuda"))]
-fn cuda_device_count() -> Result<usize, ModelError> {
+pub fn cuda_device_count() -> Result<usize, ModelError> {
     cuda_device(0).map(|_| 0)
 }
 

@@ -12,7 +12,7 @@ mod single;
 mod tcp;
 
 #[cfg(feature = "cuda")]
-pub use nccl::{NcclCommunicator, NCCL_ID_BYTES};
+pub use nccl::{NcclCommunicator, NcclTimeouts, NCCL_ID_BYTES};
 
 pub use single::{SingleRank, Unconnected};
 pub use tcp::{TcpCommunicator, DEFAULT_RING_THRESHOLD};
@@ -57,22 +57,25 @@ pub fn new_nccl_id() -> Result<Vec<u8>, ParallelError> {
     }
 }
 
-/// Joins the NCCL group `id` as `rank` on `device`.
+/// Joins the NCCL group `id` as `rank` on `device`: within `join` for the group to form, then
+/// `collective` for each collective.
 pub fn connect_nccl(
     rank: RankInfo,
     id: &[u8],
     device: &candle_core::Device,
-    timeout: std::time::Duration,
+    join: std::time::Duration,
+    collective: std::time::Duration,
 ) -> Result<std::sync::Arc<dyn Communicator>, ParallelError> {
     #[cfg(feature = "cuda")]
     {
+        let timeouts = NcclTimeouts { join, collective };
         Ok(std::sync::Arc::new(NcclCommunicator::connect(
-            rank, id, device, timeout,
+            rank, id, device, timeouts,
         )?))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (rank, id, device, timeout);
+        let _ = (rank, id, device, join, collective);
         Err(no_cuda())
     }
 }

@@ -42,6 +42,13 @@ struct RawComm(sys::ncclComm_t);
 // SAFETY: see the type's docs; the handle is only used under `NcclCommunicator::comm`'s lock.
 unsafe impl Send for RawComm {}
 
+/// How long an NCCL group may take to form, and each collective once it has.
+#[derive(Debug, Clone, Copy)]
+pub struct NcclTimeouts {
+    pub join: Duration,
+    pub collective: Duration,
+}
+
 pub struct NcclCommunicator {
     rank: RankInfo,
     device: CudaDevice,
@@ -59,8 +66,10 @@ impl std::fmt::Debug for NcclCommunicator {
 
 impl NcclCommunicator {
     /// Joins the group with unique id `id` as `rank`, on `device` (this rank's GPU). Fails if
-    /// the other ranks do not join within `timeout`.
-    pub fn connect(rank: RankInfo, id: &[u8], device: &Device, timeout: Duration) -> Result<Self, ParallelError> {
+    /// the other ranks do not join within `timeouts.join`; each collective then has
+    /// `timeouts.collective`.
+    pub fn connect(rank: RankInfo, id: &[u8], device: &Device, timeouts: NcclTimeouts) -> Result<Self, ParallelError> {
+        let timeout = timeouts.join;
         let Device::Cuda(dev) = device else {
             return Err(ParallelError::Rendezvous(format!(
                 "NCCL collectives need a CUDA device; rank {} runs on {device:?}",
@@ -97,16 +106,23 @@ impl NcclCommunicator {
                         .map(|_| RawComm(comm))
                         .map_err(|e| nccl_error("init", e.0))
                 });
-            let _ = tx.send(joined);
+            // Nobody waits any more (the join timed out): do not leave the communicator open.
+            if let Err(std::sync::mpsc::SendError(Ok(late))) = tx.send(joined) {
+                // SAFETY: a live communicator that nothing else holds.
+                let _ = unsafe { result::comm_abort(late.0) };
+            }
         });
         let comm = match rx.recv_timeout(timeout) {
             Ok(joined) => joined?,
-            Err(_) => {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 return Err(ParallelError::Rendezvous(format!(
                     "the NCCL group of {} ranks did not form within {:.0}s",
                     rank.world_size,
                     timeout.as_secs_f64()
                 )))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(nccl_error("init", "the joining thread died"));
             }
         };
         Ok(Self {
@@ -114,7 +130,7 @@ impl NcclCommunicator {
             device: dev.clone(),
             stream,
             comm: Mutex::new(Some(comm)),
-            timeout,
+            timeout: timeouts.collective,
         })
     }
 
@@ -356,6 +372,14 @@ impl Communicator for NcclCommunicator {
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| tensor_error("all-gather", e))?;
         Tensor::cat(&parts, dim).map_err(|e| tensor_error("all-gather", e))
+    }
+
+    /// A one-value all-reduce: unlike a broadcast, its root cannot finish before every rank
+    /// has contributed, so a lost rank is noticed within the collective timeout.
+    fn barrier(&self) -> Result<(), ParallelError> {
+        let dev = Device::Cuda(self.device.clone());
+        let one = Tensor::ones(1, DType::F32, &dev).map_err(|e| tensor_error("barrier", e))?;
+        self.run(Collective::AllReduceSum, &one).map(|_| ())
     }
 
     fn broadcast_bytes(&self, data: Vec<u8>) -> Result<Vec<u8>, ParallelError> {

@@ -121,7 +121,13 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     } else {
         drop(listener);
         let device = model.device().clone();
-        connect_nccl(opts.rank, &setup.nccl_id, &device, opts.rendezvous_timeout)?
+        connect_nccl(
+            opts.rank,
+            &setup.nccl_id,
+            &device,
+            opts.rendezvous_timeout,
+            opts.collective_timeout,
+        )?
     };
     model.attach_comm(comm)?;
     let mut runner = LocalRunner::new(model);

@@ -156,7 +156,13 @@ impl GroupLeader {
                 TcpCommunicator::connect_mesh(rank, listener, &addrs, self.opts.collective_timeout)?
                     .with_ring_threshold(self.opts.ring_threshold),
             ),
-            Backend::Nccl => connect_nccl(rank, &nccl_id, device, self.opts.rendezvous_timeout)?,
+            Backend::Nccl => connect_nccl(
+                rank,
+                &nccl_id,
+                device,
+                self.opts.rendezvous_timeout,
+                self.opts.collective_timeout,
+            )?,
         };
         Ok((comm, senders))
     }
