@@ -38,13 +38,20 @@ const MODEL_MOUNT: &str = "/model";
 /// The non-root user of the worker image.
 const WORKER_UID: i64 = 65532;
 
-/// The worker image used when the spec names none: `NEOX_WORKER_IMAGE` (the Helm chart's
-/// `workerImage`), else this operator's own version.
-pub fn default_image() -> String {
-    std::env::var("NEOX_WORKER_IMAGE")
+/// The worker image used when the spec names none. CPU groups: `NEOX_WORKER_IMAGE` (the Helm
+/// chart's `workerImage`), else this operator's own version of the CPU image. GPU groups need
+/// the CUDA build: `NEOX_WORKER_CUDA_IMAGE` (`workerCudaImage`), else the CUDA image of the
+/// same version.
+pub fn default_image(gpu: bool) -> String {
+    let (var, name) = if gpu {
+        ("NEOX_WORKER_CUDA_IMAGE", "neox-worker-cuda")
+    } else {
+        ("NEOX_WORKER_IMAGE", "neox-worker")
+    };
+    std::env::var(var)
         .ok()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("ghcr.io/neox-serve/neox-worker:{}", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|| format!("ghcr.io/neox-serve/{name}:{}", env!("CARGO_PKG_VERSION")))
 }
 
 pub fn group_name(d: &NeoXDeployment, g: i32) -> String {
@@ -249,7 +256,7 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
     let startup_failures = (s.worker.startup_timeout_seconds / 10).max(1);
     let container = Container {
         name: "worker".into(),
-        image: Some(s.worker.image.clone().unwrap_or_else(default_image)),
+        image: Some(s.worker.image.clone().unwrap_or_else(|| default_image(gpus > 0))),
         image_pull_policy: s.worker.image_pull_policy.clone(),
         args: Some(vec!["serve".into()]),
         env: Some(envs),

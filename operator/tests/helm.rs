@@ -48,6 +48,8 @@ const ALL_OPTIONS: &[&str] = &[
     "--set",
     "workerImage=registry.example/neox-worker:1",
     "--set",
+    "workerCudaImage=registry.example/neox-worker-cuda:1",
+    "--set",
     "imagePullSecrets[0]=regcred",
     "--set",
     "nodeSelector.pool=system",
@@ -150,6 +152,7 @@ fn helm_chart_lints_renders_and_validates() {
         "namespaced mode must not need cluster-wide roles"
     );
     assert!(all.contains("WATCH_NAMESPACE") && all.contains("registry.example/neox-worker:1"));
+    assert!(all.contains("NEOX_WORKER_CUDA_IMAGE") && all.contains("registry.example/neox-worker-cuda:1"));
     assert!(all.contains("NEOX_PROMETHEUS_URL") && all.contains("http://prometheus.monitoring:9090"));
     // The sample is a valid NeoXDeployment by the operator's types and the CRD's schema.
     let sample = all_docs.iter().find(|d| d["kind"] == "NeoXDeployment").unwrap();

@@ -168,3 +168,21 @@ fn worker_env_overrides_operator_defaults_without_duplicates() {
         .clone();
     assert!(env.iter().all(|e| e["name"] != "NEOX_DEVICE"));
 }
+
+#[test]
+fn gpu_groups_without_an_image_get_the_cuda_build() {
+    let mut v = sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml");
+    v["spec"]["worker"].as_object_mut().unwrap().remove("image");
+    let gpu: NeoXDeployment = serde_json::from_value(v).unwrap();
+    let cpu: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    let image = |d: &NeoXDeployment| {
+        let sts = serde_json::to_value(resources::statefulset(d, 0)).unwrap();
+        sts["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(image(&gpu), format!("ghcr.io/neox-serve/neox-worker-cuda:{version}"));
+    assert_eq!(image(&cpu), format!("ghcr.io/neox-serve/neox-worker:{version}"));
+}
