@@ -166,7 +166,8 @@ impl Dtype {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
-    /// Worker image (default: the operator's own version of `neox-worker`).
+    /// Worker image (default: the operator's own version of `neox-worker`, or of
+    /// `neox-worker-cuda` when the workers request GPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
