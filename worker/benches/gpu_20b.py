@@ -43,7 +43,6 @@ def shape_config():
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=0,
-        torch_dtype="float16",
     )
 
 
@@ -56,8 +55,14 @@ def write_checkpoint(path, tokenizer):
     os.makedirs(path, exist_ok=True)
     t = time.time()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = GPTNeoXForCausalLM(shape_config()).half()
+    # Built directly in fp16 on the GPU: an fp32 20B model (82 GB) would not fit an 80 GB H100.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = GPTNeoXForCausalLM(shape_config())
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(path, max_shard_size="5GB", safe_serialization=True)
     del model
     torch.cuda.empty_cache()
@@ -88,7 +93,13 @@ def hf_figures(path, batches, prefill_len, context_len, steps):
 
     torch.cuda.reset_peak_memory_stats()
     t = time.time()
-    model = GPTNeoXForCausalLM.from_pretrained(path, torch_dtype=torch.float16, device_map="cuda")
+    import transformers
+
+    # transformers >= 4.56 calls it `dtype`; older versions take `torch_dtype` (and would pass
+    # an unknown `dtype` on to the config silently, loading 82 GB of fp32).
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    model = GPTNeoXForCausalLM.from_pretrained(path, device_map="cuda", **{key: torch.float16})
     model.eval()
     torch.cuda.synchronize()
     load = time.time() - t
