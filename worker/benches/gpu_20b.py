@@ -3,6 +3,9 @@
 
 Run on the GPU machine (torch + transformers there; no Rust needed):
     python3 worker/benches/gpu_20b.py --worker target/cuda/release/neox-worker --dir /tmp/neox20b
+Check the script itself anywhere (tiny model, CPU, fp32):
+    python3 worker/benches/gpu_20b.py --smoke --worker target/release/neox-worker --dir /tmp/neox-tiny \
+        --batch 1,4 --prefill-len 64 --steps 8
 
 1. Writes a 20B-shaped GPT-NeoX (44 layers, hidden 6144, 64 heads, intermediate 24576, vocab
    50432, rotary 25%, parallel residual) with random fp16 weights as a sharded HF checkpoint
@@ -25,15 +28,21 @@ import time
 import torch
 
 
-def shape_config():
+SHAPES = {
+    # GPT-NeoX-20B.
+    "20b": dict(hidden_size=6144, num_hidden_layers=44, num_attention_heads=64, intermediate_size=24576,
+                vocab_size=50432),
+    # For checking this script end to end on a CPU (--smoke).
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 vocab_size=512),
+}
+
+
+def shape_config(shape):
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=50432,
-        hidden_size=6144,
-        num_hidden_layers=44,
-        num_attention_heads=64,
-        intermediate_size=24576,
+        **SHAPES[shape],
         rotary_pct=0.25,
         rotary_emb_base=10000,
         max_position_embeddings=2048,
@@ -46,7 +55,12 @@ def shape_config():
     )
 
 
-def write_checkpoint(path, tokenizer):
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_checkpoint(path, tokenizer, shape, dev, dtype):
     from transformers import GPTNeoXForCausalLM
 
     if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
@@ -55,43 +69,47 @@ def write_checkpoint(path, tokenizer):
     os.makedirs(path, exist_ok=True)
     t = time.time()
     torch.manual_seed(0)
-    # Built directly in fp16 on the GPU: an fp32 20B model (82 GB) would not fit an 80 GB H100.
+    # Built directly in its dtype on the device: an fp32 20B model (82 GB) would not fit an
+    # 80 GB H100.
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
-            model = GPTNeoXForCausalLM(shape_config())
+        with torch.device(dev):
+            model = GPTNeoXForCausalLM(shape_config(shape))
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(path, max_shard_size="5GB", safe_serialization=True)
     del model
-    torch.cuda.empty_cache()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     with open(tokenizer, "rb") as src, open(os.path.join(path, "tokenizer.json"), "wb") as dst:
         dst.write(src.read())
     print(f"checkpoint: wrote {path} in {time.time() - t:.0f} s", flush=True)
 
 
-def copy_bandwidth():
-    """GB/s of a device-to-device copy (bytes read + written), best of 10."""
-    n = 1 << 30  # 2 GiB of fp16
-    a = torch.empty(n, dtype=torch.float16, device="cuda")
+def copy_bandwidth(dev):
+    """GB/s of a same-device copy (bytes read + written), best of 10."""
+    n = (1 << 30) if dev == "cuda" else (1 << 26)
+    a = torch.empty(n, dtype=torch.float16, device=dev)
     b = torch.empty_like(a)
     best = float("inf")
     for _ in range(10):
-        torch.cuda.synchronize()
+        sync(dev)
         t = time.perf_counter()
         b.copy_(a)
-        torch.cuda.synchronize()
+        sync(dev)
         best = min(best, time.perf_counter() - t)
     del a, b
-    torch.cuda.empty_cache()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     return 2 * n * 2 / best / 1e9
 
 
-def hf_figures(path, batches, prefill_len, context_len, steps):
+def hf_figures(path, batches, prefill_len, context_len, steps, dev, dtype):
     from transformers import GPTNeoXForCausalLM
 
-    torch.cuda.reset_peak_memory_stats()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t = time.time()
     import transformers
 
@@ -99,28 +117,34 @@ def hf_figures(path, batches, prefill_len, context_len, steps):
     # an unknown `dtype` on to the config silently, loading 82 GB of fp32).
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = GPTNeoXForCausalLM.from_pretrained(path, device_map="cuda", **{key: torch.float16})
+    try:
+        import accelerate  # noqa: F401  (device_map loads straight onto the device)
+
+        model = GPTNeoXForCausalLM.from_pretrained(path, device_map=dev, **{key: dtype})
+    except ImportError:
+        print("HF: no accelerate here; its load time includes a host-to-device copy", flush=True)
+        model = GPTNeoXForCausalLM.from_pretrained(path, **{key: dtype}).to(dev)
     model.eval()
-    torch.cuda.synchronize()
+    sync(dev)
     load = time.time() - t
     vocab = model.config.vocab_size
     out = {"load_seconds": load}
     with torch.inference_mode():
-        ids = (torch.arange(prefill_len, device="cuda") * 7919 + 13) % vocab
-        model(ids[: prefill_len // 10].unsqueeze(0))
-        torch.cuda.synchronize()
+        ids = (torch.arange(prefill_len, device=dev) * 7919 + 13) % vocab
+        model(ids[: max(prefill_len // 10, 1)].unsqueeze(0))
+        sync(dev)
         t = time.perf_counter()
         model(ids.unsqueeze(0)).logits[:, -1].argmax(-1).tolist()
         secs = time.perf_counter() - t
         out["prefill"] = {"tokens": prefill_len, "seconds": secs, "tokens_per_second": prefill_len / secs}
         out["decode"] = []
         for b in batches:
-            ctx = (torch.arange(b * context_len, device="cuda").reshape(b, context_len) * 104729 + 13) % vocab
+            ctx = (torch.arange(b * context_len, device=dev).reshape(b, context_len) * 104729 + 13) % vocab
             r = model(ctx, use_cache=True)
             past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
             times = []
             for s in range(steps + 2):
-                torch.cuda.synchronize()
+                sync(dev)
                 t = time.perf_counter()
                 r = model(nxt, past_key_values=past, use_cache=True)
                 past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
@@ -131,16 +155,16 @@ def hf_figures(path, batches, prefill_len, context_len, steps):
             med = times[len(times) // 2]
             out["decode"].append({"batch": b, "ms_per_step": med * 1e3, "tokens_per_second": b / med})
             del past, r
-            torch.cuda.empty_cache()
-    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
     del model
-    torch.cuda.empty_cache()
     return out
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, help="CUDA neox-worker binary")
+    p.add_argument("--worker", required=True, help="neox-worker binary (the CUDA build for a GPU run)")
     p.add_argument("--dir", default="/tmp/neox20b")
     p.add_argument("--tokenizer", default="worker/assets/shakespeare-neox/tokenizer.json")
     p.add_argument("--batch", default="1,8,32")
@@ -148,26 +172,33 @@ def main():
     p.add_argument("--context-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny model in fp32 on the CPU: checks this script without a GPU")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
-    print(subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip(), flush=True)
-    write_checkpoint(a.dir, a.tokenizer)
+    if a.smoke:
+        dev, dtype, shape, ours_dtype = "cpu", torch.float32, "tiny", "fp32"
+        print(f"smoke run on the CPU, torch {torch.__version__}", flush=True)
+    else:
+        dev, dtype, shape, ours_dtype = "cuda", torch.float16, "20b", "fp16"
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+        print(subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip(), flush=True)
+    write_checkpoint(a.dir, a.tokenizer, shape, dev, dtype)
     weights = sum(os.path.getsize(os.path.join(a.dir, f)) for f in os.listdir(a.dir) if f.endswith(".safetensors"))
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(dev)
     floor_ms = weights / (bw / 2) / 1e6  # a step reads every weight once: read bandwidth = copy / 2
-    print(f"weights {weights / 1e9:.1f} GB; d2d copy {bw:.0f} GB/s (read {bw / 2:.0f}); batch-1 floor {floor_ms:.1f} ms",
+    print(f"weights {weights / 1e9:.2f} GB; copy {bw:.0f} GB/s (read {bw / 2:.0f}); batch-1 floor {floor_ms:.2f} ms",
           flush=True)
 
-    cmd = [a.worker, "bench", "--model", a.dir, "--device", "cuda", "--dtype", "fp16", "--batch", a.batch,
+    cmd = [a.worker, "bench", "--model", a.dir, "--device", dev, "--dtype", ours_dtype, "--batch", a.batch,
            "--prefill-len", str(a.prefill_len), "--context-len", str(a.context_len), "--steps", str(a.steps), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr, file=sys.stderr)
         sys.exit(f"neox-worker bench failed ({r.returncode})")
     ours = json.loads(r.stdout.strip().splitlines()[-1])
-    hf = None if a.skip_hf else hf_figures(a.dir, batches, a.prefill_len, a.context_len, a.steps)
+    hf = None if a.skip_hf else hf_figures(a.dir, batches, a.prefill_len, a.context_len, a.steps, dev, dtype)
 
     def row(name, mine, theirs, better_low):
         ratio = ""
