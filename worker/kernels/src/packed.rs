@@ -211,6 +211,7 @@ mod x86 {
     pub unsafe fn micro_avx512(x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut Tile) {
         // A constant row count keeps every accumulator in a register.
         match rows {
+            0 => {}
             1 => m512::<1>(x, k, panel, tile),
             2 => m512::<2>(x, k, panel, tile),
             3 => m512::<3>(x, k, panel, tile),
@@ -225,7 +226,11 @@ mod x86 {
     /// `R` rows × 32 columns: 2·R accumulators, two panel loads and R broadcasts per k.
     #[target_feature(enable = "avx512f")]
     unsafe fn m512<const R: usize>(x: &[f32], k: usize, panel: &[f32], tile: &mut Tile) {
-        debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
+        // Checked always: the loop below reads through raw pointers.
+        assert!(
+            x.len() >= R * k && panel.len() >= k * PANEL,
+            "micro-kernel: slice too short"
+        );
         let (px, pw) = (x.as_ptr(), panel.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         // The next panel, fetched into L2 while this one is computed: a step of many rows reads
@@ -271,7 +276,11 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn m256<const R: usize>(x: &[f32], k: usize, panel: &[f32], half: usize, tile: &mut [[f32; PANEL]]) {
-        debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL && tile.len() >= R);
+        // Checked always: the loop below reads through raw pointers.
+        assert!(
+            x.len() >= R * k && panel.len() >= k * PANEL && tile.len() >= R,
+            "micro-kernel: slice too short"
+        );
         let (px, pw) = (x.as_ptr(), panel.as_ptr().add(half * 16));
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for kk in 0..k {
