@@ -60,6 +60,28 @@ fn concurrent_streams_equal_their_sequential_runs() {
 }
 
 #[test]
+fn model_info_reports_the_kv_budget_default_and_flagged() {
+    for (args, mib, block) in [
+        (&[][..], 1024usize, 16usize),
+        (&["--kv-cache-mib", "3", "--kv-block-size", "8"][..], 3, 8),
+    ] {
+        let server = start(args);
+        let info = rt().block_on(async {
+            let mut c = server.client().await;
+            c.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner()
+        });
+        // fp32 K and V for every layer and hidden unit (this is a TP=1 CPU server: 1024 MiB).
+        let per_token = 2 * info.num_layers as usize * info.hidden_size as usize * 4;
+        assert_eq!(info.kv_block_size as usize, block);
+        assert_eq!(
+            info.kv_cache_blocks as usize,
+            (mib << 20) / (block * per_token),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
 fn cancelling_half_the_streams_frees_their_kv_blocks() {
     let server = start(&["--max-batch-size", "16"]);
     rt().block_on(async {

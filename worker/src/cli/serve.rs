@@ -50,9 +50,10 @@ pub struct ServeArgs {
     /// Prompt text size limit in bytes (gRPC messages are limited to this plus 64 KiB).
     #[arg(long, env = "NEOX_MAX_PROMPT_BYTES", default_value_t = 256 * 1024)]
     max_prompt_bytes: usize,
-    /// KV cache memory budget per rank, in MiB.
-    #[arg(long, env = "NEOX_KV_CACHE_MIB", default_value_t = 1024)]
-    kv_cache_mib: usize,
+    /// KV cache memory budget per rank, in MiB (default: 1024 on CPU; on a GPU, 90% of the
+    /// device memory still free once the weights are loaded).
+    #[arg(long, env = "NEOX_KV_CACHE_MIB")]
+    kv_cache_mib: Option<usize>,
     /// Tokens per KV block.
     #[arg(long, env = "NEOX_KV_BLOCK_SIZE", default_value_t = 16)]
     kv_block_size: usize,
@@ -76,7 +77,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ("max-batch-size", a.max_batch_size),
         ("max-tokens-per-step", a.max_tokens_per_step),
         ("kv-block-size", a.kv_block_size),
-        ("kv-cache-mib", a.kv_cache_mib),
+        ("kv-cache-mib", a.kv_cache_mib.unwrap_or(1)),
         ("max-new-tokens", a.max_new_tokens),
     ] {
         if v == 0 {
@@ -94,11 +95,18 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .max_total_tokens
         .unwrap_or(cfg.max_position_embeddings)
         .min(cfg.max_position_embeddings);
-    let blocks = BlockManager::from_budget(a.kv_block_size, a.kv_cache_mib << 20, model.kv_bytes_per_token());
+    let kv_cache_mib = match a.kv_cache_mib {
+        Some(mib) => mib,
+        None => match neox_worker::model::free_device_memory(model.device()) {
+            Some(free) => (free / 10 * 9) >> 20,
+            None => 1024,
+        },
+    };
+    tracing::info!(kv_cache_mib, "KV cache budget per rank");
+    let blocks = BlockManager::from_budget(a.kv_block_size, kv_cache_mib << 20, model.kv_bytes_per_token());
     if blocks.total() == 0 {
         bail!(
-            "--kv-cache-mib {} holds no KV block of {} tokens",
-            a.kv_cache_mib,
+            "a KV budget of {kv_cache_mib} MiB (--kv-cache-mib) holds no KV block of {} tokens",
             a.kv_block_size
         );
     }
@@ -118,6 +126,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens.min(max_total) as u32,
         max_waiting_requests: a.max_waiting_requests as u32,
         eos_token_id: group.tokenizer.eos_token_id().unwrap_or(0),
+        kv_block_size: a.kv_block_size as u32,
+        kv_cache_blocks: blocks.total() as u32,
     };
     let limits = Limits {
         max_total_tokens: max_total,

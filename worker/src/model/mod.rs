@@ -77,6 +77,15 @@ fn cuda_device(ordinal: usize) -> Result<Device, ModelError> {
     Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
 }
 
+/// Bytes of memory still free on `device` (a GPU); `None` on the CPU.
+pub fn free_device_memory(device: &Device) -> Option<usize> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _total)| free),
+        _ => None,
+    }
+}
+
 /// CUDA devices visible to this process (an error in builds without CUDA).
 #[cfg(feature = "cuda")]
 pub fn cuda_device_count() -> Result<usize, ModelError> {

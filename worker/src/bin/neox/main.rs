@@ -189,6 +189,12 @@ async fn run(cli: Cli) -> Result<()> {
                 "limits:            batch {}, total tokens {}, new tokens {}, queue {}",
                 i.max_batch_size, i.max_total_tokens, i.max_new_tokens, i.max_waiting_requests
             );
+            println!(
+                "KV cache:          {} blocks of {} tokens per rank ({} tokens)",
+                i.kv_cache_blocks,
+                i.kv_block_size,
+                u64::from(i.kv_cache_blocks) * u64::from(i.kv_block_size)
+            );
         }
         Command::Health { service } => {
             let ch = Channel::from_shared(cli.addr.clone())?
