@@ -106,6 +106,7 @@ fn bad_arguments_fail_cleanly() {
         vec!["generate", "--prompt", "x", "--tp", "2", "--collectives", "nccl"],
         vec!["generate", "--prompt", "x", "--collectives", "mpi"],
         vec!["bench", "--batch", "0"],
+        vec!["serve", "--kv-layout", "bogus"],
         vec!["bench", "--prefill-len", "100000"],
     ] {
         let out = worker().args(&args).output().unwrap();

@@ -45,6 +45,21 @@ fn fp32_logits_and_greedy_on_gpu_match_hf() {
     );
 }
 
+/// The paged KV layout `serve` uses on GPUs: the same greedy continuations, batched decode
+/// included.
+#[test]
+fn paged_kv_on_gpu_matches_hf_greedy() {
+    let g = Goldens::load();
+    let dir = fixture_dir().display().to_string();
+    let mut m = load_on_gpu(&dir, DType::F32).model;
+    m.use_paged_kv(256, 16).unwrap();
+    assert_greedy_matches_hf(
+        &g,
+        &mut LocalRunner::new(m),
+        "GPU paged-KV greedy continuation differs from HF",
+    );
+}
+
 /// fp16/bf16 compute: the same bounds as the CPU tests of those dtypes (hf_parity.rs), which
 /// come from the rounding of 10 (fp16) and 7 (bf16) mantissa bits through the fixture's layers.
 #[test]

@@ -53,15 +53,8 @@ fn greedy_continuations_with_kv_cache_match_hf() {
 fn left_padded_batch_matches_hf() {
     let g = Goldens::load();
     let m = load_model(&fixture(), DType::F32);
-    let ids = g.ids2("batch.input_ids");
-    let mask = g.ids2("batch.attention_mask");
     // Our batches are ragged: a padded row is just its unmasked tokens.
-    let prompts: Vec<Vec<u32>> = ids
-        .iter()
-        .zip(&mask)
-        .map(|(r, m)| r.iter().zip(m).filter(|(_, &k)| k == 1).map(|(&t, _)| t).collect())
-        .collect();
-    let want = g.ids2("batch.greedy");
+    let (prompts, want) = golden_batch(&g);
     let opts = OfflineOptions {
         max_new_tokens: want[0].len(),
         sampling: SamplingParams::default(),
@@ -103,19 +96,7 @@ fn prefill_in_chunks_equals_one_prefill() {
         .unwrap();
     let ids = g.ids(&format!("case{case}.input_ids"));
     let want = g.f32_2d(&format!("case{case}.logits"));
-    let mut cache = m.model.new_cache(1);
-    let mut got = Vec::new();
-    for chunk in ids.chunks(5) {
-        let out = m
-            .model
-            .forward(&mut [SeqStep {
-                tokens: chunk,
-                cache: &mut cache,
-                logits: LogitsWanted::All,
-            }])
-            .unwrap();
-        got.extend(out.into_iter().next().flatten().unwrap().to_vec2::<f32>().unwrap());
-    }
+    let got = chunked_logits(&m.model, &ids, 5);
     let d = max_abs_diff(&got, &want);
     assert!(d <= TOL, "chunked prefill differs from HF by {d}");
 }

@@ -139,6 +139,42 @@ fn a_full_queue_answers_resource_exhausted_and_keeps_serving() {
 }
 
 #[test]
+fn paged_kv_serves_the_same_text_under_batching_and_preemption() {
+    // The GPU layout, forced on the CPU: 24 concurrent streams equal their sequential runs.
+    let server = start(&["--kv-layout", "paged", "--max-batch-size", "24"]);
+    rt().block_on(sequential_then_concurrent(
+        &server,
+        24,
+        24,
+        "its sequential run (paged KV)",
+    ));
+    drop(server);
+    // A pool of 1 MiB (128 tokens) for four 110-token requests: the engine's block accounting
+    // must preempt before the pool runs dry, and outputs stay exact.
+    let server = start(&["--kv-layout", "paged", "--kv-cache-mib", "1", "--max-batch-size", "4"]);
+    rt().block_on(sequential_then_concurrent(
+        &server,
+        4,
+        100,
+        "its run without preemption (paged KV)",
+    ));
+    assert!(
+        server.metric("neox_preemptions_total") > 0.0,
+        "the tiny pool never preempted"
+    );
+    assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
+    drop(server);
+    // TP=2: the follower gets the same pool through the group protocol.
+    let server = start(&["--tp", "2", "--kv-layout", "paged", "--max-batch-size", "8"]);
+    rt().block_on(sequential_then_concurrent(
+        &server,
+        8,
+        24,
+        "its sequential run (paged KV, TP=2)",
+    ));
+}
+
+#[test]
 fn preemption_under_a_tiny_kv_budget_keeps_outputs_exact() {
     // 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit.
     let server = start(&["--kv-cache-mib", "1", "--max-batch-size", "4"]);

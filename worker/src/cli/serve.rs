@@ -54,12 +54,24 @@ pub struct ServeArgs {
     /// device memory still free once the weights are loaded).
     #[arg(long, env = "NEOX_KV_CACHE_MIB")]
     kv_cache_mib: Option<usize>,
+    /// KV cache layout: paged (one pool of blocks per rank, allocated up front; fewest kernel
+    /// launches on GPUs), per-sequence (buffers per sequence; fastest on CPU), or auto: paged on
+    /// GPUs, per-sequence on CPU.
+    #[arg(long, env = "NEOX_KV_LAYOUT", value_enum, default_value_t = KvLayout::Auto)]
+    kv_layout: KvLayout,
     /// Tokens per KV block.
     #[arg(long, env = "NEOX_KV_BLOCK_SIZE", default_value_t = 16)]
     kv_block_size: usize,
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "NEOX_SHUTDOWN_GRACE", default_value_t = 30.0)]
     shutdown_grace: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvLayout {
+    Auto,
+    Paged,
+    PerSequence,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -88,7 +100,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         bail!("--shutdown-grace must be a non-negative number of seconds");
     }
     let mut group = start_leader(&a.model, &a.group)?;
-    let runner = group.take_runner()?;
+    let mut runner = group.take_runner()?;
     let model = runner.model();
     let cfg = model.config().clone();
     let max_total = a
@@ -147,6 +159,18 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_block_size: a.kv_block_size,
         kv_blocks: blocks.total(),
     };
+    let paged = match a.kv_layout {
+        KvLayout::Paged => true,
+        KvLayout::PerSequence => false,
+        KvLayout::Auto => !runner.model().device().is_cpu(),
+    };
+    if paged {
+        // The whole budget up front, on every rank: the engine's block accounting is exact.
+        runner
+            .use_paged_kv(blocks.total(), a.kv_block_size)
+            .context("allocating the paged KV pool")?;
+    }
+    tracing::info!(paged, blocks = blocks.total(), "KV cache layout");
     let metrics = Metrics::new().context("creating metrics")?;
     let tokenizer = Arc::new(group.tokenizer.clone());
     let (handle, engine_thread) = engine::start(runner, tokenizer.clone(), config, metrics.clone());

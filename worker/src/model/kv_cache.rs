@@ -7,10 +7,13 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::paged_kv::{KvPool, PagedBlocks};
 use super::ModelError;
 
 pub struct SequenceCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Blocks in a shared pool instead of the buffers above (see `paged_kv`).
+    paged: Option<PagedBlocks>,
     len: usize,
     reserve: usize,
 }
@@ -20,9 +23,28 @@ impl SequenceCache {
     pub fn new(num_layers: usize, reserve: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            paged: None,
             len: 0,
             reserve: reserve.max(1),
         }
+    }
+
+    /// A cache whose tokens live in `pool`'s blocks.
+    pub(crate) fn paged(pool: std::sync::Arc<KvPool>) -> Self {
+        Self {
+            layers: Vec::new(),
+            paged: Some(PagedBlocks::new(pool)),
+            len: 0,
+            reserve: 1,
+        }
+    }
+
+    pub(crate) fn blocks(&self) -> Option<&PagedBlocks> {
+        self.paged.as_ref()
+    }
+
+    pub(crate) fn blocks_mut(&mut self) -> Option<&mut PagedBlocks> {
+        self.paged.as_mut()
     }
 
     /// Tokens already cached (the position of the next token).
@@ -34,8 +56,11 @@ impl SequenceCache {
         self.len == 0
     }
 
-    /// Bytes held by the K/V buffers.
+    /// Bytes held by the K/V buffers (or the pool blocks).
     pub fn bytes(&self) -> usize {
+        if let Some(p) = &self.paged {
+            return p.len() * p.bytes_per_block();
+        }
         self.layers
             .iter()
             .flatten()

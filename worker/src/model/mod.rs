@@ -7,6 +7,7 @@ mod decode_attention;
 mod kv_cache;
 mod linear;
 mod neox;
+mod paged_kv;
 mod tokenizer;
 
 pub use builtin::{builtin_names, BUILTIN_DEFAULT};
@@ -14,6 +15,7 @@ pub use checkpoint::{Checkpoint, Slice};
 pub use config::{Activation, NeoXConfig};
 pub use kv_cache::SequenceCache;
 pub use neox::{GptNeoX, LogitsWanted, SeqStep};
+pub use paged_kv::KvPool;
 pub use tokenizer::{IncrementalDecoder, NeoXTokenizer};
 
 use std::path::Path;

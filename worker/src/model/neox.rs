@@ -13,6 +13,7 @@ use super::config::{Activation, NeoXConfig};
 use super::decode_attention::{attend_decode_step, attend_one_token};
 use super::kv_cache::SequenceCache;
 use super::linear::Linear;
+use super::paged_kv::{KvPool, PoolShape};
 use super::ModelError;
 use crate::parallel::{Communicator, RankInfo};
 
@@ -86,6 +87,28 @@ pub struct GptNeoX {
     /// tokenizer's vocabulary).
     sampleable_vocab: usize,
     weight_bytes: usize,
+    /// Set by [`GptNeoX::use_paged_kv`]: new caches take blocks of this pool.
+    kv_pool: Option<Arc<KvPool>>,
+}
+
+/// What every layer of one step needs from a paged KV pool, built once per step.
+struct PagedPlan {
+    /// Arena positions of the step's new tokens, broadcast to `[heads, tokens, head_dim]` (the
+    /// shape `scatter_set` wants).
+    write: Tensor,
+    attend: PagedAttend,
+}
+
+enum PagedAttend {
+    /// Every sequence feeds one token: one gather of `[sequences · longest]` positions
+    /// (padded), with an additive mask `[sequences, 1, 1, longest]` hiding the padding.
+    Decode {
+        gather: Tensor,
+        mask: Tensor,
+        longest: usize,
+    },
+    /// Otherwise, per sequence: its positions and, for several new tokens, a causal mask.
+    Each(Vec<(Tensor, Option<Tensor>)>),
 }
 
 fn ln(ckpt: &Checkpoint, prefix: &str, c: &NeoXConfig, dtype: DType, dev: &Device) -> Result<LayerNorm, ModelError> {
@@ -261,6 +284,7 @@ impl GptNeoX {
             sin,
             sampleable_vocab: vocab,
             weight_bytes,
+            kv_pool: None,
         })
     }
 
@@ -336,7 +360,29 @@ impl GptNeoX {
 
     /// A fresh, empty cache for one sequence expected to reach `reserve` tokens.
     pub fn new_cache(&self, reserve: usize) -> SequenceCache {
-        SequenceCache::new(self.config.num_layers, reserve)
+        match &self.kv_pool {
+            Some(pool) => SequenceCache::paged(pool.clone()),
+            None => SequenceCache::new(self.config.num_layers, reserve),
+        }
+    }
+
+    /// From now on new caches take `block_size`-token blocks from one pool of `blocks` blocks
+    /// on the model's device (see `paged_kv`); caches made before keep their own buffers.
+    pub fn use_paged_kv(&mut self, blocks: usize, block_size: usize) -> Result<(), ModelError> {
+        let shape = PoolShape {
+            layers: self.config.num_layers,
+            heads: self.local_heads,
+            head_dim: self.config.head_dim(),
+            blocks,
+            block_size,
+        };
+        self.kv_pool = Some(KvPool::new(shape, self.dtype, &self.device)?);
+        Ok(())
+    }
+
+    /// The paged KV pool, if the model uses one.
+    pub fn kv_pool(&self) -> Option<&Arc<KvPool>> {
+        self.kv_pool.as_ref()
     }
 
     /// Runs one step over `seqs` and returns, for each, the logits it asked for as a
@@ -419,8 +465,9 @@ impl GptNeoX {
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
         let mut x = self.embed_in.index_select(&ids, 0)?;
+        let paged = self.paged_plan(seqs)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, li, &x, &cos, &sin, seqs)?;
+            x = self.layer_forward(layer, li, &x, (&cos, &sin), seqs, paged.as_ref())?;
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -428,16 +475,85 @@ impl GptNeoX {
         self.final_ln.forward(&x)
     }
 
+    /// Blocks for the step's new tokens and the gather/scatter plan every layer shares, when
+    /// the caches are paged.
+    fn paged_plan(&self, seqs: &mut [SeqStep<'_>]) -> Result<Option<PagedPlan>, ModelError> {
+        let paged = seqs.iter().filter(|s| s.cache.blocks().is_some()).count();
+        if paged == 0 {
+            return Ok(None);
+        }
+        if paged != seqs.len() {
+            return Err(ModelError::Internal(
+                "a step mixes paged and per-sequence KV caches".into(),
+            ));
+        }
+        let (heads, hd) = (self.local_heads, self.config.head_dim());
+        let mut write = Vec::new();
+        for s in seqs.iter_mut() {
+            let (start, n) = (s.cache.len(), s.tokens.len());
+            let blocks = s
+                .cache
+                .blocks_mut()
+                .ok_or_else(|| ModelError::Internal("paged cache without blocks".into()))?;
+            blocks.ensure(start + n)?;
+            write.extend(blocks.positions(start..start + n));
+        }
+        let t = write.len();
+        let write = Tensor::from_vec(write, (1, t, 1), &self.device)?
+            .broadcast_as((heads, t, hd))?
+            .contiguous()?;
+        let history = |s: &SeqStep<'_>, len: usize| -> Result<Vec<u32>, ModelError> {
+            let b = s
+                .cache
+                .blocks()
+                .ok_or_else(|| ModelError::Internal("paged cache without blocks".into()))?;
+            Ok(b.positions(0..len).collect())
+        };
+        let attend = if seqs.iter().all(|s| s.tokens.len() == 1) {
+            let longest = seqs.iter().map(|s| s.cache.len() + 1).max().unwrap_or(1);
+            let mut gather = Vec::with_capacity(seqs.len() * longest);
+            let mut mask = Vec::with_capacity(seqs.len() * longest);
+            for s in seqs.iter() {
+                let len = s.cache.len() + 1;
+                gather.extend(history(s, len)?);
+                // Padding reads position 0 of the arena, hidden by the mask.
+                gather.extend(std::iter::repeat_n(0u32, longest - len));
+                mask.extend((0..longest).map(|j| if j < len { 0f32 } else { f32::NEG_INFINITY }));
+            }
+            let b = seqs.len();
+            PagedAttend::Decode {
+                gather: Tensor::from_vec(gather, b * longest, &self.device)?,
+                mask: Tensor::from_vec(mask, (b, 1, 1, longest), &self.device)?.to_dtype(self.dtype)?,
+                longest,
+            }
+        } else {
+            let mut each = Vec::with_capacity(seqs.len());
+            for s in seqs.iter() {
+                let (start, n) = (s.cache.len(), s.tokens.len());
+                let pos = history(s, start + n)?;
+                let len = pos.len();
+                let mask = if n > 1 { Some(self.causal_mask(n, start)?) } else { None };
+                each.push((Tensor::from_vec(pos, len, &self.device)?, mask));
+            }
+            PagedAttend::Each(each)
+        };
+        Ok(Some(PagedPlan { write, attend }))
+    }
+
     fn layer_forward(
         &self,
         layer: &Layer,
         li: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         seqs: &mut [SeqStep<'_>],
+        paged: Option<&PagedPlan>,
     ) -> Result<Tensor, ModelError> {
-        let attn = self.attention(layer, li, &layer.ln_attn.forward(x)?, cos, sin, seqs)?;
+        let normed = layer.ln_attn.forward(x)?;
+        let attn = match paged {
+            Some(plan) => self.attention_paged(layer, li, &normed, cos, sin, plan)?,
+            None => self.attention(layer, li, &normed, cos, sin, seqs)?,
+        };
         if self.config.use_parallel_residual {
             // x + attn(ln1(x)) + mlp(ln2(x)): both partial sums reduced in ONE all-reduce.
             let mlp = self.mlp(layer, &layer.ln_mlp.forward(x)?)?;
@@ -478,6 +594,26 @@ impl GptNeoX {
         Ok(Tensor::cat(&[&x_rot, &x.narrow(2, rot, hd - rot)?], 2)?)
     }
 
+    /// This rank's queries, keys (both rotated) and values, each `[heads, tokens, head_dim]`
+    /// and contiguous.
+    fn project_qkv(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+        let t = x.dim(0)?;
+        let (heads, hd) = (self.local_heads, self.config.head_dim());
+        let qkv = layer.qkv.forward(x)?.reshape((t, heads, 3, hd))?;
+        let part = |i: usize| -> Result<Tensor, ModelError> {
+            Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(0, 1)?.contiguous()?)
+        };
+        let q = self.rotary(&part(0)?, cos, sin)?.contiguous()?;
+        let k = self.rotary(&part(1)?, cos, sin)?.contiguous()?;
+        Ok((q, k, part(2)?))
+    }
+
     fn attention(
         &self,
         layer: &Layer,
@@ -489,13 +625,7 @@ impl GptNeoX {
     ) -> Result<Tensor, ModelError> {
         let t = x.dim(0)?;
         let (heads, hd) = (self.local_heads, self.config.head_dim());
-        let qkv = layer.qkv.forward(x)?.reshape((t, heads, 3, hd))?;
-        let part = |i: usize| -> Result<Tensor, ModelError> {
-            Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(0, 1)?.contiguous()?)
-        };
-        let q = self.rotary(&part(0)?, cos, sin)?;
-        let k = self.rotary(&part(1)?, cos, sin)?;
-        let v = part(2)?;
+        let (q, k, v) = self.project_qkv(layer, x, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let on_cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
         if on_cpu_f32 && seqs.iter().all(|s| s.tokens.len() == 1) {
@@ -538,6 +668,70 @@ impl GptNeoX {
             Tensor::cat(&outs, 1)?
         };
         let o = o.transpose(0, 1)?.reshape((t, heads * hd))?;
+        layer.attn_out.forward(&o)
+    }
+
+    /// Attention against a paged pool: the step's keys and values are written with one scatter
+    /// each, then read back per the step's plan.
+    fn attention_paged(
+        &self,
+        layer: &Layer,
+        li: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        plan: &PagedPlan,
+    ) -> Result<Tensor, ModelError> {
+        let t = x.dim(0)?;
+        let (heads, hd) = (self.local_heads, self.config.head_dim());
+        let (q, k, v) = self.project_qkv(layer, x, cos, sin)?;
+        let pool = self
+            .kv_pool
+            .as_ref()
+            .ok_or_else(|| ModelError::Internal("paged step without a pool".into()))?;
+        let (ka, va) = pool.layer(li)?;
+        ka.scatter_set(&plan.write, &k, 1)?;
+        va.scatter_set(&plan.write, &v, 1)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = match &plan.attend {
+            PagedAttend::Decode { gather, mask, longest } => {
+                let b = t;
+                // [heads, b · longest, hd] -> [b, heads, longest, hd]
+                let hist = |arena: &Tensor| -> Result<Tensor, ModelError> {
+                    Ok(arena
+                        .index_select(gather, 1)?
+                        .reshape((heads, b, *longest, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
+                };
+                let (kh, vh) = (hist(ka)?, hist(va)?);
+                let qb = q.transpose(0, 1)?.unsqueeze(2)?.contiguous()?; // [b, heads, 1, hd]
+                let scores = (qb.matmul(&kh.transpose(2, 3)?)? * scale)?.broadcast_add(mask)?;
+                softmax_f32(&scores)?.matmul(&vh)?.reshape((b, heads * hd))?
+            }
+            PagedAttend::Each(each) => {
+                let mut outs = Vec::with_capacity(each.len());
+                let mut offset = 0;
+                for (pos, mask) in each {
+                    let n = mask.as_ref().map(|m| m.dim(0)).transpose()?.unwrap_or(1);
+                    let qs = q.narrow(1, offset, n)?;
+                    offset += n;
+                    let kc = ka.index_select(pos, 1)?;
+                    let vc = va.index_select(pos, 1)?;
+                    let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
+                    if let Some(m) = mask {
+                        scores = scores.broadcast_add(m)?;
+                    }
+                    outs.push(softmax_f32(&scores)?.matmul(&vc)?);
+                }
+                let o = if outs.len() == 1 {
+                    outs.remove(0)
+                } else {
+                    Tensor::cat(&outs, 1)?
+                };
+                o.transpose(0, 1)?.reshape((t, heads * hd))?
+            }
+        };
         layer.attn_out.forward(&o)
     }
 

@@ -292,6 +292,17 @@ impl StepRunner for LeaderRunner {
         self.local.model()
     }
 
+    fn use_paged_kv(&mut self, blocks: usize, block_size: usize) -> Result<(), ModelError> {
+        let too_big = |what: &str| ModelError::Input(format!("{what} does not fit the group protocol"));
+        self.send(pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::PagedKv(pb::PagedKv {
+                blocks: u32::try_from(blocks).map_err(|_| too_big("the KV block count"))?,
+                block_size: u32::try_from(block_size).map_err(|_| too_big("the KV block size"))?,
+            })),
+        })?;
+        self.local.use_paged_kv(blocks, block_size)
+    }
+
     fn heartbeat(&mut self) -> Result<(), ModelError> {
         self.step += 1;
         self.send(pb::StepPlan {

@@ -34,6 +34,9 @@ pub trait StepRunner: Send {
     /// Frees the KV caches of finished sequences.
     fn release(&mut self, ids: &[u64]) -> Result<(), ModelError>;
     fn model(&self) -> &GptNeoX;
+    /// Switches every rank's new KV caches to one paged pool of `blocks` blocks of
+    /// `block_size` tokens (see `model::KvPool`); before the first step.
+    fn use_paged_kv(&mut self, blocks: usize, block_size: usize) -> Result<(), ModelError>;
     /// Proves every rank is still there (a barrier), so an idle group notices a lost rank
     /// within the collective timeout too.
     fn heartbeat(&mut self) -> Result<(), ModelError> {
@@ -107,5 +110,14 @@ impl StepRunner for LocalRunner {
 
     fn model(&self) -> &GptNeoX {
         &self.model
+    }
+
+    fn use_paged_kv(&mut self, blocks: usize, block_size: usize) -> Result<(), ModelError> {
+        if !self.caches.is_empty() {
+            return Err(ModelError::Internal(
+                "the KV layout changes only before the first step".into(),
+            ));
+        }
+        self.model.use_paged_kv(blocks, block_size)
     }
 }

@@ -151,3 +151,33 @@ pub fn assert_greedy_matches_hf(g: &Goldens, runner: &mut neox_worker::shard::Lo
         assert_eq!(out[0].ids, want, "case{i}: {what}");
     }
 }
+
+/// The goldens' left-padded batch as ragged prompts (a padded row is just its unmasked
+/// tokens), with HF's greedy continuation of each row.
+pub fn golden_batch(g: &Goldens) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let ids = g.ids2("batch.input_ids");
+    let mask = g.ids2("batch.attention_mask");
+    let prompts = ids
+        .iter()
+        .zip(&mask)
+        .map(|(r, m)| r.iter().zip(m).filter(|(_, &k)| k == 1).map(|(&t, _)| t).collect())
+        .collect();
+    (prompts, g.ids2("batch.greedy"))
+}
+
+/// Every position's logits of `ids` fed in chunks of `chunk` tokens through one cache.
+pub fn chunked_logits(m: &neox_worker::model::GptNeoX, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache(1);
+    let mut got = Vec::new();
+    for c in ids.chunks(chunk) {
+        let out = m
+            .forward(&mut [neox_worker::model::SeqStep {
+                tokens: c,
+                cache: &mut cache,
+                logits: neox_worker::model::LogitsWanted::All,
+            }])
+            .unwrap();
+        got.extend(out.into_iter().next().flatten().unwrap().to_vec2::<f32>().unwrap());
+    }
+    got
+}

@@ -1,0 +1,159 @@
+//! A paged KV cache: per layer, one K and one V arena `[heads, blocks · block_size, head_dim]`
+//! on the model's device, handed out to sequences a block at a time.
+//!
+//! It exists for accelerators, where per-sequence caches cost a handful of kernel launches per
+//! sequence and layer: with every sequence's keys in one arena, a step writes all new keys
+//! with one scatter per layer and a decode step gathers every sequence's history with one
+//! index-select, so launches per layer no longer grow with the batch. (On CPU the
+//! per-sequence caches and the fused attention kernel are faster and stay the default.)
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+pub struct KvPool {
+    block_size: usize,
+    blocks: usize,
+    /// Per layer: K and V arenas, `[heads, blocks · block_size, head_dim]`.
+    layers: Vec<(Tensor, Tensor)>,
+    free: Mutex<Vec<u32>>,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPool")
+            .field("block_size", &self.block_size)
+            .field("blocks", &self.blocks)
+            .finish()
+    }
+}
+
+/// The arena shape of a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub blocks: usize,
+    pub block_size: usize,
+}
+
+impl KvPool {
+    pub fn new(shape: PoolShape, dtype: DType, device: &Device) -> Result<Arc<Self>, ModelError> {
+        if shape.blocks == 0 || shape.block_size == 0 || shape.blocks > u32::MAX as usize {
+            return Err(ModelError::Input(format!(
+                "a KV pool needs at least one block of at least one token (got {} x {})",
+                shape.blocks, shape.block_size
+            )));
+        }
+        let tokens = shape.blocks * shape.block_size;
+        let layers = (0..shape.layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros((shape.heads, tokens, shape.head_dim), dtype, device)?,
+                    Tensor::zeros((shape.heads, tokens, shape.head_dim), dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        // Handed out lowest first (popped from the end).
+        let free = (0..shape.blocks as u32).rev().collect();
+        Ok(Arc::new(Self {
+            block_size: shape.block_size,
+            blocks: shape.blocks,
+            layers,
+            free: Mutex::new(free),
+        }))
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
+    /// The K and V arenas of `layer`.
+    pub(crate) fn layer(&self, layer: usize) -> Result<&(Tensor, Tensor), ModelError> {
+        self.layers
+            .get(layer)
+            .ok_or_else(|| ModelError::Internal(format!("no KV arena for layer {layer}")))
+    }
+
+    /// Bytes held by the arenas.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    fn take(&self, n: usize) -> Result<Vec<u32>, ModelError> {
+        let mut free = self
+            .free
+            .lock()
+            .map_err(|_| ModelError::Internal("KV pool lock poisoned".into()))?;
+        if free.len() < n {
+            return Err(ModelError::Internal(format!(
+                "KV pool exhausted: {n} blocks wanted, {} of {} free",
+                free.len(),
+                self.blocks
+            )));
+        }
+        let at = free.len() - n;
+        Ok(free.split_off(at))
+    }
+
+    fn give_back(&self, blocks: &mut Vec<u32>) {
+        if let Ok(mut free) = self.free.lock() {
+            free.append(blocks);
+        }
+    }
+}
+
+/// One sequence's blocks in a [`KvPool`]; they go back to the pool when this is dropped.
+pub(crate) struct PagedBlocks {
+    pool: Arc<KvPool>,
+    blocks: Vec<u32>,
+}
+
+impl PagedBlocks {
+    pub fn new(pool: Arc<KvPool>) -> Self {
+        Self {
+            pool,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Makes room for `tokens` tokens in all.
+    pub fn ensure(&mut self, tokens: usize) -> Result<(), ModelError> {
+        let needed = tokens.div_ceil(self.pool.block_size);
+        if needed > self.blocks.len() {
+            let mut more = self.pool.take(needed - self.blocks.len())?;
+            self.blocks.append(&mut more);
+        }
+        Ok(())
+    }
+
+    /// Arena positions of tokens `range` of the sequence (within its blocks).
+    pub fn positions(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
+        let bs = self.pool.block_size;
+        range.map(move |t| self.blocks[t / bs] * bs as u32 + (t % bs) as u32)
+    }
+
+    pub fn bytes_per_block(&self) -> usize {
+        self.pool.bytes() / self.pool.blocks
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+impl Drop for PagedBlocks {
+    fn drop(&mut self) {
+        self.pool.give_back(&mut self.blocks);
+    }
+}
