@@ -10,7 +10,8 @@ BIN=/tmp/neox-gpu
 mkdir -p "$BIN"
 gunzip -c .gpu/neox-worker.gz >"$BIN/neox-worker"
 gunzip -c .gpu/gpu-tests.gz >"$BIN/gpu-tests"
-chmod +x "$BIN/neox-worker" "$BIN/gpu-tests"
+gunzip -c .gpu/neox.gz >"$BIN/neox"
+chmod +x "$BIN/neox-worker" "$BIN/gpu-tests" "$BIN/neox"
 
 SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 export LD_LIBRARY_PATH=$SITE/nvidia/cu13/lib:$SITE/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -27,6 +28,29 @@ cpu_ids=$(gen --device cpu)
 echo "gpu tp2: $gpu_ids"
 echo "cpu:     $cpu_ids"
 [ "$gpu_ids" = "$cpu_ids" ] || { echo "gpu-run: TP=2 on the GPU differs from the CPU" >&2; exit 1; }
+echo "== serve on the GPU (fp32, paged KV): 8 concurrent greedy requests equal HF's golden ids"
+"$BIN/neox-worker" serve --device cuda --dtype fp32 --grpc-addr 127.0.0.1:50091 --metrics-addr 127.0.0.1:9491 \
+  >/tmp/neox-gpu-serve.log 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 240); do
+  "$BIN/neox" --addr http://127.0.0.1:50091 health >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { cat /tmp/neox-gpu-serve.log >&2; echo "gpu-run: the server exited" >&2; exit 1; }
+  sleep 0.5
+done
+want=$(python3 -c "import json; print(json.load(open('worker/assets/shakespeare-neox/golden.json'))['prompts'][0]['output_ids'])")
+clients=()
+for i in $(seq 1 8); do
+  "$BIN/neox" --addr http://127.0.0.1:50091 generate $'ROMEO:\n' --max-new-tokens 40 --json >"/tmp/neox-gpu-gen-$i.json" &
+  clients+=($!)
+done
+wait "${clients[@]}"
+for i in $(seq 1 8); do
+  got=$(python3 -c "import json; print(json.load(open('/tmp/neox-gpu-gen-$i.json'))['token_ids'])")
+  [ "$got" = "$want" ] || { echo "gpu-run: served request $i differs: $got" >&2; exit 1; }
+done
+"$BIN/neox" --addr http://127.0.0.1:50091 info
+kill $SERVER; trap - EXIT
 if [ "${1:-}" = "--bench" ]; then
   echo "== 20B-shaped benchmark"
   python3 worker/benches/gpu_20b.py --worker "$BIN/neox-worker" --dir /tmp/neox20b

@@ -17,6 +17,7 @@ TESTS=$(find "$TARGET/release/deps" -maxdepth 1 -type f -executable -name 'gpu-*
 rm -rf .gpu && mkdir -p .gpu/fixtures
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
 gzip -c "$TARGET/release/neox-worker" >.gpu/neox-worker.gz
+gzip -c "$TARGET/release/neox" >.gpu/neox.gz
 gzip -c "$TESTS" >.gpu/gpu-tests.gz
 cp -r "$FIXTURE" .gpu/fixtures/tiny-neox
 du -sh .gpu
