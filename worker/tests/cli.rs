@@ -119,6 +119,12 @@ fn bad_arguments_fail_cleanly() {
 
 #[test]
 fn bench_reports_every_figure_for_each_batch_size() {
+    for layout in ["per-sequence", "paged"] {
+        bench_reports_every_figure(layout);
+    }
+}
+
+fn bench_reports_every_figure(layout: &str) {
     let v = run_json(&[
         "bench",
         "--prefill-len",
@@ -127,8 +133,11 @@ fn bench_reports_every_figure_for_each_batch_size() {
         "1,3",
         "--steps",
         "4",
+        "--kv-layout",
+        layout,
         "--json",
     ]);
+    assert_eq!(v["kv_layout"], layout);
     assert_eq!(v["prefill"]["tokens"], 24);
     assert!(v["prefill"]["tokens_per_second"].as_f64().unwrap() > 0.0);
     assert!(v["load_seconds"].as_f64().unwrap() > 0.0);

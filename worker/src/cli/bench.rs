@@ -12,6 +12,7 @@ use neox_worker::model::LogitsWanted;
 use neox_worker::shard::{SeqPlan, StepRunner};
 
 use super::group::{start_leader, GroupArgs};
+use super::serve::KvLayout;
 use super::ModelArgs;
 
 #[derive(Args, Debug)]
@@ -32,10 +33,16 @@ pub struct BenchArgs {
     /// Decode steps measured per batch size (after 2 warm-up steps).
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// KV cache layout, as `serve --kv-layout` (auto: paged on GPUs, per-sequence on CPU).
+    #[arg(long, value_enum, default_value_t = KvLayout::Auto)]
+    kv_layout: KvLayout,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
+
+/// Tokens per block of the paged pool the benchmark sizes for itself.
+const BENCH_BLOCK: usize = 16;
 
 /// Deterministic, spread-out token ids below `vocab`.
 fn tokens(n: usize, seed: usize, vocab: usize) -> Vec<u32> {
@@ -68,6 +75,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let max_pos = runner.model().config().max_position_embeddings;
     if a.prefill_len > max_pos || a.context_len + a.steps + 2 > max_pos {
         bail!("the model has {max_pos} positions: shorten --prefill-len or --context-len + --steps");
+    }
+    let paged = match a.kv_layout {
+        KvLayout::Paged => true,
+        KvLayout::PerSequence => false,
+        KvLayout::Auto => !runner.model().device().is_cpu(),
+    };
+    if paged {
+        // Room for the largest phase: the prefill prompt, or the biggest decode batch.
+        let per_seq = (a.context_len + a.steps + 2).div_ceil(BENCH_BLOCK);
+        let biggest = a.batch.iter().max().copied().unwrap_or(1);
+        let blocks = (biggest * per_seq).max(a.prefill_len.div_ceil(BENCH_BLOCK));
+        runner.use_paged_kv(blocks, BENCH_BLOCK)?;
     }
     let mut next_id = 0u64;
 
@@ -138,6 +157,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "device": a.model.device,
         "dtype": a.model.dtype,
         "tp": a.group.world_size.unwrap_or(a.group.tp),
+        "kv_layout": if paged { "paged" } else { "per-sequence" },
         "load_seconds": load_secs,
         "prefill": { "tokens": a.prefill_len, "seconds": prefill_secs, "tokens_per_second": a.prefill_len as f64 / prefill_secs },
         "decode": decode,
@@ -149,8 +169,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} on {} ({}), load {:.2} s",
-        group.name, a.model.device, a.model.dtype, load_secs
+        "{} on {} ({}, {} KV), load {:.2} s",
+        group.name,
+        a.model.device,
+        a.model.dtype,
+        if paged { "paged" } else { "per-sequence" },
+        load_secs
     );
     println!(
         "prefill {} tokens: {:.1} ms, {:.0} tokens/s",
