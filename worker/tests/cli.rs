@@ -7,29 +7,10 @@ use common::*;
 #[test]
 fn generate_json_matches_hf_greedy() {
     let g = Goldens::load();
-    let dir = fixture_dir();
     for i in g.cases() {
         let ids = g.ids(&format!("case{i}.input_ids"));
         let want = g.ids(&format!("case{i}.greedy"));
-        let n = want.len().to_string();
-        let v = run_json(&[
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &csv(&ids),
-            "--max-new-tokens",
-            &n,
-            "--greedy",
-            "--ignore-eos",
-            "--json",
-        ]);
-        let got: Vec<u32> = v["generated_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let (v, got) = cli_greedy(&[], &ids, want.len());
         assert_eq!(got, want, "case{i}");
         assert_eq!(v["prompt_ids"].as_array().unwrap().len(), ids.len());
         assert!(v["timings"]["prefill_ms"].as_f64().unwrap() > 0.0);

@@ -149,21 +149,9 @@ fn paged_kv_serves_the_same_text_under_batching_and_preemption() {
         "its sequential run (paged KV)",
     ));
     drop(server);
-    // A pool of 1 MiB (128 tokens) for four 110-token requests: the engine's block accounting
-    // must preempt before the pool runs dry, and outputs stay exact.
-    let server = start(&["--kv-layout", "paged", "--kv-cache-mib", "1", "--max-batch-size", "4"]);
-    rt().block_on(sequential_then_concurrent(
-        &server,
-        4,
-        100,
-        "its run without preemption (paged KV)",
-    ));
-    assert!(
-        server.metric("neox_preemptions_total") > 0.0,
-        "the tiny pool never preempted"
-    );
-    assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
-    drop(server);
+    // A pool of 1 MiB (128 tokens): the engine's block accounting must preempt before the pool
+    // runs dry.
+    assert_preemption_keeps_outputs_exact(&["--kv-layout", "paged"], "(paged KV)");
     // TP=2: the follower gets the same pool through the group protocol.
     let server = start(&["--tp", "2", "--kv-layout", "paged", "--max-batch-size", "8"]);
     rt().block_on(sequential_then_concurrent(
@@ -176,17 +164,20 @@ fn paged_kv_serves_the_same_text_under_batching_and_preemption() {
 
 #[test]
 fn preemption_under_a_tiny_kv_budget_keeps_outputs_exact() {
-    // 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit.
-    let server = start(&["--kv-cache-mib", "1", "--max-batch-size", "4"]);
-    rt().block_on(sequential_then_concurrent(
-        &server,
-        4,
-        100,
-        "its run without preemption",
-    ));
+    assert_preemption_keeps_outputs_exact(&[], "");
+}
+
+/// 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit, so the
+/// engine preempts; every output still equals its run without preemption, and all KV is freed.
+fn assert_preemption_keeps_outputs_exact(extra: &[&str], what: &str) {
+    let mut args = vec!["--kv-cache-mib", "1", "--max-batch-size", "4"];
+    args.extend_from_slice(extra);
+    let server = start(&args);
+    let label = format!("its run without preemption {what}");
+    rt().block_on(sequential_then_concurrent(&server, 4, 100, &label));
     assert!(
         server.metric("neox_preemptions_total") > 0.0,
-        "the budget should have forced preemption"
+        "the budget should have forced preemption {what}"
     );
     assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
 }

@@ -49,22 +49,7 @@ fn tp_logits_and_greedy_equal_hf() {
             assert!(d <= 1e-4, "tp {tp} case{i}: logits differ from HF by {d}");
 
             let want = g.ids(&format!("case{i}.greedy"));
-            let n = want.len().to_string();
-            let v = run_json(&[
-                "generate",
-                "--model",
-                dir.to_str().unwrap(),
-                "--tp",
-                &tp_s,
-                "--prompt-ids",
-                &ids,
-                "--max-new-tokens",
-                &n,
-                "--greedy",
-                "--ignore-eos",
-                "--json",
-            ]);
-            let got: Vec<u32> = serde_json::from_value(v["generated_ids"].clone()).unwrap();
+            let (_, got) = cli_greedy(&["--tp", &tp_s], &g.ids(&format!("case{i}.input_ids")), want.len());
             assert_eq!(got, want, "tp {tp} case{i}: greedy continuation differs from HF");
         }
     }

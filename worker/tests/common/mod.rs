@@ -181,3 +181,24 @@ pub fn chunked_logits(m: &neox_worker::model::GptNeoX, ids: &[u32], chunk: usize
     }
     got
 }
+
+/// `neox-worker generate` on the fixture, greedy past EOS for `n` tokens after `ids`, with
+/// `extra` flags (e.g. `--tp 2`): its JSON output and the generated ids.
+pub fn cli_greedy(extra: &[&str], ids: &[u32], n: usize) -> (serde_json::Value, Vec<u32>) {
+    let dir = fixture_dir();
+    let (ids, n) = (csv(ids), n.to_string());
+    let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--prompt-ids",
+        &ids,
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let v = run_json(&args);
+    let got = serde_json::from_value(v["generated_ids"].clone()).unwrap();
+    (v, got)
+}
