@@ -176,23 +176,26 @@ async fn an_image_change_rolls_group_by_group() {
         p
     };
     // Step 1: group 0 is replaced (new template applied, its pods deleted together).
-    let stss = vec![
-        existing_sts(&new, 0, Some(&old_rev)),
-        existing_sts(&new, 1, Some(&old_rev)),
-        existing_sts(&new, 2, Some(&old_rev)),
-    ];
-    let (client, rec) = fake(stss, all_pods(true));
+    // The three groups' StatefulSets as they stand, at these revisions.
+    let stss = |revs: [&str; 3]| -> Vec<_> {
+        revs.iter()
+            .enumerate()
+            .map(|(g, r)| existing_sts(&new, g as i32, Some(r)))
+            .collect()
+    };
+    // What replacing group g sends: its new template, then its two pods deleted together.
+    let rolled = |g: i32| {
+        expect(&[
+            format!("PATCH {BASE}/llm-{g}"),
+            format!("DELETE {PODS}/llm-{g}-0"),
+            format!("DELETE {PODS}/llm-{g}-1"),
+        ])
+    };
+    let (client, rec) = fake(stss([&old_rev, &old_rev, &old_rev]), all_pods(true));
     reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
     {
         let rec = rec.lock().unwrap();
-        assert_eq!(
-            rec.lines(),
-            expect(&[
-                format!("PATCH {BASE}/llm-0"),
-                format!("DELETE {PODS}/llm-0-0"),
-                format!("DELETE {PODS}/llm-0-1")
-            ])
-        );
+        assert_eq!(rec.lines(), rolled(0));
         let body = rec.body_of(&format!("PATCH {BASE}/llm-0"));
         assert_eq!(
             body["spec"]["template"]["spec"]["containers"][0]["image"],
@@ -206,26 +209,14 @@ async fn an_image_change_rolls_group_by_group() {
         assert_eq!(rec.body_of(STATUS)["status"]["updatedReplicas"], 0);
     }
     // Step 2: group 0 is new but its ranks are not ready yet: nothing else moves.
-    let stss = vec![
-        existing_sts(&new, 0, Some(&new_rev)),
-        existing_sts(&new, 1, Some(&old_rev)),
-        existing_sts(&new, 2, Some(&old_rev)),
-    ];
-    let (client, rec) = fake(stss.clone(), all_pods(false));
+    let (client, rec) = fake(stss([&new_rev, &old_rev, &old_rev]), all_pods(false));
     reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
     assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
     // Step 3: group 0 ready: group 1 is next.
-    let (client, rec) = fake(stss, all_pods(true));
+    let (client, rec) = fake(stss([&new_rev, &old_rev, &old_rev]), all_pods(true));
     reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
     let rec = rec.lock().unwrap();
-    assert_eq!(
-        rec.lines(),
-        expect(&[
-            format!("PATCH {BASE}/llm-1"),
-            format!("DELETE {PODS}/llm-1-0"),
-            format!("DELETE {PODS}/llm-1-1")
-        ])
-    );
+    assert_eq!(rec.lines(), rolled(1));
     assert_eq!(rec.body_of(STATUS)["status"]["updatedReplicas"], 1);
 }
 
