@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{Checkpoint, Slice};
 use super::config::{Activation, NeoXConfig};
-use super::decode_attention::{attend_decode_step, attend_one_token};
+use super::decode_attention::attend_decode_step;
 use super::kv_cache::SequenceCache;
 use super::linear::Linear;
 use super::paged_kv::{KvPool, PoolShape};
@@ -649,11 +649,11 @@ impl GptNeoX {
             let vs = v.narrow(1, offset, n)?.contiguous()?;
             let (kc, vc) = s.cache.append(li, &ks, &vs)?;
             offset += n;
-            if n == 1 {
-                if let Some(o) = attend_one_token(&qs, &kc, &vc, scale)? {
-                    outs.push(o);
-                    continue;
-                }
+            if n == 1 && on_cpu_f32 {
+                // A decode token among prefill chunks: the fused kernel, for one sequence.
+                let o = attend_decode_step(&qs, &[(kc, vc)], scale)?;
+                outs.push(o.reshape((heads, 1, hd))?);
+                continue;
             }
             let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
             if n > 1 {
