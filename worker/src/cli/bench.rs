@@ -76,11 +76,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.prefill_len > max_pos || a.context_len + a.steps + 2 > max_pos {
         bail!("the model has {max_pos} positions: shorten --prefill-len or --context-len + --steps");
     }
-    let paged = match a.kv_layout {
-        KvLayout::Paged => true,
-        KvLayout::PerSequence => false,
-        KvLayout::Auto => !runner.model().device().is_cpu(),
-    };
+    let paged = a.kv_layout.paged_on(runner.model().device());
     if paged {
         // Room for the largest phase: the prefill prompt, or the biggest decode batch.
         let per_seq = (a.context_len + a.steps + 2).div_ceil(BENCH_BLOCK);
@@ -197,16 +193,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 
 /// Device memory in use on a GPU (all processes'), else this process's peak resident set.
 fn memory_in_use(runner: &mut dyn StepRunner) -> u64 {
-    #[cfg(feature = "cuda")]
-    {
-        if let candle_core::Device::Cuda(d) = runner.model().device() {
-            let ctx = d.cuda_stream().context().clone();
-            if let Ok((free, total)) = ctx.mem_get_info() {
-                return (total - free) as u64;
-            }
-        }
+    if let Some((free, total)) = neox_worker::model::device_memory(runner.model().device()) {
+        return (total - free) as u64;
     }
-    let _ = runner;
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -74,6 +74,17 @@ pub enum KvLayout {
     PerSequence,
 }
 
+impl KvLayout {
+    /// Whether caches on `device` are paged (auto: on GPUs).
+    pub fn paged_on(self, device: &candle_core::Device) -> bool {
+        match self {
+            KvLayout::Paged => true,
+            KvLayout::PerSequence => false,
+            KvLayout::Auto => !device.is_cpu(),
+        }
+    }
+}
+
 pub fn serve(a: ServeArgs) -> Result<()> {
     if a.group.rank.is_some_and(|r| r > 0) {
         let grpc = a.grpc_addr;
@@ -109,8 +120,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .min(cfg.max_position_embeddings);
     let kv_cache_mib = match a.kv_cache_mib {
         Some(mib) => mib,
-        None => match neox_worker::model::free_device_memory(model.device()) {
-            Some(free) => (free / 10 * 9) >> 20,
+        None => match neox_worker::model::device_memory(model.device()) {
+            Some((free, _total)) => (free / 10 * 9) >> 20,
             None => 1024,
         },
     };
@@ -159,11 +170,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_block_size: a.kv_block_size,
         kv_blocks: blocks.total(),
     };
-    let paged = match a.kv_layout {
-        KvLayout::Paged => true,
-        KvLayout::PerSequence => false,
-        KvLayout::Auto => !runner.model().device().is_cpu(),
-    };
+    let paged = a.kv_layout.paged_on(runner.model().device());
     if paged {
         // The whole budget up front, on every rank: the engine's block accounting is exact.
         runner

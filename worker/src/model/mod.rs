@@ -79,11 +79,11 @@ fn cuda_device(ordinal: usize) -> Result<Device, ModelError> {
     Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
 }
 
-/// Bytes of memory still free on `device` (a GPU); `None` on the CPU.
-pub fn free_device_memory(device: &Device) -> Option<usize> {
+/// `(free, total)` bytes of `device`'s memory (a GPU); `None` on the CPU.
+pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _total)| free),
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok(),
         _ => None,
     }
 }
