@@ -135,5 +135,8 @@ fn bench_reports_every_figure(layout: &str) {
         );
         let b = d["batch"].as_f64().unwrap();
         assert!(ms > 0.0 && (tps - b * 1e3 / ms).abs() < 1e-6 * tps, "{d}");
+        for k in ["greedy_device_ms", "filtered_device_ms", "filtered_host_ms"] {
+            assert!(d["sampling"][k].as_f64().is_some_and(|x| x > 0.0), "{k} in {d}");
+        }
     }
 }

@@ -94,6 +94,67 @@ fn demo_model_perplexity_in_fp16_is_within_005_of_hf() {
     );
 }
 
+/// The batched tensor sampler on the GPU against the same code on CPU tensors (identical
+/// logits and seeds: identical tokens) and greedy rows against the host sampler.
+#[test]
+fn sampling_on_the_gpu_matches_the_cpu() {
+    use neox_worker::engine::{sample_batch, SampleRow, Sampled, Sampler, SamplingParams, SamplingPlace};
+    let g = Goldens::load();
+    let dir = fixture_dir().display().to_string();
+    let m = load_on_gpu(&dir, DType::F32);
+    let case = g.cases()[0];
+    let ids = g.ids(&format!("case{case}.input_ids"));
+    let rows = all_logits(&m.model, &ids);
+    let vocab = m.model.sampleable_vocab();
+    let params: Vec<SamplingParams> = (0..rows.len())
+        .map(|i| SamplingParams {
+            temperature: if i % 3 == 0 { 0.0 } else { 0.7 + 0.1 * i as f32 },
+            top_k: [0, 5, 40][i % 3],
+            top_p: [1.0, 0.9, 0.7][i % 3],
+            typical_p: if i % 4 == 1 { 0.8 } else { 1.0 },
+            repetition_penalty: 1.3,
+            presence_penalty: 0.2,
+            top_n_tokens: 3,
+            seed: i as u64,
+            ..Default::default()
+        })
+        .collect();
+    let run = |device: &Device, place: SamplingPlace| -> Vec<Sampled> {
+        let logits: Vec<Tensor> = rows
+            .iter()
+            .map(|r| Tensor::new(r.as_slice(), device).unwrap().unsqueeze(0).unwrap())
+            .collect();
+        let mut samplers: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
+        let mut batch: Vec<SampleRow<'_>> = logits
+            .iter()
+            .zip(samplers.iter_mut())
+            .map(|(logits, sampler)| SampleRow {
+                logits,
+                sampler,
+                context: &ids,
+                generated: &ids[ids.len() / 2..],
+                want_logprob: true,
+            })
+            .collect();
+        sample_batch(&mut batch, vocab, place).unwrap()
+    };
+    let on_gpu = run(&gpu(), SamplingPlace::Auto);
+    let on_cpu = run(&Device::Cpu, SamplingPlace::Device);
+    let on_host = run(&Device::Cpu, SamplingPlace::Host);
+    for (i, (a, b)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+        assert_eq!(a.id, b.id, "row {i}: GPU and CPU tensor sampling disagree");
+        assert!((a.logprob - b.logprob).abs() < 1e-5, "row {i}: {a:?} vs {b:?}");
+        assert_eq!(
+            a.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            b.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "row {i}"
+        );
+        if params[i].temperature == 0.0 {
+            assert_eq!(a.id, on_host[i].id, "row {i}: greedy on the GPU vs the host sampler");
+        }
+    }
+}
+
 fn flat_f32(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
         .unwrap()

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 use common::*;
-use neox_worker::engine::{generate_batch, OfflineOptions, SamplingParams};
+use neox_worker::engine::{generate_batch, OfflineOptions, SamplingPlace};
 use neox_worker::model::{LogitsWanted, SeqStep};
 use neox_worker::shard::LocalRunner;
 
@@ -55,11 +55,7 @@ fn left_padded_batch_matches_hf() {
     let m = load_model(&fixture(), DType::F32);
     // Our batches are ragged: a padded row is just its unmasked tokens.
     let (prompts, want) = golden_batch(&g);
-    let opts = OfflineOptions {
-        max_new_tokens: want[0].len(),
-        sampling: SamplingParams::default(),
-        eos_token_id: None,
-    };
+    let opts = OfflineOptions::greedy(want[0].len());
     // Last-position logits of the whole batch in one forward step.
     let mut caches: Vec<_> = prompts.iter().map(|p| m.model.new_cache(p.len())).collect();
     let mut steps: Vec<SeqStep<'_>> = prompts
@@ -78,9 +74,22 @@ fn left_padded_batch_matches_hf() {
         .collect();
     let d = max_abs_diff(&got, &g.f32_2d("batch.last_logits"));
     assert!(d <= TOL, "batched last logits differ from HF by {d}");
-    let (out, _) = generate_batch(&mut LocalRunner::new(m.model), &prompts, &opts).unwrap();
+    let mut runner = LocalRunner::new(m.model);
+    let (out, _) = generate_batch(&mut runner, &prompts, &opts).unwrap();
     for (row, w) in want.iter().enumerate() {
         assert_eq!(&out[row].ids, w, "batch row {row} differs from HF");
+    }
+    // The batched tensor sampler (the GPU's) picks the same greedy tokens.
+    let on_device = OfflineOptions {
+        place: SamplingPlace::Device,
+        ..opts
+    };
+    let (out, _) = generate_batch(&mut runner, &prompts, &on_device).unwrap();
+    for (row, w) in want.iter().enumerate() {
+        assert_eq!(
+            &out[row].ids, w,
+            "batch row {row} sampled on the device differs from HF"
+        );
     }
 }
 

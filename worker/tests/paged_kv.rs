@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use neox_worker::engine::{generate_batch, OfflineOptions, SamplingParams};
+use neox_worker::engine::{generate_batch, OfflineOptions};
 use neox_worker::model::{LogitsWanted, SeqStep};
 use neox_worker::shard::LocalRunner;
 
@@ -51,11 +51,7 @@ fn paged_batched_decode_matches_hf() {
     let g = Goldens::load();
     // Our batches are ragged: a padded row is just its unmasked tokens.
     let (prompts, want) = golden_batch(&g);
-    let opts = OfflineOptions {
-        max_new_tokens: want[0].len(),
-        sampling: SamplingParams::default(),
-        eos_token_id: None,
-    };
+    let opts = OfflineOptions::greedy(want[0].len());
     // Ragged prompts: every decode step gathers histories of different lengths (padding masked).
     let (out, _) = generate_batch(&mut LocalRunner::new(paged(64, 4)), &prompts, &opts).unwrap();
     for (row, w) in want.iter().enumerate() {

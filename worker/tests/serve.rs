@@ -182,10 +182,118 @@ fn assert_preemption_keeps_outputs_exact(extra: &[&str], what: &str) {
     assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
 }
 
+/// A request that samples (seeded) with every filter and penalty, reporting logprobs.
+fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        parameters: Some(pb::GenerationParameters {
+            max_new_tokens: 20,
+            ignore_eos: true,
+            temperature: Some(0.8),
+            top_k: 40,
+            top_p: Some(0.9),
+            typical_p: Some(0.95),
+            repetition_penalty: Some(1.2),
+            presence_penalty: 0.3,
+            seed: Some(seed),
+            logprobs: true,
+            top_n_tokens: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn device_sampling_matches_host_sampling() {
+    // The GPU's batched tensor sampler, forced on the CPU, against the host sampler.
+    let host = start(&[]);
+    let device = start(&["--sampling", "device", "--max-batch-size", "16"]);
+    rt().block_on(async {
+        let (mut h, mut d) = (host.client().await, device.client().await);
+        for p in prompts(4) {
+            // Greedy with logprobs and alternatives: the same tokens and numbers.
+            let mut req = greedy(&p, 12);
+            if let Some(params) = req.parameters.as_mut() {
+                params.logprobs = true;
+                params.top_n_tokens = 4;
+                params.repetition_penalty = Some(1.3);
+            }
+            let a = h.generate(req.clone()).await.unwrap().into_inner();
+            let b = d.generate(req).await.unwrap().into_inner();
+            assert_eq!(a.token_ids, b.token_ids, "{p:?}");
+            for (x, y) in a.tokens.iter().zip(&b.tokens) {
+                let (lx, ly) = (x.logprob.unwrap(), y.logprob.unwrap());
+                assert!((lx - ly).abs() < 1e-4, "{p:?}: logprob {lx} vs {ly}");
+                let ids = |t: &pb::Token| t.top_tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+                assert_eq!(ids(x), ids(y), "{p:?}: top tokens");
+            }
+        }
+        // Seeded sampling: the same seed gives the same text, alone or batched with others,
+        // and every chosen token's reported logprob is one the host assigns it too.
+        let ps = prompts(12);
+        let mut alone = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            alone.push(d.generate(sampled(p, i as u64)).await.unwrap().into_inner());
+        }
+        let tasks: Vec<_> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut d = d.clone();
+                let req = sampled(p, i as u64);
+                tokio::spawn(async move { d.generate(req).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let batched = t.await.unwrap().unwrap().into_inner();
+            assert_eq!(batched.token_ids, alone[i].token_ids, "seed {i} batched vs alone");
+        }
+        let distinct: std::collections::HashSet<_> = alone.iter().map(|r| r.token_ids.clone()).collect();
+        assert!(distinct.len() > 6, "sampling should vary across prompts and seeds");
+        // Each sampled token's reported logprob is the model's: the host server scores the
+        // same text as a prompt.
+        for (i, r) in alone.iter().enumerate() {
+            let prompt = h
+                .tokenize(pb::TokenizeRequest { text: ps[i].clone() })
+                .await
+                .unwrap()
+                .into_inner()
+                .ids;
+            let scored = h
+                .generate(pb::GenerateRequest {
+                    prompt_ids: prompt.iter().chain(&r.token_ids).copied().collect(),
+                    parameters: Some(pb::GenerationParameters {
+                        max_new_tokens: 1,
+                        prompt_logprobs: true,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for (j, t) in r.tokens.iter().enumerate() {
+                let want = scored.prompt_tokens[prompt.len() + j].logprob.unwrap();
+                let got = t.logprob.unwrap();
+                assert!((got - want).abs() < 1e-4, "seed {i} token {j}: logprob {got} vs {want}");
+            }
+        }
+    });
+}
+
 #[test]
 fn fuzzed_parameters_never_break_the_server() {
+    fuzz_parameters(&[]);
+    // The same requests through the GPU's tensor sampler.
+    fuzz_parameters(&["--sampling", "device"]);
+}
+
+fn fuzz_parameters(extra: &[&str]) {
     use rand::{Rng, SeedableRng};
-    let server = start(&["--max-prompt-bytes", "2048"]);
+    let mut args = vec!["--max-prompt-bytes", "2048"];
+    args.extend_from_slice(extra);
+    let server = start(&args);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let reqs: Vec<pb::GenerateRequest> = (0..150)
         .map(|_| {

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use neox_worker::engine::{generate_batch, perplexity, OfflineOptions, SamplingParams};
+use neox_worker::engine::{generate_batch, perplexity, OfflineOptions};
 use neox_worker::model::IncrementalDecoder;
 use neox_worker::shard::LocalRunner;
 
@@ -35,11 +35,7 @@ fn builtin_greedy_continuations_equal_hf() {
             "tokenizer differs from HF on {prompt:?}"
         );
         let want = ids(&p["output_ids"]);
-        let opts = OfflineOptions {
-            max_new_tokens: want.len(),
-            sampling: SamplingParams::default(),
-            eos_token_id: None,
-        };
+        let opts = OfflineOptions::greedy(want.len());
         let (out, _) = generate_batch(&mut runner, &[prompt_ids], &opts).unwrap();
         assert_eq!(out[0].ids, want, "greedy continuation of {prompt:?}");
         assert_eq!(
@@ -76,11 +72,7 @@ fn builtin_equals_the_checkpoint_directory() {
     let b = load_model(shakespeare_dir().to_str().unwrap(), DType::F32);
     assert_eq!(a.model.config(), b.model.config());
     let ids = a.tokenizer.encode("HAMLET:\nTo be").unwrap();
-    let opts = OfflineOptions {
-        max_new_tokens: 8,
-        sampling: SamplingParams::default(),
-        eos_token_id: None,
-    };
+    let opts = OfflineOptions::greedy(8);
     assert_eq!(
         generate_batch(&mut LocalRunner::new(a.model), std::slice::from_ref(&ids), &opts)
             .unwrap()

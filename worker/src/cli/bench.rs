@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
+use candle_core::Tensor;
+use neox_worker::engine::{sample_batch, SampleRow, Sampled, Sampler, SamplingParams, SamplingPlace};
 use neox_worker::model::LogitsWanted;
 use neox_worker::shard::{SeqPlan, StepRunner};
 
@@ -51,16 +53,78 @@ fn tokens(n: usize, seed: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// The greedy next token of each sequence, taken on the logits' device (so the timing
-/// includes the device-to-host synchronisation a served step has).
-fn next_tokens(out: Vec<Option<candle_core::Tensor>>, vocab: usize) -> Result<Vec<u32>> {
+/// The greedy next token of each sequence, sampled as the server does (one batch, on the
+/// logits' device), so the timing includes the device-to-host copy a served step has.
+fn next_tokens(out: Vec<Option<Tensor>>, vocab: usize) -> Result<Vec<u32>> {
+    let greedy = SamplingParams::default();
+    Ok(sample(&every_logits(out)?, vocab, &greedy, SamplingPlace::Auto)?
+        .into_iter()
+        .map(|s| s.id)
+        .collect())
+}
+
+fn every_logits(out: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
     out.into_iter()
-        .map(|l| {
-            let l = l.context("a sequence returned no logits")?;
-            let ids = neox_worker::engine::sampling::argmax_rows(&l, vocab)?;
-            ids.last().copied().context("empty logits")
+        .map(|l| l.context("a sequence returned no logits"))
+        .collect()
+}
+
+/// One decode step: each sequence feeds its last token.
+fn decode_plan(ids: &[u64], last: &[u32], reserve: usize) -> Vec<SeqPlan> {
+    ids.iter()
+        .zip(last)
+        .map(|(&id, &t)| SeqPlan {
+            id,
+            tokens: vec![t],
+            logits: LogitsWanted::Last,
+            reserve,
         })
         .collect()
+}
+
+fn sample(logits: &[Tensor], vocab: usize, params: &SamplingParams, place: SamplingPlace) -> Result<Vec<Sampled>> {
+    let mut samplers: Vec<Sampler> = logits.iter().map(|_| Sampler::new(params.clone())).collect();
+    let context = tokens(64, 1, vocab);
+    let mut rows: Vec<SampleRow<'_>> = logits
+        .iter()
+        .zip(samplers.iter_mut())
+        .map(|(logits, sampler)| SampleRow {
+            logits,
+            sampler,
+            context: &context,
+            generated: &context[32..],
+            want_logprob: false,
+        })
+        .collect();
+    Ok(sample_batch(&mut rows, vocab, place)?)
+}
+
+/// Median milliseconds to sample one step's rows: greedy and filtered (temperature, top-k,
+/// top-p, repetition penalty) where the logits are, and filtered with every row copied to
+/// the host.
+fn sampling_cost(logits: &[Tensor], vocab: usize) -> Result<serde_json::Value> {
+    let filtered = SamplingParams {
+        temperature: 0.8,
+        top_k: 50,
+        top_p: 0.95,
+        repetition_penalty: 1.1,
+        ..Default::default()
+    };
+    let median_ms = |params: &SamplingParams, place| -> Result<f64> {
+        let mut ms = Vec::new();
+        for _ in 0..7 {
+            let t = Instant::now();
+            sample(logits, vocab, params, place)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2])
+    };
+    Ok(json!({
+        "greedy_device_ms": median_ms(&SamplingParams::default(), SamplingPlace::Device)?,
+        "filtered_device_ms": median_ms(&filtered, SamplingPlace::Device)?,
+        "filtered_host_ms": median_ms(&filtered, SamplingPlace::Host)?,
+    }))
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -122,22 +186,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut last = next_tokens(runner.step(&plan)?, vocab)?;
         let mut step_secs = Vec::with_capacity(a.steps);
         for s in 0..a.steps + 2 {
-            let plan: Vec<SeqPlan> = ids
-                .iter()
-                .zip(&last)
-                .map(|(&id, &t)| SeqPlan {
-                    id,
-                    tokens: vec![t],
-                    logits: LogitsWanted::Last,
-                    reserve,
-                })
-                .collect();
+            let plan = decode_plan(&ids, &last, reserve);
             let t = Instant::now();
             last = next_tokens(runner.step(&plan)?, vocab)?;
             if s >= 2 {
                 step_secs.push(t.elapsed().as_secs_f64());
             }
         }
+        // The sampling cost on this step's real logits.
+        let logits = every_logits(runner.step(&decode_plan(&ids, &last, reserve))?)?;
+        let sampling = sampling_cost(&logits, vocab)?;
         peak = peak.max(memory_in_use(runner));
         runner.release(&ids)?;
         step_secs.sort_by(f64::total_cmp);
@@ -146,6 +204,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "batch": b,
             "ms_per_step": median * 1e3,
             "tokens_per_second": b as f64 / median,
+            "sampling": sampling,
         }));
     }
     let out = json!({
@@ -178,13 +237,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         prefill_secs * 1e3,
         a.prefill_len as f64 / prefill_secs
     );
-    println!("batch  decode ms/step  tokens/s");
+    println!("batch  decode ms/step  tokens/s  sampling ms: greedy  filtered  filtered on host");
     for d in &decode {
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        let s = &d["sampling"];
         println!(
-            "{:<6} {:>14.2} {:>9.1}",
+            "{:<6} {:>14.2} {:>9.1}  {:>19.2} {:>9.2} {:>17.2}",
             d["batch"],
-            d["ms_per_step"].as_f64().unwrap_or(0.0),
-            d["tokens_per_second"].as_f64().unwrap_or(0.0)
+            f(&d["ms_per_step"]),
+            f(&d["tokens_per_second"]),
+            f(&s["greedy_device_ms"]),
+            f(&s["filtered_device_ms"]),
+            f(&s["filtered_host_ms"])
         );
     }
     println!("peak memory in use: {:.2} GiB", peak as f64 / (1u64 << 30) as f64);

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use neox_worker::engine::{self, OfflineOptions, SamplingParams};
+use neox_worker::engine::{self, OfflineOptions, SamplingParams, SamplingPlace};
 use neox_worker::model::LogitsWanted;
 use neox_worker::shard::SeqPlan;
 
@@ -41,6 +41,9 @@ pub struct GenerateArgs {
     /// Keep generating past the end-of-text token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Where tokens are sampled, as `serve --sampling`.
+    #[arg(long, value_enum, default_value_t = SamplingPlace::Auto)]
+    sampling: SamplingPlace,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -120,6 +123,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling: sampling(&a)?,
         eos_token_id: if a.ignore_eos { None } else { m.tokenizer.eos_token_id() },
+        place: a.sampling,
     };
     let (gens, t) = engine::generate_batch(m.runner()?, std::slice::from_ref(&prompt_ids), &opts)?;
     let g = gens.into_iter().next().context("no generation")?;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use neox_proto::neox::v1 as pb;
 
-use neox_worker::engine::{self, BlockManager, EngineConfig};
+use neox_worker::engine::{self, BlockManager, EngineConfig, SamplingPlace};
 use neox_worker::metrics::Metrics;
 use neox_worker::model::dtype_name;
 use neox_worker::server::{self, Exit, Limits, ServerOptions};
@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// Tokens per KV block.
     #[arg(long, env = "NEOX_KV_BLOCK_SIZE", default_value_t = 16)]
     kv_block_size: usize,
+    /// Where tokens are sampled: device (all of a step's rows with tensor ops where the
+    /// logits are, so a GPU sends back only ids and asked-for logprobs), host (each row copied
+    /// out), or auto: device on GPUs, host on CPU.
+    #[arg(long, env = "NEOX_SAMPLING", value_enum, default_value_t = SamplingPlace::Auto)]
+    sampling: SamplingPlace,
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "NEOX_SHUTDOWN_GRACE", default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -169,6 +174,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_total_tokens: max_total,
         kv_block_size: a.kv_block_size,
         kv_blocks: blocks.total(),
+        sampling: a.sampling,
     };
     let paged = a.kv_layout.paged_on(runner.model().device());
     if paged {

@@ -11,6 +11,6 @@ mod stop;
 pub use blocks::BlockManager;
 pub use offline::{generate_batch, perplexity, BatchTimings, Generation, OfflineOptions, Perplexity};
 pub use request::{Event, Failure, Finish, FinishReason, Request, StopCriteria, TokenInfo};
-pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use sampling::{sample_batch, SampleRow, Sampled, Sampler, SamplingParams, SamplingPlace};
 pub use scheduler::{start, EngineConfig, EngineHandle, SubmitError};
 pub use stop::{StopMatcher, StopOutcome};

@@ -7,7 +7,7 @@ use crate::model::{LogitsWanted, ModelError};
 use crate::shard::{SeqPlan, StepRunner};
 
 use super::request::FinishReason;
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampler, SamplingParams, SamplingPlace};
 
 #[derive(Debug, Clone)]
 pub struct OfflineOptions {
@@ -15,6 +15,20 @@ pub struct OfflineOptions {
     pub sampling: SamplingParams,
     /// Stop a sequence at this token (included in its output).
     pub eos_token_id: Option<u32>,
+    /// Where tokens are sampled.
+    pub place: SamplingPlace,
+}
+
+impl OfflineOptions {
+    /// Greedy decoding of `max_new_tokens` tokens, not stopped at end-of-text.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            sampling: SamplingParams::default(),
+            eos_token_id: None,
+            place: SamplingPlace::Auto,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -102,14 +116,36 @@ fn run_batch(
             })
             .collect();
         let logits = runner.step(&plan)?;
+        let contexts: Vec<Vec<u32>> = running
+            .iter()
+            .map(|&i| prompts[i].iter().chain(out[i].ids.iter()).copied().collect())
+            .collect();
+        let picked = {
+            let mut rows = Vec::with_capacity(running.len());
+            // `running` is ascending: its samplers come out of one pass in order.
+            let mut active = samplers
+                .iter_mut()
+                .enumerate()
+                .filter(|(j, _)| running.binary_search(j).is_ok())
+                .map(|(_, s)| s);
+            for (row, &i) in running.iter().enumerate() {
+                let sampler = active
+                    .next()
+                    .ok_or_else(|| ModelError::Internal("a running sequence has no sampler".into()))?;
+                rows.push(SampleRow {
+                    logits: logits[row]
+                        .as_ref()
+                        .ok_or_else(|| ModelError::Internal("missing logits".into()))?,
+                    sampler,
+                    context: &contexts[row],
+                    generated: &out[i].ids,
+                    want_logprob: false,
+                });
+            }
+            sample_batch(&mut rows, vocab, opts.place)?
+        };
         let mut still = Vec::with_capacity(running.len());
-        for (row, &i) in running.iter().enumerate() {
-            let l = logits[row]
-                .as_ref()
-                .ok_or_else(|| ModelError::Internal("missing logits".into()))?;
-            let l: Vec<f32> = l.flatten_all()?.to_vec1()?;
-            let context: Vec<u32> = prompts[i].iter().chain(out[i].ids.iter()).copied().collect();
-            let s = samplers[i].sample(&l, vocab, &context, &out[i].ids);
+        for (s, &i) in picked.into_iter().zip(running.iter()) {
             out[i].ids.push(s.id);
             if Some(s.id) == opts.eos_token_id {
                 out[i].finish_reason = FinishReason::EosToken;
@@ -170,10 +206,9 @@ pub fn perplexity(runner: &mut dyn StepRunner, ids: &[u32], window: usize) -> Re
             .next()
             .flatten()
             .ok_or_else(|| ModelError::Internal("missing logits".into()))?;
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        for (pos, row) in rows.iter().enumerate().take(window - 1) {
-            let lp = super::sampling::log_softmax_at(row, std::iter::once(chunk[pos + 1]));
-            nll -= lp[0] as f64;
+        let vocab = logits.dim(1)?;
+        for lp in token_logprobs(&logits, vocab, &chunk[1..])? {
+            nll -= lp as f64;
             count += 1;
         }
     }

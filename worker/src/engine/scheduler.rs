@@ -20,7 +20,7 @@ use crate::shard::{SeqPlan, StepRunner};
 
 use super::blocks::BlockManager;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
-use super::sampling::{argmax_rows, log_softmax_at, Sampled, Sampler};
+use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
 use super::stop::{StopMatcher, StopOutcome};
 
 /// How often an idle engine checks that every rank is still there.
@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub kv_block_size: usize,
     /// KV blocks available (from the KV memory budget).
     pub kv_blocks: usize,
+    /// Where tokens are sampled.
+    pub sampling: SamplingPlace,
 }
 
 /// Why a request was not accepted.
@@ -417,14 +419,23 @@ impl Engine {
             .collect();
         self.metrics.batch_size.observe(steps.len() as f64);
         let logits = self.runner.step(&steps)?;
-        let mut finished = Vec::new();
+        // Account for every sequence's step; those that completed their tokens are due one.
+        let mut due: Vec<(u64, candle_core::Tensor)> = Vec::new();
         for (p, l) in steps.iter().zip(logits) {
             let Some(idx) = self.running.iter().position(|s| s.id == p.id) else {
                 continue;
             };
-            let done = self.after_step(idx, p, l)?;
-            if let Some(label) = done {
-                finished.push((p.id, label));
+            if let Some(l) = self.absorb(idx, p, l)? {
+                due.push((p.id, l));
+            }
+        }
+        let mut finished = Vec::new();
+        for (id, sampled) in self.sample(&due)? {
+            let Some(idx) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            if let Some(label) = self.emit(idx, sampled)? {
+                finished.push((id, label));
             }
         }
         for (id, label) in finished {
@@ -437,6 +448,30 @@ impl Engine {
         Ok(())
     }
 
+    /// Samples the next token of every sequence in `due` in one batch, where the engine's
+    /// `sampling` place says: on a GPU only the ids and asked-for logprobs cross. Returns the
+    /// sequences' ids with their tokens.
+    fn sample(&mut self, due: &[(u64, candle_core::Tensor)]) -> Result<Vec<(u64, Sampled)>, ModelError> {
+        let vocab = self.runner.model().sampleable_vocab();
+        let mut ids = Vec::with_capacity(due.len());
+        let mut rows: Vec<SampleRow<'_>> = Vec::with_capacity(due.len());
+        for s in self.running.iter_mut() {
+            let Some((_, logits)) = due.iter().find(|(id, _)| *id == s.id) else {
+                continue;
+            };
+            ids.push(s.id);
+            rows.push(SampleRow {
+                logits,
+                sampler: &mut s.sampler,
+                context: &s.tokens,
+                generated: &s.generated,
+                want_logprob: s.req.logprobs,
+            });
+        }
+        let sampled = sample_batch(&mut rows, vocab, self.config.sampling)?;
+        Ok(ids.into_iter().zip(sampled).collect())
+    }
+
     fn ensure_blocks_by_id(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {
         match self.running.iter().position(|s| s.id == id) {
             Some(i) => self.ensure_blocks(i, tokens),
@@ -444,13 +479,14 @@ impl Engine {
         }
     }
 
-    /// Applies a step's result to a sequence; returns the finish label if it ended.
-    fn after_step(
+    /// Applies a step's result to a sequence (progress, prompt logprobs); returns the logits
+    /// to sample from if the sequence is due its next token.
+    fn absorb(
         &mut self,
         idx: usize,
         p: &SeqPlan,
         logits: Option<candle_core::Tensor>,
-    ) -> Result<Option<&'static str>, ModelError> {
+    ) -> Result<Option<candle_core::Tensor>, ModelError> {
         let tok = self.tokenizer.clone();
         let vocab = self.runner.model().sampleable_vocab();
         let s = &mut self.running[idx];
@@ -461,16 +497,10 @@ impl Engine {
             self.metrics.prompt_tokens.inc_by(prefill_tokens as u64);
         }
         let Some(logits) = logits else { return Ok(None) };
-        // A plain greedy pick needs only the argmax: it is taken where the logits are, so on a
-        // GPU only the token id crosses to the host.
-        let argmax_on_device = p.logits == LogitsWanted::Last && !s.req.logprobs && s.sampler.needs_only_argmax();
-        let rows: Vec<Vec<f32>> = if argmax_on_device {
-            Vec::new()
-        } else {
-            logits.to_vec2()?
-        };
         if p.logits == LogitsWanted::All && !s.prompt_lp_sent {
             // Row j predicts token start + j + 1.
+            let targets = &s.tokens[start + 1..(start + p.tokens.len() + 1).min(s.prompt_len())];
+            let logprobs = token_logprobs(&logits, vocab, targets)?;
             if start == 0 {
                 let first = s.tokens[0];
                 s.prompt_lp.push(TokenInfo {
@@ -480,13 +510,7 @@ impl Engine {
                     top: Vec::new(),
                 });
             }
-            for (j, row) in rows.iter().enumerate() {
-                let pos = start + j + 1;
-                if pos >= s.prompt_len() {
-                    break;
-                }
-                let id = s.tokens[pos];
-                let lp = log_softmax_at(&row[..vocab.min(row.len())], std::iter::once(id))[0];
+            for (&id, lp) in targets.iter().zip(logprobs) {
                 s.prompt_lp.push(TokenInfo {
                     id,
                     text: tok.decode(&[id])?,
@@ -502,20 +526,14 @@ impl Engine {
             s.prompt_lp_sent = true;
             let _ = s.req.events.send(Event::PromptTokens(std::mem::take(&mut s.prompt_lp)));
         }
-        let sampled = if argmax_on_device {
-            Sampled {
-                id: argmax_rows(&logits, vocab)?
-                    .last()
-                    .copied()
-                    .ok_or_else(|| ModelError::Internal("argmax of an empty logits row".into()))?,
-                // Not computed: the request asked for no logprobs.
-                logprob: f32::NAN,
-                top: Vec::new(),
-            }
-        } else {
-            let Some(last) = rows.last() else { return Ok(None) };
-            s.sampler.sample(last, vocab, &s.tokens, &s.generated)
-        };
+        Ok(Some(logits))
+    }
+
+    /// Appends a sampled token to a sequence and streams it; returns the finish label if the
+    /// sequence ended.
+    fn emit(&mut self, idx: usize, sampled: Sampled) -> Result<Option<&'static str>, ModelError> {
+        let tok = self.tokenizer.clone();
+        let s = &mut self.running[idx];
         let now = Instant::now();
         match s.last_token_at {
             None => {

@@ -142,11 +142,7 @@ pub fn assert_greedy_matches_hf(g: &Goldens, runner: &mut neox_worker::shard::Lo
     for i in g.cases() {
         let ids = g.ids(&format!("case{i}.input_ids"));
         let want = g.ids(&format!("case{i}.greedy"));
-        let opts = neox_worker::engine::OfflineOptions {
-            max_new_tokens: want.len(),
-            sampling: neox_worker::engine::SamplingParams::default(),
-            eos_token_id: None,
-        };
+        let opts = neox_worker::engine::OfflineOptions::greedy(want.len());
         let (out, _) = neox_worker::engine::generate_batch(runner, &[ids], &opts).unwrap();
         assert_eq!(out[0].ids, want, "case{i}: {what}");
     }

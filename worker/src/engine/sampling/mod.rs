@@ -1,8 +1,16 @@
 //! Turning a row of logits into the next token: penalties, temperature, top-k, top-p,
 //! typical-p, and a seeded generator so the same seed and request give the same output.
+//! This module samples one row on the host; [`device`] samples a whole step where the logits
+//! are (the GPU), and [`sample_batch`] picks between them.
+
+mod batch;
+pub mod device;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+pub use batch::{sample_batch, SampleRow, SamplingPlace};
+pub use device::{argmax_rows, token_logprobs};
 
 /// Validated sampling parameters of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,38 +86,6 @@ pub fn argmax(xs: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// Per row of `logits` (`[rows, vocab+]`), the index of the largest of the first `vocab`
-/// values, reduced on the tensor's device so only the ids cross to the host. The first index
-/// wins ties, as in [`argmax`] and torch.
-pub fn argmax_rows(logits: &candle_core::Tensor, vocab: usize) -> candle_core::Result<Vec<u32>> {
-    let cols = logits.dim(1)?;
-    let l = logits.narrow(1, 0, vocab.min(cols))?;
-    if l.device().is_cpu() {
-        // candle's CPU argmax keeps the first maximum.
-        return l.argmax(1)?.to_vec1();
-    }
-    first_max_index(&l)?.to_vec1()
-}
-
-/// Row-wise index of the first maximum, from element-wise ops only: candle's CUDA argmax
-/// does not say which of equal values it returns, and half-precision logits do tie.
-fn first_max_index(l: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    use candle_core::{DType, Tensor};
-    let l = l.to_dtype(DType::F32)?;
-    let (rows, n) = l.dims2()?;
-    let dev = l.device();
-    let max = l.max_keepdim(1)?;
-    let index = Tensor::arange(0u32, n as u32, dev)?
-        .to_dtype(DType::F32)?
-        .unsqueeze(0)?
-        .broadcast_as((rows, n))?;
-    let past_end = Tensor::full(n as f32, (rows, n), dev)?;
-    l.broadcast_eq(&max)?
-        .where_cond(&index, &past_end)?
-        .min(1)?
-        .to_dtype(DType::U32)
 }
 
 fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
@@ -204,7 +180,28 @@ impl Sampler {
         }
     }
 
+    /// The next uniform draw of this sequence's seeded generator (one per sampled token,
+    /// on the host or the device path alike).
+    pub fn next_uniform(&mut self) -> f64 {
+        self.rng.random()
+    }
+
     fn draw(&mut self, scores: &[f32]) -> u32 {
+        let (cand, probs) = self.distribution(scores);
+        let r = self.next_uniform();
+        let mut acc = 0.0;
+        for (i, q) in probs.iter().enumerate() {
+            acc += q;
+            if r < acc {
+                return cand[i];
+            }
+        }
+        cand[cand.len() - 1]
+    }
+
+    /// The tokens a non-greedy draw chooses from (best first) and their probabilities after
+    /// temperature, top-k, typical-p and top-p.
+    fn distribution(&self, scores: &[f32]) -> (Vec<u32>, Vec<f64>) {
         let p = &self.params;
         // Candidates in descending order of score; top-k and top-p keep a prefix of it.
         let keep = if p.top_k > 0 {
@@ -257,15 +254,7 @@ impl Sampler {
             probs.truncate(n);
             normalise(&mut probs);
         }
-        let r: f64 = self.rng.random();
-        let mut acc = 0.0;
-        for (i, q) in probs.iter().enumerate() {
-            acc += q;
-            if r < acc {
-                return cand[i];
-            }
-        }
-        cand[cand.len() - 1]
+        (cand, probs)
     }
 }
 
@@ -288,7 +277,7 @@ mod tests {
         ];
         let t = Tensor::new(&rows, &Device::Cpu).unwrap();
         // The element-wise form (used off the CPU) and the CPU argmax agree with `argmax`.
-        let generic: Vec<u32> = super::first_max_index(&t).unwrap().to_vec1().unwrap();
+        let generic: Vec<u32> = super::device::first_max_index(&t).unwrap().to_vec1().unwrap();
         assert_eq!(generic, [1, 4, 1]);
         assert_eq!(super::argmax_rows(&t, 5).unwrap(), [1, 4, 1]);
         // Only the first `vocab` columns are candidates.
