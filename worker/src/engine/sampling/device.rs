@@ -146,6 +146,7 @@ pub fn argmax_rows(logits: &Tensor, vocab: usize) -> Result<Vec<u32>> {
 
 /// Row-wise index (u32) of the first maximum, from element-wise ops only: candle's CUDA
 /// argmax does not say which of equal values it returns, and half-precision logits do tie.
+/// A row without a maximum (NaN from an overflow) gets its last index, never one past it.
 pub(super) fn first_max_index(l: &Tensor) -> Result<Tensor> {
     let l = l.to_dtype(DType::F32)?;
     let (rows, n) = l.dims2()?;
@@ -155,6 +156,7 @@ pub(super) fn first_max_index(l: &Tensor) -> Result<Tensor> {
     l.broadcast_eq(&max)?
         .where_cond(&index, &past_end)?
         .min(1)?
+        .minimum((n - 1) as f32)?
         .to_dtype(DType::U32)
 }
 
@@ -460,6 +462,28 @@ mod tests {
             assert_eq!(kept, cand.len(), "row {i} keeps another number of tokens");
             for (t, (&g, &w)) in probs[i].iter().zip(&dense).enumerate() {
                 assert!((g as f64 - w).abs() < 1e-5, "row {i} token {t}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn overflowed_logits_still_give_tokens_inside_the_vocabulary() {
+        let mut logits = random_rows(3, 64, 7);
+        logits[0] = vec![f32::NAN; 64];
+        logits[1][5] = f32::INFINITY;
+        logits[2][9] = f32::NAN;
+        let greedy = params(|p| p.top_n_tokens = 2);
+        let filtered = params(|p| {
+            p.temperature = 0.9;
+            p.top_k = 8;
+            p.top_p = 0.9;
+            p.top_n_tokens = 2;
+        });
+        let t = Tensor::new(logits, &Device::Cpu).unwrap();
+        for p in [&greedy, &filtered] {
+            let rows: Vec<DeviceRow<'_>> = (0..3).map(|_| row(p, &[1, 2], &[2], 0.3)).collect();
+            for s in sample_rows(&t, 64, &rows).unwrap() {
+                assert!(s.id < 64 && s.top.iter().all(|t| t.0 < 64), "{s:?}");
             }
         }
     }
