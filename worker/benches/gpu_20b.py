@@ -214,6 +214,11 @@ def main():
         h = hf and hf["decode"][i]["ms_per_step"]
         row(f"decode batch {d['batch']} ms/step", d["ms_per_step"], h, True)
     row("peak memory GiB", ours["peak_memory_bytes"] / 2**30, hf and hf["peak_memory_bytes"] / 2**30, True)
+    print("\nsampling one step, ms (greedy / top-k+top-p+penalty on the GPU / the same on the host):")
+    for d in ours["decode"]:
+        s = d.get("sampling", {})
+        print(f"  batch {d['batch']:<4} {s.get('greedy_device_ms', float('nan')):8.3f} "
+              f"{s.get('filtered_device_ms', float('nan')):8.3f} {s.get('filtered_host_ms', float('nan')):8.3f}")
     b1 = ours["decode"][0]
     print(f"\nbatch-1 decode {b1['ms_per_step']:.2f} ms = {b1['ms_per_step'] / floor_ms:.2f}x the bandwidth floor "
           f"(target <= 1.1x)")

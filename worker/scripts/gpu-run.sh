@@ -49,6 +49,20 @@ for i in $(seq 1 8); do
   got=$(python3 -c "import json; print(json.load(open('/tmp/neox-gpu-gen-$i.json'))['token_ids'])")
   [ "$got" = "$want" ] || { echo "gpu-run: served request $i differs: $got" >&2; exit 1; }
 done
+echo "== sampling on the GPU: a seed fixes the text, alone or among 8 concurrent requests"
+sampled() { "$BIN/neox" --addr http://127.0.0.1:50091 generate $'ROMEO:\n' --max-new-tokens 40 --ignore-eos \
+  --temperature 0.8 --top-k 40 --top-p 0.9 --repetition-penalty 1.2 --seed "$1" --json |
+  python3 -c "import json,sys; print(json.load(sys.stdin)['token_ids'])"; }
+alone=$(sampled 7)
+pids=()
+for i in $(seq 1 8); do
+  sampled "$i" >"/tmp/neox-gpu-sampled-$i.txt" &
+  pids+=($!)
+done
+wait "${pids[@]}"
+echo "seed 7: $alone"
+[ "$(cat /tmp/neox-gpu-sampled-7.txt)" = "$alone" ] || { echo "gpu-run: seed 7 batched differs from alone" >&2; exit 1; }
+[ "$(cat /tmp/neox-gpu-sampled-1.txt)" != "$alone" ] || { echo "gpu-run: seeds 1 and 7 gave the same text" >&2; exit 1; }
 "$BIN/neox" --addr http://127.0.0.1:50091 info
 kill $SERVER; trap - EXIT
 if [ "${1:-}" = "--bench" ]; then
