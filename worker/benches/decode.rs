@@ -183,7 +183,8 @@ fn main() -> anyhow::Result<()> {
         "batch", "prefill ms", "decode ms/step", "tok/s", "HF prefill", "HF ms/step", "HF tok/s", "speedup"
     );
     for batch in [1usize, 8] {
-        let f = run(&model, batch)?;
+        // On a compute-pool thread, as the engine runs steps.
+        let f = neox_worker::model::on_compute_threads(|| run(&model, batch))?;
         let tps = batch as f64 / f.decode_ms_per_step * 1e3;
         let h = hf.as_ref().and_then(|v| v.get(format!("batch{batch}")).cloned());
         match h {

@@ -6,6 +6,7 @@ mod offline;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
+use neox_worker::model::on_compute_threads;
 
 #[derive(Parser)]
 #[command(name = "neox-worker", version, about = "GPT-NeoX inference worker (NeoX Serve)")]
@@ -84,11 +85,12 @@ pub fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(a) => serve::serve(a),
-        Command::Generate(a) => offline::generate(a),
-        Command::Logits(a) => offline::logits(a),
-        Command::Perplexity(a) => offline::perplexity(a),
-        Command::Bench(a) => bench::bench(a),
-        Command::Follower(a) => group::follower(a),
+        // The serving engine moves onto the compute threads itself.
+        Command::Generate(a) => on_compute_threads(|| offline::generate(a)),
+        Command::Logits(a) => on_compute_threads(|| offline::logits(a)),
+        Command::Perplexity(a) => on_compute_threads(|| offline::perplexity(a)),
+        Command::Bench(a) => on_compute_threads(|| bench::bench(a)),
+        Command::Follower(a) => on_compute_threads(|| group::follower(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -168,7 +168,7 @@ pub fn start(
     };
     let join = std::thread::Builder::new()
         .name("neox-engine".into())
-        .spawn(move || engine.run())
+        .spawn(move || crate::model::on_compute_threads(move || engine.run()))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (handle, join)
 }
