@@ -167,6 +167,57 @@ fn preemption_under_a_tiny_kv_budget_keeps_outputs_exact() {
     assert_preemption_keeps_outputs_exact(&[], "");
 }
 
+#[test]
+fn prompt_logprobs_survive_preemption_mid_prefill() {
+    // 128 tokens of KV, prompts prefilled a few tokens a step: younger requests are preempted
+    // while their prompts are half scored, and must not report any prompt token twice.
+    let server = start(&[
+        "--kv-cache-mib",
+        "1",
+        "--max-batch-size",
+        "4",
+        "--max-tokens-per-step",
+        "4",
+    ]);
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let req = |p: &str| {
+            let mut r = greedy(p, 40);
+            if let Some(params) = r.parameters.as_mut() {
+                params.prompt_logprobs = true;
+            }
+            r
+        };
+        let ps: Vec<String> = prompts(4).into_iter().map(|p| p.repeat(4)).collect();
+        let mut alone = Vec::new();
+        for p in &ps {
+            alone.push(c.generate(req(p)).await.unwrap().into_inner());
+        }
+        let tasks: Vec<_> = ps
+            .iter()
+            .map(|p| {
+                let mut c = c.clone();
+                let r = req(p);
+                tokio::spawn(async move { c.generate(r).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let got = t.await.unwrap().unwrap().into_inner();
+            let ids = |r: &pb::GenerateResponse| r.prompt_tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&alone[i]), "request {i}: prompt tokens");
+            assert_eq!(
+                got.usage.map(|u| u.prompt_tokens as usize),
+                Some(got.prompt_tokens.len())
+            );
+            assert_eq!(got.token_ids, alone[i].token_ids, "request {i}: generated tokens");
+        }
+    });
+    assert!(
+        server.metric("neox_preemptions_total") > 0.0,
+        "the budget should have forced preemption"
+    );
+}
+
 /// 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit, so the
 /// engine preempts; every output still equals its run without preemption, and all KV is freed.
 fn assert_preemption_keeps_outputs_exact(extra: &[&str], what: &str) {

@@ -349,6 +349,10 @@ impl Engine {
             self.runner.release(&[v.id])?;
             v.blocks = 0;
             v.computed = 0;
+            // Its prompt is scored again from the start.
+            if !v.prompt_lp_sent {
+                v.prompt_lp.clear();
+            }
             self.metrics.preemptions.inc();
             tracing::debug!(seq = v.id, "preempted for lack of KV blocks");
             self.waiting.push_front(v);

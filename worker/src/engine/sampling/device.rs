@@ -3,18 +3,19 @@
 //!
 //! The filters are the host sampler's (`Sampler::sample`), expressed without a sort (candle's
 //! GPU sort handles at most 1024 columns, a vocabulary has ~50k): top-k, typical-p and top-p
-//! each keep the tokens at or above a threshold, found per row by bisection on log-probabilities
-//! ("the largest t whose kept count / mass still reaches the target"). The draw is an inverse
-//! CDF over a two-level prefix sum (within blocks of ~sqrt(vocab), then over blocks) of one
-//! uniform per row that the host draws from the request's seeded generator, so a seed still
-//! fixes the output. Ties at a threshold are all kept, where the host keeps the lower ids.
+//! each keep "the best first until the target is reached" as a threshold found per row by
+//! bisection, with the entries tied at it taken in id order, as the host breaks ties. The draw
+//! walks the kept tokens in id order, as the host does, with one uniform per row from the
+//! request's seeded generator: a seed gives the same tokens on either path, up to f32
+//! rounding at a cumulative-probability boundary. Prefix sums are two-level (within blocks
+//! of ~sqrt(vocab), then over blocks), each a small triangular matmul.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::{Sampled, SamplingParams};
 
-/// Bisection steps per threshold: the log-probability span of a row (tens of nats) over 2^24
-/// is below f32 resolution there, so more steps would not move the threshold.
+/// Bisection steps per threshold: the bracket (at most 110 nats, see [`bisect`]) over 2^24 is
+/// below f32 resolution there, so more steps would not move the threshold.
 const BISECTION_STEPS: usize = 24;
 
 /// One row of a step to sample.
@@ -174,7 +175,7 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The host sampler's penalties (repetition: HF; frequency and presence: OpenAI), applied
-/// with one gather and one scatter-add over the tokens each row has seen.
+/// with one gather and one scatter over the tokens each row has seen.
 fn apply_penalties(raw: &Tensor, rows: &[DeviceRow<'_>]) -> Result<Tensor> {
     let (n, vocab) = raw.dims2()?;
     let (mut at, mut factor, mut minus) = (Vec::new(), Vec::new(), Vec::new());
@@ -213,8 +214,8 @@ fn apply_penalties(raw: &Tensor, rows: &[DeviceRow<'_>]) -> Result<Tensor> {
     let flat = raw.flatten_all()?;
     let old = flat.index_select(&at, 0)?;
     let repeated = old.gt(0f32)?.where_cond(&(&old / &factor)?, &(&old * &factor)?)?;
-    let delta = ((repeated - &minus)? - &old)?;
-    flat.index_add(&at, &delta, 0)?.reshape((n, vocab))
+    // Written, not added, so the values are bit for bit the host's.
+    flat.scatter(&at, &(repeated - &minus)?, 0)?.reshape((n, vocab))
 }
 
 /// `[rows, 1]` f32 from one value per row.
@@ -238,50 +239,43 @@ pub(super) fn filtered_probs(scores: &Tensor, rows: &[DeviceRow<'_>]) -> Result<
             }
         })
         .collect();
-    let logp = log_softmax(&scores.broadcast_div(&per_row(temps, dev)?)?)?;
-    let disabled = f32::INFINITY;
-    let mut kept = logp.ones_like()?;
+    // The best token at 0 before dividing: a tiny temperature sends the others to -inf, not
+    // the best to +inf; a huge one keeps the order at full f32 resolution (the thresholds of
+    // top-k and top-p are found on these values, not on log-probabilities near -ln(vocab)).
+    let scaled = scores
+        .broadcast_sub(&scores.max_keepdim(1)?)?
+        .broadcast_div(&per_row(temps, dev)?)?;
+    let mut kept = scaled.ones_like()?;
     if rows.iter().any(|r| r.params.top_k > 0) {
         let k = rows
             .iter()
-            .map(|r| {
-                if r.params.top_k > 0 {
-                    r.params.top_k as f32
-                } else {
-                    disabled
-                }
-            })
+            .map(|r| (r.params.top_k > 0).then_some(r.params.top_k as f32))
             .collect();
-        let threshold = bisect(&logp, &kept, &per_row(k, dev)?)?;
-        kept = (kept * logp.broadcast_ge(&threshold)?.to_dtype(DType::F32)?)?;
+        kept = (&kept * keep_best(&scaled, &kept, k)?)?;
     }
-    let mut probs = renormalise(&(logp.exp()? * &kept)?)?;
+    let mut probs = renormalise(&(scaled.exp()? * &kept)?)?;
     if rows.iter().any(|r| r.params.typical_p < 1.0) {
         // Keep the tokens whose surprisal is closest to the entropy, up to the mass asked for.
-        let log_probs = logp.broadcast_sub(&(logp.exp()? * &kept)?.sum_keepdim(1)?.log()?)?;
-        let entropy = (&probs * &log_probs)?.sum_keepdim(1)?.neg()?;
+        let log_probs = probs.log()?;
+        let zeros = probs.zeros_like()?;
+        let entropy = probs
+            .gt(0f32)?
+            .where_cond(&(&probs * &log_probs)?, &zeros)?
+            .sum_keepdim(1)?
+            .neg()?;
         let closeness = log_probs.neg()?.broadcast_sub(&entropy)?.abs()?.neg()?;
         let mass = rows
             .iter()
-            .map(|r| {
-                if r.params.typical_p < 1.0 {
-                    r.params.typical_p
-                } else {
-                    disabled
-                }
-            })
+            .map(|r| (r.params.typical_p < 1.0).then_some(r.params.typical_p))
             .collect();
-        let threshold = bisect(&closeness, &probs, &per_row(mass, dev)?)?;
-        kept = (kept * closeness.broadcast_ge(&threshold)?.to_dtype(DType::F32)?)?;
-        probs = renormalise(&(probs * &kept)?)?;
+        probs = renormalise(&(&probs * keep_best(&closeness, &probs, mass)?)?)?;
     }
     if rows.iter().any(|r| r.params.top_p < 1.0) {
         let mass = rows
             .iter()
-            .map(|r| if r.params.top_p < 1.0 { r.params.top_p } else { disabled })
+            .map(|r| (r.params.top_p < 1.0).then_some(r.params.top_p))
             .collect();
-        let threshold = bisect(&logp, &probs, &per_row(mass, dev)?)?;
-        probs = renormalise(&(probs * logp.broadcast_ge(&threshold)?.to_dtype(DType::F32)?)?)?;
+        probs = renormalise(&(&probs * keep_best(&scaled, &probs, mass)?)?)?;
     }
     Ok(probs)
 }
@@ -290,12 +284,48 @@ fn renormalise(p: &Tensor) -> Result<Tensor> {
     p.broadcast_div(&p.sum_keepdim(1)?)
 }
 
+/// The host's "best first until the target is reached" as a `[rows, vocab]` f32 mask: per row
+/// with a target, the entries of highest `values` whose `weights` sum to the target (top-k:
+/// unit weights and k; top-p and typical-p: probabilities and the mass), the one crossing it
+/// included; a row without a target keeps everything. Found without a sort: a threshold by
+/// bisection, then the entries tied at it taken in id order as far as the target still needs.
+fn keep_best(values: &Tensor, weights: &Tensor, targets: Vec<Option<f32>>) -> Result<Tensor> {
+    let dev = values.device();
+    let filtered: Vec<u8> = targets.iter().map(|t| u8::from(t.is_some())).collect();
+    let targets: Vec<f32> = targets.into_iter().map(|t| t.unwrap_or(f32::INFINITY)).collect();
+    let target = per_row(targets, dev)?;
+    let threshold = bisect(values, weights, &target)?;
+    // Only entries of positive weight compete (the others were filtered out before).
+    let candidate = weights.gt(0f32)?;
+    let shape = values.shape();
+    let values = candidate.where_cond(values, &Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(shape)?)?;
+    // The smallest competing value at or above the threshold: the one the boundary ties on.
+    let edge = values
+        .broadcast_ge(&threshold)?
+        .where_cond(&values, &Tensor::new(f32::INFINITY, dev)?.broadcast_as(shape)?)?
+        .min_keepdim(1)?;
+    let zeros = weights.zeros_like()?;
+    let above = values.broadcast_gt(&edge)?;
+    let above_weight = above.where_cond(weights, &zeros)?.sum_keepdim(1)?;
+    let tied = values.broadcast_eq(&edge)?.to_dtype(DType::F32)?;
+    let tied_weight = (&tied * weights)?;
+    let before = (prefix_sum(&tied_weight)? - &tied_weight)?;
+    let still_needed = before.broadcast_add(&above_weight)?.broadcast_lt(&target)?;
+    let keep = (above.to_dtype(DType::F32)? + (tied * still_needed.to_dtype(DType::F32)?)?)?;
+    let filtered = Tensor::from_vec(filtered, (values.dim(0)?, 1), dev)?;
+    filtered.broadcast_as(shape)?.where_cond(&keep, &weights.ones_like()?)
+}
+
 /// Per row, the largest `t` (to bisection precision) such that the `weights` of the entries
-/// with `values >= t` still sum to `target` or more; the row's smallest value (keep all) when
-/// no `t` reaches it (a disabled filter passes an infinite target).
+/// with `values >= t` still sum to `target` or more; the bracket's floor when no `t` reaches
+/// it. The floor is 110 below the row's best (exp(-110) is 0 even as an f32 subnormal: nothing
+/// that could be drawn lies under it), so the bracket stays narrow whatever the spread, -inf
+/// included.
 fn bisect(values: &Tensor, weights: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let mut lo = values.min_keepdim(1)?;
-    let mut hi = (values.max_keepdim(1)? + 1.0)?;
+    let best = values.max_keepdim(1)?;
+    let mut lo = values.min_keepdim(1)?.maximum(&(&best - 110.0)?)?;
+    let span = (&best - &lo)?;
+    let mut hi = ((&best + (span * 1e-6)?)? + (best.abs()? * 1e-6)?)?.affine(1.0, 1e-30)?;
     let zeros = weights.zeros_like()?;
     for _ in 0..BISECTION_STEPS {
         let mid = ((&lo + &hi)? * 0.5)?;
@@ -307,22 +337,17 @@ fn bisect(values: &Tensor, weights: &Tensor, target: &Tensor) -> Result<Tensor> 
     Ok(lo)
 }
 
-/// Per row, the first index whose inclusive cumulative probability exceeds `uniform` x the
-/// row's mass (inverse CDF, `[rows]` u32). The prefix sum is two-level (blocks of `b` tokens,
-/// then the `<= b` block sums) so each level is a small triangular matmul.
-pub(super) fn draw(probs: &Tensor, uniforms: &[f32]) -> Result<Tensor> {
-    let (n, vocab) = probs.dims2()?;
-    let dev = probs.device();
-    let block = (vocab as f64).sqrt().ceil().max(1.0) as usize;
-    let block = block.div_ceil(32) * 32;
-    let blocks = vocab.div_ceil(block);
-    let padded = if blocks * block > vocab {
-        Tensor::cat(
-            &[probs, &Tensor::zeros((n, blocks * block - vocab), DType::F32, dev)?],
-            1,
-        )?
+/// Inclusive prefix sums along each row, in two levels (within blocks of ~sqrt(n) columns,
+/// then over the block sums) so each level is a small triangular matmul.
+fn prefix_sum(x: &Tensor) -> Result<Tensor> {
+    let (n, cols) = x.dims2()?;
+    let dev = x.device();
+    let block = ((cols as f64).sqrt().ceil().max(1.0) as usize).div_ceil(32) * 32;
+    let blocks = cols.div_ceil(block);
+    let padded = if blocks * block > cols {
+        Tensor::cat(&[x, &Tensor::zeros((n, blocks * block - cols), DType::F32, dev)?], 1)?
     } else {
-        probs.clone()
+        x.clone()
     };
     let upper = Tensor::triu2(block, DType::F32, dev)?;
     let within = padded
@@ -331,21 +356,34 @@ pub(super) fn draw(probs: &Tensor, uniforms: &[f32]) -> Result<Tensor> {
         .reshape((n, blocks, block))?;
     let sums = within.narrow(2, block - 1, 1)?.squeeze(2)?.contiguous()?;
     let before = (sums.matmul(&upper.narrow(0, 0, blocks)?.narrow(1, 0, blocks)?.contiguous()?)? - &sums)?;
-    let cdf = within
+    within
         .broadcast_add(&before.unsqueeze(2)?)?
-        .reshape((n, blocks * block))?;
-    let total = cdf.narrow(1, blocks * block - 1, 1)?;
+        .reshape((n, blocks * block))?
+        .narrow(1, 0, cols)
+}
+
+/// Per row, the first token in id order whose inclusive cumulative probability exceeds
+/// `uniform` x the row's mass (inverse CDF, `[rows]` u32), as the host walks its candidates;
+/// only tokens of nonzero probability can be drawn, and if rounding leaves the target past
+/// the end, the last of them is.
+pub(super) fn draw(probs: &Tensor, uniforms: &[f32]) -> Result<Tensor> {
+    let (n, vocab) = probs.dims2()?;
+    let dev = probs.device();
+    let cdf = prefix_sum(probs)?;
+    let total = cdf.narrow(1, vocab - 1, 1)?;
     let target = (total * per_row(uniforms.to_vec(), dev)?)?;
-    let drawn = cdf
-        .broadcast_le(&target)?
-        .to_dtype(DType::F32)?
-        .sum(1)?
-        .minimum((vocab - 1) as f32)?
-        .to_dtype(DType::U32)?;
-    // Rounding at the very end of the CDF could land on a token outside the kept set: take
-    // the most likely token there instead.
-    let chosen = probs.gather(&drawn.unsqueeze(1)?, 1)?.squeeze(1)?;
-    chosen.gt(0f32)?.where_cond(&drawn, &first_max_index(probs)?)
+    let index = column_index(n, vocab, dev)?;
+    let possible = probs.gt(0f32)?;
+    let none = Tensor::new(vocab as f32, dev)?.broadcast_as((n, vocab))?;
+    let first = cdf
+        .broadcast_gt(&target)?
+        .where_cond(&possible.where_cond(&index, &none)?, &none)?
+        .min(1)?;
+    let last = possible
+        .where_cond(&index, &Tensor::new(-1f32, dev)?.broadcast_as((n, vocab))?)?
+        .max(1)?
+        .maximum(0f32)?;
+    first.lt(vocab as f32)?.where_cond(&first, &last)?.to_dtype(DType::U32)
 }
 
 #[cfg(test)]
@@ -501,6 +539,143 @@ mod tests {
         }
         assert_eq!(got[3], f32::NEG_INFINITY);
         assert!(token_logprobs(&t, 80, &[0; 6]).is_err(), "more targets than rows");
+    }
+
+    #[test]
+    fn ties_at_a_threshold_are_broken_by_id_as_on_the_host() {
+        // Half-precision-like logits on a coarse grid: many exact ties.
+        let vocab = 200;
+        let logits: Vec<Vec<f32>> = random_rows(4, vocab, 8)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| (x * 2.0).round() / 2.0).collect())
+            .collect();
+        let all = [
+            params(|p| {
+                p.temperature = 1.0;
+                p.top_k = 7;
+            }),
+            params(|p| {
+                p.temperature = 0.8;
+                p.top_p = 0.5;
+            }),
+            params(|p| {
+                p.temperature = 1.2;
+                p.top_k = 1;
+            }),
+            params(|p| {
+                p.temperature = 0.9;
+                p.top_k = 30;
+                p.top_p = 0.7;
+            }),
+        ];
+        assert_same_distribution(&logits, &all);
+    }
+
+    /// The device's filtered distribution of each row equals the host's (kept set and
+    /// probabilities).
+    fn assert_same_distribution(logits: &[Vec<f32>], all: &[SamplingParams]) {
+        let vocab = logits[0].len();
+        let rows: Vec<DeviceRow<'_>> = all.iter().map(|p| row(p, &[], &[], 0.5)).collect();
+        let t = Tensor::new(logits.to_vec(), &Device::Cpu).unwrap();
+        let probs: Vec<Vec<f32>> = filtered_probs(&t, &rows).unwrap().to_vec2().unwrap();
+        for (i, p) in all.iter().enumerate() {
+            let (cand, want) = Sampler::new(p.clone()).distribution(&logits[i]);
+            let mut dense = vec![0.0f64; vocab];
+            for (c, q) in cand.iter().zip(&want) {
+                dense[*c as usize] = *q;
+            }
+            for (t, (&g, &w)) in probs[i].iter().zip(&dense).enumerate() {
+                assert!((g as f64 - w).abs() < 1e-5, "row {i} ({p:?}) token {t}: {g} vs {w}");
+                assert_eq!(g > 0.0, w > 0.0, "row {i} ({p:?}) token {t} kept on one side only");
+            }
+        }
+    }
+
+    #[test]
+    fn seeded_draws_equal_the_host_samplers_even_for_extreme_parameters() {
+        use crate::engine::sampling::{sample_batch, SampleRow, SamplingPlace};
+        let vocab = 400;
+        let all = [
+            params(|p| p.temperature = 1.0),
+            params(|p| {
+                p.temperature = 0.7;
+                p.top_k = 20;
+                p.top_p = 0.9;
+                p.repetition_penalty = 1.3;
+            }),
+            // A tiny temperature is greedy; a huge one is uniform over the top k.
+            params(|p| p.temperature = 1e-30),
+            params(|p| {
+                p.temperature = 1e5;
+                p.top_k = 5;
+            }),
+            // Penalties that overflow a logit to -inf.
+            params(|p| {
+                p.temperature = 1.0;
+                p.top_k = 3;
+                p.repetition_penalty = 1e38;
+            }),
+            params(|p| {
+                p.temperature = 1.0;
+                p.typical_p = 0.9;
+                p.repetition_penalty = 1e38;
+            }),
+            params(|p| {
+                p.temperature = 2.0;
+                p.typical_p = 0.3;
+                p.frequency_penalty = 1.5;
+                p.presence_penalty = 1.0;
+            }),
+        ];
+        let logits = random_rows(all.len(), vocab, 9);
+        let context: Vec<u32> = (0..vocab as u32).step_by(3).collect();
+        let run = |place: SamplingPlace| -> Vec<Vec<u32>> {
+            let tensors: Vec<Tensor> = logits
+                .iter()
+                .map(|r| Tensor::new(r.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+                .collect();
+            let mut samplers: Vec<Sampler> = all
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut p = p.clone();
+                    p.seed = 100 + i as u64;
+                    Sampler::new(p)
+                })
+                .collect();
+            (0..30)
+                .map(|_| {
+                    let mut rows: Vec<SampleRow<'_>> = tensors
+                        .iter()
+                        .zip(samplers.iter_mut())
+                        .map(|(logits, sampler)| SampleRow {
+                            logits,
+                            sampler,
+                            context: &context,
+                            generated: &context[..10],
+                            want_logprob: false,
+                        })
+                        .collect();
+                    sample_batch(&mut rows, vocab, place)
+                        .unwrap()
+                        .into_iter()
+                        .map(|s| s.id)
+                        .collect()
+                })
+                .collect()
+        };
+        let (host, device) = (run(SamplingPlace::Host), run(SamplingPlace::Device));
+        for (step, (h, d)) in host.iter().zip(&device).enumerate() {
+            assert_eq!(h, d, "step {step}: host and device draws differ");
+        }
+        // The draws are not constant (the uniforms really are used).
+        assert!(
+            host.iter()
+                .map(|s| s[0])
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 5
+        );
     }
 
     #[test]

@@ -189,14 +189,22 @@ impl Sampler {
     fn draw(&mut self, scores: &[f32]) -> u32 {
         let (cand, probs) = self.distribution(scores);
         let r = self.next_uniform();
+        // Walk the candidates in id order, as the device sampler does (it has no sort), so one
+        // seed draws the same tokens on either path.
+        let mut by_id = vec![0.0f64; scores.len()];
+        for (&c, &q) in cand.iter().zip(&probs) {
+            by_id[c as usize] = q;
+        }
         let mut acc = 0.0;
-        for (i, q) in probs.iter().enumerate() {
+        let mut last = cand[0];
+        for (id, &q) in by_id.iter().enumerate().filter(|(_, &q)| q > 0.0) {
             acc += q;
+            last = id as u32;
             if r < acc {
-                return cand[i];
+                return last;
             }
         }
-        cand[cand.len() - 1]
+        last
     }
 
     /// The tokens a non-greedy draw chooses from (best first) and their probabilities after
