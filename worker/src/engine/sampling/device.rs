@@ -11,6 +11,7 @@
 //! of ~sqrt(vocab), then over blocks), each a small triangular matmul.
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::ops::log_softmax;
 
 use super::{Sampled, SamplingParams};
 
@@ -64,7 +65,7 @@ pub fn sample_rows(logits: &Tensor, vocab: usize, rows: &[DeviceRow<'_>]) -> Res
     let want_logprobs = top_n > 0 || rows.iter().any(|r| r.want_logprob);
     let mut columns = vec![ids.to_dtype(DType::F32)?.unsqueeze(1)?];
     if want_logprobs {
-        let lsm = log_softmax(&raw)?;
+        let lsm = log_softmax(&raw, D::Minus1)?;
         let ids = ids.unsqueeze(1)?;
         columns.push(lsm.gather(&ids, 1)?);
         // The top alternatives, best first, by repeatedly taking the first maximum out.
@@ -124,25 +125,12 @@ pub fn token_logprobs(logits: &Tensor, vocab: usize, targets: &[u32]) -> Result<
         .to_dtype(DType::F32)?;
     let inside: Vec<u32> = targets.iter().map(|&t| t.min(vocab as u32 - 1)).collect();
     let at = Tensor::from_vec(inside, (targets.len(), 1), logits.device())?;
-    let lps: Vec<f32> = log_softmax(&l)?.gather(&at, 1)?.squeeze(1)?.to_vec1()?;
+    let lps: Vec<f32> = log_softmax(&l, D::Minus1)?.gather(&at, 1)?.squeeze(1)?.to_vec1()?;
     Ok(lps
         .into_iter()
         .zip(targets)
         .map(|(lp, &t)| if (t as usize) < vocab { lp } else { f32::NEG_INFINITY })
         .collect())
-}
-
-/// Per row of `logits` (`[rows, vocab+]`), the index of the largest of the first `vocab`
-/// values, reduced on the tensor's device so only the ids cross to the host. The first index
-/// wins ties, as in [`super::argmax`] and torch.
-pub fn argmax_rows(logits: &Tensor, vocab: usize) -> Result<Vec<u32>> {
-    let cols = logits.dim(1)?;
-    let l = logits.narrow(1, 0, vocab.min(cols))?;
-    if l.device().is_cpu() {
-        // candle's CPU argmax keeps the first maximum.
-        return l.argmax(1)?.to_vec1();
-    }
-    first_max_index(&l)?.to_vec1()
 }
 
 /// Row-wise index (u32) of the first maximum, from element-wise ops only: candle's CUDA
@@ -167,11 +155,6 @@ fn column_index(rows: usize, n: usize, device: &Device) -> Result<Tensor> {
         .to_dtype(DType::F32)?
         .unsqueeze(0)?
         .broadcast_as((rows, n))
-}
-
-fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
-    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
 /// The host sampler's penalties (repetition: HF; frequency and presence: OpenAI), applied
