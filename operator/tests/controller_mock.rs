@@ -289,17 +289,17 @@ async fn fake_prometheus(value: &'static str) -> (String, Arc<std::sync::Mutex<V
     (url, seen)
 }
 
-#[tokio::test]
-async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
-    // 12 requests waiting over 2 groups, target 2 per group: ceil(2 × 6/2) = 6, capped at 5.
-    let (url, seen) = fake_prometheus("12").await;
+/// A deployment of two groups of two ranks with `autoscaling`, both groups existing at the
+/// current revision and ready, behind the fake API server.
+fn two_ready_groups_autoscaled(
+    autoscaling: serde_json::Value,
+) -> (
+    neox_operator::crd::NeoXDeployment,
+    kube::Client,
+    Arc<std::sync::Mutex<Recorded>>,
+) {
     let mut d = deployment(2, 2);
-    d.spec.autoscaling = Some(
-        serde_json::from_value(serde_json::json!({
-            "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url, "scaleUpStabilizationSeconds": 0
-        }))
-        .unwrap(),
-    );
+    d.spec.autoscaling = Some(serde_json::from_value(autoscaling).unwrap());
     let rev = resources::revision(&d);
     let mut pods = ready_group(&d, 0);
     pods.extend(ready_group(&d, 1));
@@ -307,6 +307,16 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
         vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
         pods,
     );
+    (d, client, rec)
+}
+
+#[tokio::test]
+async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
+    // 12 requests waiting over 2 groups, target 2 per group: ceil(2 × 6/2) = 6, capped at 5.
+    let (url, seen) = fake_prometheus("12").await;
+    let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
+        "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url, "scaleUpStabilizationSeconds": 0
+    }));
     let action = reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
     let q = seen.lock().unwrap().clone();
     assert_eq!(
@@ -339,20 +349,9 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
 
 #[tokio::test]
 async fn an_unreachable_prometheus_never_scales_and_says_why() {
-    let mut d = deployment(2, 2);
-    d.spec.autoscaling = Some(
-        serde_json::from_value(serde_json::json!({
-            "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "http://127.0.0.1:9"
-        }))
-        .unwrap(),
-    );
-    let rev = resources::revision(&d);
-    let mut pods = ready_group(&d, 0);
-    pods.extend(ready_group(&d, 1));
-    let (client, rec) = fake(
-        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
-        pods,
-    );
+    let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
+        "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "http://127.0.0.1:9"
+    }));
     reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
     let rec = rec.lock().unwrap();
     assert_eq!(rec.lines(), expect(&[]));

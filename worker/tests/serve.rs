@@ -4,7 +4,7 @@
 mod common;
 mod serving;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use neox_proto::neox::v1 as pb;
 use serving::*;
@@ -460,17 +460,11 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
             "in-flight stream cut short"
         );
     });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "server did not exit after draining"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_with_deadline(
+        &mut server.child,
+        Duration::from_secs(10),
+        "server did not exit after draining",
+    );
     assert!(status.success(), "{status}: {}", server.stderr.lock().unwrap());
 }
 
@@ -501,17 +495,11 @@ fn tp2_server_matches_hf_and_a_dead_rank_takes_the_group_down() {
         .to_owned();
     std::process::Command::new("kill").args(["-9", &pid]).status().unwrap();
     // Idle heartbeats notice the lost rank; the leader leaves with a failure.
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "leader kept running without its follower"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_with_deadline(
+        &mut server.child,
+        Duration::from_secs(10),
+        "leader kept running without its follower",
+    );
     assert!(!status.success());
     assert!(
         server.stderr.lock().unwrap().contains("group failed"),

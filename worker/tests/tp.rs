@@ -136,20 +136,6 @@ fn start_group(extra_env: &[(&str, &str)], timeout: &str) -> (Child, u32, BufRea
     (child, pid.unwrap(), err)
 }
 
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn rest(mut err: BufReader<std::process::ChildStderr>) -> String {
     let mut s = String::new();
     let _ = std::io::Read::read_to_string(&mut err, &mut s);
@@ -173,7 +159,7 @@ fn killing_a_follower_fails_the_leader_within_the_timeout() {
         .args(["-9", &follower.to_string()])
         .status()
         .unwrap();
-    let status = wait_with_deadline(&mut leader, Duration::from_secs(8));
+    let status = wait_with_deadline(&mut leader, Duration::from_secs(8), "the leader");
     assert!(!status.success(), "leader must exit non-zero when a rank dies");
     assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
     let msg = rest(err);
@@ -185,7 +171,7 @@ fn a_stuck_follower_times_out_instead_of_hanging() {
     // The follower sleeps 4 s per step; the collective deadline is 1 s.
     let (mut leader, follower, err) = start_group(&[("NEOX_DEBUG_STEP_DELAY_MS", "4000")], "1");
     let t0 = Instant::now();
-    let status = wait_with_deadline(&mut leader, Duration::from_secs(10));
+    let status = wait_with_deadline(&mut leader, Duration::from_secs(10), "the leader");
     assert!(!status.success());
     assert!(t0.elapsed() < Duration::from_secs(4), "took {:?}", t0.elapsed());
     let msg = rest(err);
@@ -251,7 +237,7 @@ fn follower_cmd_t(rank: usize, world: usize, addr: &str, rendezvous_secs: &str) 
 }
 
 fn finish(mut c: Child, limit: Duration) -> (bool, String) {
-    let status = wait_with_deadline(&mut c, limit);
+    let status = wait_with_deadline(&mut c, limit, "the rank");
     let mut s = String::new();
     let _ = std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut s);
     (status.success(), s)
@@ -397,6 +383,6 @@ fn every_rank_runs_serve_from_env_and_answers_health() {
     // Killing the follower takes the leader down (heartbeat within the collective timeout).
     follower.kill().unwrap();
     follower.wait().unwrap();
-    let status = wait_with_deadline(&mut leader, Duration::from_secs(40));
+    let status = wait_with_deadline(&mut leader, Duration::from_secs(40), "the leader");
     assert!(!status.success());
 }

@@ -110,6 +110,25 @@ pub fn worker() -> std::process::Command {
 }
 
 /// Runs `neox-worker ARGS`, which must succeed, and parses its JSON output.
+/// Waits for `child` to exit; kills it and fails the test (naming `what`) after `limit`.
+pub fn wait_with_deadline(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn run_json(args: &[&str]) -> serde_json::Value {
     let out = worker().args(args).output().unwrap();
     assert!(
