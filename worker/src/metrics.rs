@@ -16,6 +16,9 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub batch_size: Histogram,
     pub preemptions: IntCounter,
+    pub prefix_cache_blocks: IntGauge,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
     pub group_healthy: IntGauge,
 }
 
@@ -74,6 +77,18 @@ impl Metrics {
                 "neox_preemptions_total",
                 "Sequences preempted (KV freed, recomputed later) for lack of KV blocks",
             )?,
+            prefix_cache_blocks: IntGauge::new(
+                "neox_prefix_cache_blocks",
+                "KV blocks holding cached prompt prefixes (evicted first when blocks are needed)",
+            )?,
+            prefix_cache_queries: IntCounter::new(
+                "neox_prefix_cache_queries_total",
+                "Tokens of admitted prompts looked up in the prefix cache",
+            )?,
+            prefix_cache_hits: IntCounter::new(
+                "neox_prefix_cache_hits_total",
+                "Tokens of admitted prompts whose KV was copied from the prefix cache",
+            )?,
             group_healthy: IntGauge::new(
                 "neox_group_healthy",
                 "1 while every rank of the tensor-parallel group is connected and serving",
@@ -91,6 +106,9 @@ impl Metrics {
         m.registry.register(Box::new(m.requests.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.preemptions.clone()))?;
+        m.registry.register(Box::new(m.prefix_cache_blocks.clone()))?;
+        m.registry.register(Box::new(m.prefix_cache_queries.clone()))?;
+        m.registry.register(Box::new(m.prefix_cache_hits.clone()))?;
         m.registry.register(Box::new(m.group_healthy.clone()))?;
         for l in FINISH_LABELS {
             m.requests.with_label_values(&[l]);

@@ -1,7 +1,8 @@
 //! The paged KV cache (the layout for accelerators, `GptNeoX::use_paged_kv`) against HF's
 //! goldens, run on the CPU: prefill (per-sequence gathers with a causal mask), single and
 //! batched decode (one gather for all sequences, padding masked), chunked prefill across block
-//! boundaries, and the pool's block accounting.
+//! boundaries, the pool's block accounting, and forked caches (prefix caching) in both
+//! layouts.
 
 mod common;
 
@@ -89,4 +90,63 @@ fn pool_blocks_are_taken_as_needed_returned_on_drop_and_never_overcommitted() {
         assert_eq!(pool.free_blocks(), 1);
     }
     assert_eq!(pool.free_blocks(), 4, "a dropped cache gives its blocks back");
+}
+
+/// Feeds `tokens` through `cache`, returning every position's logits.
+fn feed(
+    m: &neox_worker::model::GptNeoX,
+    cache: &mut neox_worker::model::SequenceCache,
+    tokens: &[u32],
+) -> Vec<Vec<f32>> {
+    let out = m
+        .forward(&mut [SeqStep {
+            tokens,
+            cache,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap();
+    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn a_forked_cache_continues_like_the_original_in_both_layouts() {
+    let g = Goldens::load();
+    let case = g
+        .cases()
+        .into_iter()
+        .max_by_key(|i| g.ids(&format!("case{i}.input_ids")).len())
+        .unwrap();
+    let ids = g.ids(&format!("case{case}.input_ids"));
+    let want = g.f32_2d(&format!("case{case}.logits"));
+    assert!(ids.len() >= 6, "the fixture's longest prompt is too short to split");
+    // Blocks of 3 and an odd split: the copied prefix ends inside a block.
+    let split = ids.len() / 2 + usize::from((ids.len() / 2).is_multiple_of(3));
+    for layout in ["per-sequence", "paged"] {
+        let m = match layout {
+            "paged" => paged(64, 3),
+            _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
+        };
+        let free = m.kv_pool().map(|p| p.free_blocks());
+        let mut original = m.new_cache(1);
+        let mut got = feed(&m, &mut original, &ids[..split]);
+        let mut copy = original.fork(split, ids.len()).unwrap();
+        assert_eq!(copy.len(), split);
+        // The original goes on with other tokens: the copy must not see them.
+        feed(&m, &mut original, &[7, 7, 7, 7]);
+        got.extend(feed(&m, &mut copy, &ids[split..]));
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= TOL, "{layout}: a forked cache's logits differ from HF by {d}");
+        // A shorter copy of the original (whose later tokens changed) is still its prefix.
+        let mut short = original.fork(2, 0).unwrap();
+        let d = max_abs_diff(&feed(&m, &mut short, &ids[2..]), &want[2..]);
+        assert!(d <= TOL, "{layout}: a 2-token fork differs from HF by {d}");
+        let err = original.fork(split + 5, 0).err().unwrap();
+        assert!(err.to_string().contains("cannot fork"), "{err}");
+        drop((original, copy, short));
+        assert_eq!(
+            m.kv_pool().map(|p| p.free_blocks()),
+            free,
+            "{layout}: forks give their blocks back"
+        );
+    }
 }

@@ -233,6 +233,132 @@ fn assert_preemption_keeps_outputs_exact(extra: &[&str], what: &str) {
     assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
 }
 
+/// A long shared prompt (a "system prompt") and different endings.
+fn shared_prefix_prompts(n: usize) -> (String, Vec<String>) {
+    let prefix = "HAMLET:\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to \
+                  suffer\nThe slings and arrows of outrageous fortune,\nOr to take arms against a sea of \
+                  troubles\nAnd by opposing end them. To die: to sleep;\nNo more; and by a sleep to say we end\n"
+        .to_owned();
+    let endings = prompts(n);
+    let all = endings.iter().map(|e| format!("{prefix}{e}")).collect();
+    (prefix, all)
+}
+
+/// Greedy streams of `ps`, one by one, then all at once.
+async fn sequential_and_concurrent(server: &Server, ps: &[String], tokens: u32) -> (Vec<StreamOut>, Vec<StreamOut>) {
+    let mut c = server.client().await;
+    let mut sequential = Vec::new();
+    for p in ps {
+        sequential.push(stream_all(&mut c, greedy(p, tokens)).await.unwrap());
+    }
+    let tasks: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            let mut c = c.clone();
+            let req = greedy(p, tokens);
+            tokio::spawn(async move { stream_all(&mut c, req).await })
+        })
+        .collect();
+    let mut concurrent = Vec::new();
+    for t in tasks {
+        concurrent.push(t.await.unwrap().unwrap());
+    }
+    (sequential, concurrent)
+}
+
+type StreamOut = (Vec<u32>, String, i32);
+
+#[test]
+fn prefix_caching_reuses_a_shared_prompt_and_keeps_outputs_exact() {
+    let (prefix, ps) = shared_prefix_prompts(6);
+    let off = start(&["--prefix-caching", "false"]);
+    let (want, _) = rt().block_on(sequential_and_concurrent(&off, &ps, 16));
+    assert_eq!(off.metric("neox_prefix_cache_hits_total"), 0.0);
+    assert_eq!(off.metric("neox_prefix_cache_blocks"), 0.0);
+    drop(off);
+
+    let on = start(&[]);
+    let (prefix_len, prompt_lens, scored) = rt().block_on(async {
+        let mut c = on.client().await;
+        let count = |text: &str| {
+            let mut c = c.clone();
+            let req = pb::TokenizeRequest { text: text.into() };
+            async move { c.tokenize(req).await.unwrap().into_inner().ids.len() as f64 }
+        };
+        let prefix_len = count(&prefix).await;
+        let mut prompt_lens = Vec::new();
+        for p in &ps {
+            prompt_lens.push(count(p).await);
+        }
+        let mut scored = greedy(&ps[1], 4);
+        scored.parameters.as_mut().unwrap().prompt_logprobs = true;
+        let scored = c.generate(scored).await.unwrap().into_inner();
+        (prefix_len, prompt_lens, scored)
+    });
+    // Prompt logprobs score every prompt token, so that request computes its prompt itself.
+    assert_eq!(scored.prompt_tokens.len() as f64, prompt_lens[1]);
+    assert_eq!(on.metric("neox_prefix_cache_hits_total"), 0.0);
+    let (sequential, concurrent) = rt().block_on(sequential_and_concurrent(&on, &ps, 16));
+    assert_eq!(sequential, want, "cached prefixes changed the sequential outputs");
+    assert_eq!(concurrent, want, "cached prefixes changed the concurrent outputs");
+    // Every prompt after the first found at least the shared prefix (less the token where the
+    // prefix and its ending may merge); the concurrent round found each whole prompt.
+    let hits = on.metric("neox_prefix_cache_hits_total");
+    let least = (ps.len() - 1) as f64 * (prefix_len - 1.0) + prompt_lens.iter().map(|n| n - 1.0).sum::<f64>();
+    assert!(
+        hits >= least,
+        "{hits} prompt tokens came from the cache, expected at least {least}"
+    );
+    let queried = on.metric("neox_prefix_cache_queries_total");
+    assert_eq!(queried, 2.0 * prompt_lens.iter().sum::<f64>());
+    // Kept prefixes hold blocks, but are not "in use": the autoscaling signal stays honest.
+    on.wait_metrics(Duration::from_secs(10), "no KV in use", |s| {
+        s.metric("neox_kv_cache_usage_ratio") == 0.0
+    });
+    assert!(on.metric("neox_prefix_cache_blocks") > 0.0);
+    drop(on);
+
+    // TP=2: the follower copies the same prefixes under the same ids (it checks every step's
+    // start position against its own caches, so a missed copy fails the group).
+    let tp2 = start(&["--tp", "2"]);
+    let (sequential, concurrent) = rt().block_on(sequential_and_concurrent(&tp2, &ps, 16));
+    assert_eq!(sequential, want, "TP=2 with cached prefixes differs (sequential)");
+    assert_eq!(concurrent, want, "TP=2 with cached prefixes differs (concurrent)");
+    assert!(tp2.metric("neox_prefix_cache_hits_total") >= least);
+}
+
+#[test]
+fn cached_prefixes_give_way_to_requests_that_need_the_blocks() {
+    // 1 MiB of KV holds 128 tokens (8 blocks). Finished requests fill it with cached
+    // prefixes; a request that needs nearly every block must evict them, not wait or preempt:
+    // a few blocks when it is admitted, the rest as it grows while decoding.
+    let big = prompts(5)[4].clone();
+    let run = |args: &[&str]| {
+        let server = start(args);
+        let requests = async {
+            let mut c = server.client().await;
+            for p in prompts(8) {
+                stream_all(&mut c, greedy(&format!("{p}{p}"), 8)).await.unwrap();
+            }
+            let filled = server.metric("neox_prefix_cache_blocks");
+            (filled, stream_all(&mut c, greedy(&big, 100)).await.unwrap())
+        };
+        let out = rt()
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), requests).await })
+            .expect("requests never finished: cached prefixes kept the blocks they needed");
+        (server, out)
+    };
+    let (off, (_, want)) = run(&["--kv-cache-mib", "1", "--prefix-caching", "false"]);
+    drop(off);
+    let (on, (filled, got)) = run(&["--kv-cache-mib", "1"]);
+    assert!(filled >= 4.0, "only {filled} blocks were cached before the big request");
+    assert_eq!(got, want);
+    assert_eq!(on.metric("neox_preemptions_total"), 0.0);
+    on.wait_metrics(Duration::from_secs(10), "no KV in use", |s| {
+        s.metric("neox_kv_cache_usage_ratio") == 0.0
+    });
+}
+
 /// A request that samples (seeded) with every filter and penalty, reporting logprobs.
 fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
     pb::GenerateRequest {

@@ -67,6 +67,11 @@ pub struct ServeArgs {
     /// out), or auto: device on GPUs, host on CPU.
     #[arg(long, env = "NEOX_SAMPLING", value_enum, default_value_t = SamplingPlace::Auto)]
     sampling: SamplingPlace,
+    /// Keep finished requests' KV while blocks are free, and start prompts that begin with the
+    /// same tokens (a shared system prompt, a chat's history) from a copy of it instead of
+    /// recomputing it. Cached prefixes are evicted first whenever blocks are needed.
+    #[arg(long, env = "NEOX_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    prefix_caching: bool,
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "NEOX_SHUTDOWN_GRACE", default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -175,6 +180,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_block_size: a.kv_block_size,
         kv_blocks: blocks.total(),
         sampling: a.sampling,
+        prefix_caching: a.prefix_caching,
     };
     let paged = a.kv_layout.paged_on(runner.model().device());
     if paged {

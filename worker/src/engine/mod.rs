@@ -3,6 +3,7 @@
 
 mod blocks;
 pub mod offline;
+mod prefix_cache;
 mod request;
 pub mod sampling;
 mod scheduler;
@@ -10,6 +11,7 @@ mod stop;
 
 pub use blocks::BlockManager;
 pub use offline::{generate_batch, perplexity, BatchTimings, Generation, OfflineOptions, Perplexity};
+pub use prefix_cache::{Hit, PrefixCache};
 pub use request::{Event, Failure, Finish, FinishReason, Request, StopCriteria, TokenInfo};
 pub use sampling::{sample_batch, SampleRow, Sampled, Sampler, SamplingParams, SamplingPlace};
 pub use scheduler::{start, EngineConfig, EngineHandle, SubmitError};

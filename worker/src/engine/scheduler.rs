@@ -19,12 +19,16 @@ use crate::model::{IncrementalDecoder, LogitsWanted, ModelError, NeoXTokenizer};
 use crate::shard::{SeqPlan, StepRunner};
 
 use super::blocks::BlockManager;
+use super::prefix_cache::{Entry, PrefixCache};
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
 use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
 use super::stop::{StopMatcher, StopOutcome};
 
 /// How often an idle engine checks that every rank is still there.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The shortest prompt prefix worth copying from the prefix cache.
+const MIN_PREFIX_TOKENS: usize = 8;
 
 /// Limits of the engine (flags of `neox-worker serve`).
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub struct EngineConfig {
     pub kv_blocks: usize,
     /// Where tokens are sampled.
     pub sampling: SamplingPlace,
+    /// Keep finished sequences' KV while blocks are free and start prompts that share their
+    /// tokens from a copy (see `prefix_cache`).
+    pub prefix_caching: bool,
 }
 
 /// Why a request was not accepted.
@@ -153,7 +160,12 @@ pub fn start(
         config: config.clone(),
     };
     metrics.group_healthy.set(1);
+    // Matches shorter than a block are not worth a copy.
+    let prefix = config
+        .prefix_caching
+        .then(|| PrefixCache::new(config.kv_block_size.max(MIN_PREFIX_TOKENS)));
     let mut engine = Engine {
+        prefix,
         runner,
         tokenizer,
         blocks: BlockManager::new(config.kv_block_size, config.kv_blocks),
@@ -178,6 +190,8 @@ struct Engine {
     tokenizer: Arc<NeoXTokenizer>,
     config: EngineConfig,
     blocks: BlockManager,
+    /// Finished sequences' KV kept for prompts that start the same way (None: disabled).
+    prefix: Option<PrefixCache>,
     metrics: Metrics,
     rx: Receiver<Request>,
     in_engine: Arc<AtomicUsize>,
@@ -207,7 +221,11 @@ impl Engine {
             }
             last_beat = Instant::now();
             self.drop_dead();
-            self.admit();
+            if let Err(e) = self.admit() {
+                tracing::error!("admitting requests failed: {e}");
+                self.fail_everything(e);
+                break;
+            }
             self.update_gauges();
             if self.running.is_empty() {
                 continue;
@@ -264,18 +282,61 @@ impl Engine {
     fn update_gauges(&self) {
         self.metrics.requests_running.set(self.running.len() as i64);
         self.metrics.requests_waiting.set(self.waiting.len() as i64);
-        self.metrics.kv_cache_usage_ratio.set(self.blocks.usage_ratio());
+        // Cached prefixes are evicted whenever anything needs their blocks: not in use.
+        let cached = self.prefix.as_ref().map_or(0, PrefixCache::blocks);
+        let total = self.blocks.total().max(1) as f64;
+        let used = self.blocks.total() - self.blocks.free();
+        self.metrics
+            .kv_cache_usage_ratio
+            .set(used.saturating_sub(cached) as f64 / total);
+        self.metrics.prefix_cache_blocks.set(cached as i64);
     }
 
-    /// Ends a sequence that left the engine: frees its KV everywhere and counts it.
+    /// Ends a sequence that left the engine and counts it: its KV stays as a cached prefix if
+    /// prefix caching is on, else it is freed everywhere.
     fn retire(&mut self, s: &Seq, label: &str) -> Result<(), ModelError> {
-        self.blocks.give_back(s.blocks);
         self.in_engine.fetch_sub(1, Ordering::SeqCst);
         self.metrics.requests.with_label_values(&[label]).inc();
-        if s.blocks > 0 || s.computed > 0 {
-            self.runner.release(&[s.id])?;
+        if s.blocks == 0 {
+            // Never admitted, or preempted: it holds no KV.
+            return Ok(());
         }
-        Ok(())
+        match self.prefix.as_mut() {
+            Some(p) if s.computed > 0 => {
+                let freed = p.insert(s.id, s.tokens[..s.computed].to_vec(), s.blocks);
+                self.free_entries(freed)
+            }
+            _ => self.free(&[(s.id, s.blocks)]),
+        }
+    }
+
+    fn free_entries(&mut self, entries: Vec<Entry>) -> Result<(), ModelError> {
+        let seqs: Vec<(u64, usize)> = entries.iter().map(|e| (e.id, e.blocks)).collect();
+        self.free(&seqs)
+    }
+
+    /// Frees the blocks and the caches (on every rank) of `(sequence id, blocks)` nothing uses
+    /// any more.
+    fn free(&mut self, seqs: &[(u64, usize)]) -> Result<(), ModelError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        for &(_, n) in seqs {
+            self.blocks.give_back(n);
+        }
+        let ids: Vec<u64> = seqs.iter().map(|&(id, _)| id).collect();
+        self.runner.release(&ids)
+    }
+
+    /// Evicts the least recently used cached prefix other than `keep`; false if none is left.
+    fn evict_prefix(&mut self, keep: Option<u64>) -> Result<bool, ModelError> {
+        match self.prefix.as_mut().and_then(|p| p.evict(keep)) {
+            Some(e) => {
+                self.free_entries(vec![e])?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Drops requests whose client went away or whose deadline passed.
@@ -314,20 +375,57 @@ impl Engine {
         }
     }
 
-    /// Admits waiting sequences in arrival order while slots and blocks allow.
-    fn admit(&mut self) {
+    /// Admits waiting sequences in arrival order while slots and blocks allow (evicting cached
+    /// prefixes for room); a prompt that starts with a cached prefix starts from its KV.
+    fn admit(&mut self) -> Result<(), ModelError> {
         while self.running.len() < self.config.max_batch_size {
             let Some(front) = self.waiting.front() else { break };
             // Room for the whole (re)computation plus the next token.
             let need = self.blocks.blocks_for(front.tokens.len() + 1);
-            if !self.blocks.try_take(need) {
+            // Prompt logprobs need every prompt position computed.
+            let scores_prompt = front.req.prompt_logprobs && !front.prompt_lp_sent;
+            let queried = self.prefix.is_some() && !scores_prompt;
+            let mut hit = match self.prefix.as_mut() {
+                Some(p) if queried => p.lookup(&front.tokens),
+                _ => None,
+            };
+            let mut fits = self.blocks.try_take(need);
+            while !fits {
+                if !self.evict_prefix(hit.map(|h| h.id))? {
+                    // Even its own prefix's blocks are needed.
+                    if hit.take().is_none() || !self.evict_prefix(None)? {
+                        break;
+                    }
+                }
+                fits = self.blocks.try_take(need);
+            }
+            if !fits {
                 break;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
             s.blocks = need;
             s.admitted_at.get_or_insert_with(Instant::now);
+            if queried {
+                self.metrics.prefix_cache_queries.inc_by(s.tokens.len() as u64);
+            }
+            if let Some(h) = hit {
+                self.runner
+                    .fork(h.id, s.id, h.tokens, need * self.blocks.block_size())?;
+                s.computed = h.tokens;
+                self.metrics.prefix_cache_hits.inc_by(h.tokens as u64);
+                if s.generated.is_empty() {
+                    self.metrics.prompt_tokens.inc_by(h.tokens.min(s.prompt_len()) as u64);
+                }
+                tracing::debug!(
+                    seq = s.id,
+                    from = h.id,
+                    tokens = h.tokens,
+                    "prompt starts from a cached prefix"
+                );
+            }
             self.running.push(s);
         }
+        Ok(())
     }
 
     /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
@@ -338,6 +436,10 @@ impl Engine {
             if need == 0 || self.blocks.try_take(need) {
                 self.running[i].blocks += need;
                 return Ok(true);
+            }
+            // Cached prefixes go before any running sequence does.
+            if self.evict_prefix(None)? {
+                continue;
             }
             // Preempt the youngest other sequence.
             let victim = (0..self.running.len())
@@ -617,6 +719,9 @@ impl Engine {
         self.healthy.store(false, Ordering::SeqCst);
         self.metrics.group_healthy.set(0);
         let msg = e.to_string();
+        if let Some(p) = self.prefix.as_mut() {
+            p.clear();
+        }
         let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         for s in all {
             let _ = s.req.events.send(Event::Failed(Failure::Unavailable(msg.clone())));

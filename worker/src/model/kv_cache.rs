@@ -73,6 +73,51 @@ impl SequenceCache {
         self.reserve = reserve.max(1);
     }
 
+    /// A new cache holding a copy of this one's first `tokens` tokens, expecting about
+    /// `reserve` tokens in total: a new sequence that starts with a cached prefix skips
+    /// recomputing it (prefix caching). The copy is exact, so the new sequence's logits are the
+    /// ones it would have had computing the prefix itself, up to the prefill's chunking.
+    pub fn fork(&self, tokens: usize, reserve: usize) -> Result<SequenceCache, ModelError> {
+        if tokens > self.len {
+            return Err(ModelError::Input(format!(
+                "cannot fork {tokens} tokens from a cache of {}",
+                self.len
+            )));
+        }
+        if let Some(src) = &self.paged {
+            let mut blocks = src.sibling();
+            blocks.ensure(tokens)?;
+            src.copy_prefix_to(&blocks, tokens)?;
+            return Ok(Self {
+                layers: Vec::new(),
+                paged: Some(blocks),
+                len: tokens,
+                reserve: reserve.max(1),
+            });
+        }
+        let reserve = reserve.max(tokens).max(1);
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| match slot {
+                Some((k, v)) if tokens > 0 => {
+                    let (heads, _, hd) = k.dims3()?;
+                    let (nk, nv) = alloc(heads, reserve, hd, k.dtype(), k.device())?;
+                    nk.slice_set(&k.narrow(1, 0, tokens)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&v.narrow(1, 0, tokens)?.contiguous()?, 1, 0)?;
+                    Ok(Some((nk, nv)))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Self {
+            layers,
+            paged: None,
+            len: tokens,
+            reserve,
+        })
+    }
+
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }

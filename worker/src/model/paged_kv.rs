@@ -143,6 +143,42 @@ impl PagedBlocks {
         range.map(move |t| self.blocks[t / bs] * bs as u32 + (t % bs) as u32)
     }
 
+    /// Empty blocks of the same pool.
+    pub fn sibling(&self) -> Self {
+        Self::new(self.pool.clone())
+    }
+
+    /// Copies the K and V of this sequence's first `tokens` tokens into `dst`'s, every layer:
+    /// one gather and one scatter per arena.
+    pub fn copy_prefix_to(&self, dst: &PagedBlocks, tokens: usize) -> Result<(), ModelError> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let bs = self.pool.block_size;
+        if tokens > self.blocks.len() * bs || tokens > dst.blocks.len() * bs {
+            return Err(ModelError::Internal(format!(
+                "copying {tokens} tokens between caches of {} and {} blocks",
+                self.blocks.len(),
+                dst.blocks.len()
+            )));
+        }
+        let from: Vec<u32> = self.positions(0..tokens).collect();
+        let to: Vec<u32> = dst.positions(0..tokens).collect();
+        let Some((first, _)) = self.pool.layers.first() else {
+            return Ok(());
+        };
+        let (heads, _, hd) = first.dims3()?;
+        let from = Tensor::from_vec(from, tokens, first.device())?;
+        let to = Tensor::from_vec(to, (1, tokens, 1), first.device())?
+            .broadcast_as((heads, tokens, hd))?
+            .contiguous()?;
+        for arena in self.pool.layers.iter().flat_map(|(k, v)| [k, v]) {
+            let rows = arena.index_select(&from, 1)?;
+            arena.scatter_set(&to, &rows, 1)?;
+        }
+        Ok(())
+    }
+
     pub fn bytes_per_block(&self) -> usize {
         self.pool.bytes() / self.pool.blocks
     }

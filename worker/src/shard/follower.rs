@@ -170,6 +170,7 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
                 runner.step(&plan)?;
             }
             pb::step_plan::Kind::Release(r) => runner.release(&r.ids)?,
+            pb::step_plan::Kind::Fork(f) => runner.fork(f.from, f.to, f.tokens as usize, f.reserve as usize)?,
             pb::step_plan::Kind::PagedKv(p) => runner.use_paged_kv(p.blocks as usize, p.block_size as usize)?,
             pb::step_plan::Kind::Shutdown(s) => {
                 tracing::info!(reason = %s.reason, "leader shut the group down");

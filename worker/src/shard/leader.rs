@@ -288,6 +288,19 @@ impl StepRunner for LeaderRunner {
         self.local.release(ids)
     }
 
+    fn fork(&mut self, from: u64, to: u64, tokens: usize, reserve: usize) -> Result<(), ModelError> {
+        let too_big = |what: &str| ModelError::Input(format!("{what} does not fit the group protocol"));
+        self.send(pb::StepPlan {
+            kind: Some(pb::step_plan::Kind::Fork(pb::Fork {
+                from,
+                to,
+                tokens: u32::try_from(tokens).map_err(|_| too_big("the forked prefix"))?,
+                reserve: u32::try_from(reserve).map_err(|_| too_big("the KV reservation"))?,
+            })),
+        })?;
+        self.local.fork(from, to, tokens, reserve)
+    }
+
     fn model(&self) -> &GptNeoX {
         self.local.model()
     }

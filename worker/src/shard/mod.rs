@@ -33,6 +33,9 @@ pub trait StepRunner: Send {
     fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError>;
     /// Frees the KV caches of finished sequences.
     fn release(&mut self, ids: &[u64]) -> Result<(), ModelError>;
+    /// Starts the new sequence `to`'s cache, on every rank, as a copy of the first `tokens`
+    /// cached tokens of sequence `from`, sized for `reserve` tokens (prefix caching).
+    fn fork(&mut self, from: u64, to: u64, tokens: usize, reserve: usize) -> Result<(), ModelError>;
     fn model(&self) -> &GptNeoX;
     /// Switches every rank's new KV caches to one paged pool of `blocks` blocks of
     /// `block_size` tokens (see `model::KvPool`); before the first step.
@@ -105,6 +108,19 @@ impl StepRunner for LocalRunner {
         for id in ids {
             self.caches.remove(id);
         }
+        Ok(())
+    }
+
+    fn fork(&mut self, from: u64, to: u64, tokens: usize, reserve: usize) -> Result<(), ModelError> {
+        if self.caches.contains_key(&to) {
+            return Err(ModelError::Internal(format!("sequence {to} already has a KV cache")));
+        }
+        let src = self
+            .caches
+            .get(&from)
+            .ok_or_else(|| ModelError::Internal(format!("no KV cache for sequence {from} to fork")))?;
+        let copy = src.fork(tokens, reserve)?;
+        self.caches.insert(to, copy);
         Ok(())
     }
 

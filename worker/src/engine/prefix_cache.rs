@@ -1,0 +1,198 @@
+//! Prefix caching: which finished sequences' KV the engine keeps, and which one a new prompt
+//! can start from.
+//!
+//! When a sequence ends, its KV cache stays on every rank under its id (an *entry*) instead
+//! of being freed, still counted against the KV block budget. A new request whose prompt
+//! starts with an entry's tokens begins with a copy of that KV (`StepRunner::fork`) and
+//! prefills only the rest: a shared system prompt or a multi-turn chat's history is computed
+//! once. Entries only use blocks nothing else wants: the engine evicts them, least recently
+//! used first, before it refuses admission or preempts a running sequence.
+//!
+//! The engine owns this table alone, so every rank keeps, forks and drops the same caches in
+//! the same order, driven by the leader's plan.
+
+/// A finished sequence whose KV is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The sequence id its caches live under on every rank.
+    pub id: u64,
+    /// KV blocks it holds in the engine's budget.
+    pub blocks: usize,
+    tokens: Vec<u32>,
+    last_used: u64,
+}
+
+/// A cached prefix a prompt can start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// The entry to copy from.
+    pub id: u64,
+    /// Tokens of KV to copy.
+    pub tokens: usize,
+}
+
+#[derive(Debug)]
+pub struct PrefixCache {
+    entries: Vec<Entry>,
+    /// Shorter matches are not worth a copy (nor an entry's place in the LRU order).
+    min_tokens: usize,
+    clock: u64,
+}
+
+impl PrefixCache {
+    pub fn new(min_tokens: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            min_tokens: min_tokens.max(1),
+            clock: 0,
+        }
+    }
+
+    /// KV blocks held by entries.
+    pub fn blocks(&self) -> usize {
+        self.entries.iter().map(|e| e.blocks).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The entry sharing the longest prefix with `tokens`, at most all but its last token (the
+    /// step that computes it gives the logits to sample from). Marks it used.
+    pub fn lookup(&mut self, tokens: &[u32]) -> Option<Hit> {
+        let limit = tokens.len().saturating_sub(1);
+        if limit < self.min_tokens {
+            return None;
+        }
+        let (at, len) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, common_prefix(&e.tokens, &tokens[..limit])))
+            // Longest match; among equals the most recently used.
+            .max_by_key(|&(i, len)| (len, self.entries[i].last_used))?;
+        if len < self.min_tokens {
+            return None;
+        }
+        let now = self.tick();
+        let e = &mut self.entries[at];
+        e.last_used = now;
+        Some(Hit { id: e.id, tokens: len })
+    }
+
+    /// Keeps the KV of the finished sequence `id` (`tokens` cached, in `blocks` blocks).
+    /// Returns what to free now: entries the new one contains, or the sequence itself when an
+    /// entry already contains it or it is too short to be worth keeping.
+    pub fn insert(&mut self, id: u64, tokens: Vec<u32>, blocks: usize) -> Vec<Entry> {
+        let now = self.tick();
+        let new = Entry {
+            id,
+            blocks,
+            tokens,
+            last_used: now,
+        };
+        if new.tokens.len() < self.min_tokens {
+            return vec![new];
+        }
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| common_prefix(&e.tokens, &new.tokens) == new.tokens.len())
+        {
+            // An entry already holds all of it: that one is what was just used.
+            e.last_used = now;
+            return vec![new];
+        }
+        let (covered, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| common_prefix(&e.tokens, &new.tokens) == e.tokens.len());
+        self.entries = kept;
+        self.entries.push(new);
+        covered
+    }
+
+    /// Removes the least recently used entry other than `keep`.
+    pub fn evict(&mut self, keep: Option<u64>) -> Option<Entry> {
+        let at = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| Some(e.id) != keep)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(i, _)| i)?;
+        Some(self.entries.swap_remove(at))
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.entries)
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[Entry]) -> Vec<u64> {
+        v.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn lookup_takes_the_longest_prefix_and_leaves_the_last_token() {
+        let mut c = PrefixCache::new(2);
+        assert!(c.insert(1, vec![1, 2, 3, 4], 1).is_empty());
+        assert!(c.insert(2, vec![1, 2, 9, 9, 9], 2).is_empty());
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5]), Some(Hit { id: 1, tokens: 4 }));
+        // The whole prompt is cached: its last token is still computed, for its logits.
+        assert_eq!(c.lookup(&[1, 2, 3, 4]), Some(Hit { id: 1, tokens: 3 }));
+        assert_eq!(c.lookup(&[1, 2, 9, 9, 9, 9]), Some(Hit { id: 2, tokens: 5 }));
+        // Too short a match, or a different start: nothing.
+        assert_eq!(c.lookup(&[1, 7, 7]), None);
+        assert_eq!(c.lookup(&[5, 2, 3, 4, 5]), None);
+        assert_eq!(c.lookup(&[1, 2]), None);
+        assert_eq!(c.blocks(), 3);
+    }
+
+    #[test]
+    fn insert_keeps_only_the_longest_of_nested_prefixes() {
+        let mut c = PrefixCache::new(1);
+        assert!(c.insert(1, vec![1, 2], 1).is_empty());
+        // 3 contains 1: 1 goes.
+        assert_eq!(ids(&c.insert(3, vec![1, 2, 3], 1)), vec![1]);
+        // 4 is contained in 3: 4 itself goes back.
+        assert_eq!(ids(&c.insert(4, vec![1, 2], 1)), vec![4]);
+        assert_eq!(c.len(), 1);
+        // Too short for the cache: handed straight back.
+        let mut c = PrefixCache::new(4);
+        assert_eq!(ids(&c.insert(5, vec![1, 2, 3], 1)), vec![5]);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn eviction_is_least_recently_used_and_spares_the_kept_entry() {
+        let mut c = PrefixCache::new(1);
+        c.insert(1, vec![1, 1], 1);
+        c.insert(2, vec![2, 2], 1);
+        c.insert(3, vec![3, 3], 1);
+        // Using 1 makes 2 the oldest.
+        assert_eq!(c.lookup(&[1, 1, 5]).map(|h| h.id), Some(1));
+        assert_eq!(c.evict(None).map(|e| e.id), Some(2));
+        assert_eq!(c.evict(Some(3)).map(|e| e.id), Some(1));
+        assert_eq!(c.evict(Some(3)), None);
+        assert_eq!(ids(&c.clear()), vec![3]);
+        assert_eq!(c.evict(None), None);
+    }
+}
