@@ -328,6 +328,41 @@ fn prefix_caching_reuses_a_shared_prompt_and_keeps_outputs_exact() {
 }
 
 #[test]
+fn a_running_request_shares_its_prompt_with_a_later_one() {
+    let (_, ps) = shared_prefix_prompts(2);
+    let later = format!("{}{}", ps[0], " my lord");
+    let run = |args: &[&str]| {
+        let server = start(args);
+        let out = rt().block_on(async {
+            let mut c = server.client().await;
+            let req = pb::TokenizeRequest { text: ps[0].clone() };
+            let prompt_len = c.tokenize(req).await.unwrap().into_inner().ids.len() as f64;
+            let mut first = c.generate_stream(greedy(&ps[0], 200)).await.unwrap().into_inner();
+            // Once the first request streams, its prompt's KV is computed.
+            first.message().await.unwrap().unwrap();
+            let second = stream_all(&mut c, greedy(&later, 8)).await.unwrap();
+            let mut rest = 1;
+            while first.message().await.unwrap().is_some() {
+                rest += 1;
+            }
+            (second, rest, prompt_len)
+        });
+        (server, out)
+    };
+    let (off, (want, _, _)) = run(&["--prefix-caching", "false"]);
+    drop(off);
+    let (on, (got, streamed, prompt_len)) = run(&[]);
+    assert_eq!(got, want);
+    assert!(streamed >= 200, "the first stream ended early ({streamed} messages)");
+    // The whole first prompt (less a token where it and the ending may merge).
+    let hits = on.metric("neox_prefix_cache_hits_total");
+    assert!(
+        hits >= prompt_len - 1.0,
+        "the second request copied {hits} of the running one's {prompt_len} prompt tokens"
+    );
+}
+
+#[test]
 fn cached_prefixes_give_way_to_requests_that_need_the_blocks() {
     // 1 MiB of KV holds 128 tokens (8 blocks). Finished requests fill it with cached
     // prefixes; a request that needs nearly every block must evict them, not wait or preempt:

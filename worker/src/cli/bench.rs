@@ -145,7 +145,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         // Room for the largest phase: the prefill prompt, or the biggest decode batch.
         let per_seq = (a.context_len + a.steps + 2).div_ceil(BENCH_BLOCK);
         let biggest = a.batch.iter().max().copied().unwrap_or(1);
-        let blocks = (biggest * per_seq).max(a.prefill_len.div_ceil(BENCH_BLOCK));
+        // The prefix-caching measurement holds two prompts at once.
+        let blocks = (biggest * per_seq).max(2 * a.prefill_len.div_ceil(BENCH_BLOCK));
         runner.use_paged_kv(blocks, BENCH_BLOCK)?;
     }
     let mut next_id = 0u64;
@@ -167,6 +168,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     prefill(runner, (a.prefill_len / 10).max(1))?;
     let prefill_secs = prefill(runner, a.prefill_len)?;
+    let prefix = prefix_cached(runner, a.prefill_len, vocab)?;
     let mut peak = memory_in_use(runner);
 
     let mut decode = Vec::new();
@@ -215,6 +217,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "kv_layout": if paged { "paged" } else { "per-sequence" },
         "load_seconds": load_secs,
         "prefill": { "tokens": a.prefill_len, "seconds": prefill_secs, "tokens_per_second": a.prefill_len as f64 / prefill_secs },
+        "prefix_cached": {
+            "cached_tokens": prefix.cached,
+            "new_tokens": a.prefill_len - prefix.cached,
+            "seconds": prefix.secs,
+            "speedup_vs_prefill": prefill_secs / prefix.secs,
+        },
         "decode": decode,
         "context_len": a.context_len,
         "peak_memory_bytes": peak,
@@ -237,6 +245,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         prefill_secs * 1e3,
         a.prefill_len as f64 / prefill_secs
     );
+    println!(
+        "the same prompt with {} tokens from the prefix cache: {:.1} ms ({:.1}x faster)",
+        prefix.cached,
+        prefix.secs * 1e3,
+        prefill_secs / prefix.secs
+    );
     println!("batch  decode ms/step  tokens/s  sampling ms: greedy  filtered  filtered on host");
     for d in &decode {
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
@@ -253,6 +267,42 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     println!("peak memory in use: {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
     Ok(())
+}
+
+struct PrefixTiming {
+    cached: usize,
+    secs: f64,
+}
+
+/// A prompt of `len` tokens whose first `len - len/16` tokens are in the prefix cache: the
+/// time to copy their KV (`fork`, as the engine does on admission) and prefill the rest.
+fn prefix_cached(runner: &mut dyn StepRunner, len: usize, vocab: usize) -> Result<PrefixTiming> {
+    let (src, dst) = (2_000_000_000, 2_000_000_001);
+    let cached = len - (len / 16).max(1);
+    let prompt = tokens(len, 3, vocab);
+    if cached == 0 {
+        return Ok(PrefixTiming { cached, secs: f64::NAN });
+    }
+    runner.step(&[SeqPlan {
+        id: src,
+        tokens: prompt[..cached].to_vec(),
+        logits: LogitsWanted::None,
+        reserve: len,
+    }])?;
+    let t = Instant::now();
+    runner.fork(src, dst, cached, len)?;
+    next_tokens(
+        runner.step(&[SeqPlan {
+            id: dst,
+            tokens: prompt[cached..].to_vec(),
+            logits: LogitsWanted::Last,
+            reserve: len,
+        }])?,
+        vocab,
+    )?;
+    let secs = t.elapsed().as_secs_f64();
+    runner.release(&[src, dst])?;
+    Ok(PrefixTiming { cached, secs })
 }
 
 /// Device memory in use on a GPU (all processes'), else this process's peak resident set.

@@ -66,27 +66,40 @@ impl PrefixCache {
         self.clock
     }
 
-    /// The entry sharing the longest prefix with `tokens`, at most all but its last token (the
-    /// step that computes it gives the logits to sample from). Marks it used.
-    pub fn lookup(&mut self, tokens: &[u32]) -> Option<Hit> {
+    /// The sequence sharing the longest prefix with `tokens`, at most all but its last token
+    /// (the step that computes it gives the logits to sample from): an entry, or one of `live`,
+    /// running sequences with their cached tokens (a copy of their KV is as good). Marks an
+    /// entry it picks used.
+    pub fn lookup<'a>(&mut self, tokens: &[u32], live: impl IntoIterator<Item = (u64, &'a [u32])>) -> Option<Hit> {
         let limit = tokens.len().saturating_sub(1);
         if limit < self.min_tokens {
             return None;
         }
-        let (at, len) = self
+        let wanted = &tokens[..limit];
+        // Longest match; among equal entries the most recently used; entries before live
+        // sequences.
+        let entry = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.tokens, &tokens[..limit])))
-            // Longest match; among equals the most recently used.
-            .max_by_key(|&(i, len)| (len, self.entries[i].last_used))?;
-        if len < self.min_tokens {
-            return None;
+            .map(|(i, e)| (i, common_prefix(&e.tokens, wanted)))
+            .max_by_key(|&(i, len)| (len, self.entries[i].last_used));
+        let running = live
+            .into_iter()
+            .map(|(id, cached)| Hit {
+                id,
+                tokens: common_prefix(cached, wanted),
+            })
+            .max_by_key(|h| h.tokens);
+        match (entry, running) {
+            (Some((at, len)), r) if len >= self.min_tokens && r.is_none_or(|r| r.tokens <= len) => {
+                let now = self.tick();
+                let e = &mut self.entries[at];
+                e.last_used = now;
+                Some(Hit { id: e.id, tokens: len })
+            }
+            (_, r) => r.filter(|r| r.tokens >= self.min_tokens),
         }
-        let now = self.tick();
-        let e = &mut self.entries[at];
-        e.last_used = now;
-        Some(Hit { id: e.id, tokens: len })
     }
 
     /// Keeps the KV of the finished sequence `id` (`tokens` cached, in `blocks` blocks).
@@ -155,15 +168,27 @@ mod tests {
         let mut c = PrefixCache::new(2);
         assert!(c.insert(1, vec![1, 2, 3, 4], 1).is_empty());
         assert!(c.insert(2, vec![1, 2, 9, 9, 9], 2).is_empty());
-        assert_eq!(c.lookup(&[1, 2, 3, 4, 5]), Some(Hit { id: 1, tokens: 4 }));
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5], []), Some(Hit { id: 1, tokens: 4 }));
         // The whole prompt is cached: its last token is still computed, for its logits.
-        assert_eq!(c.lookup(&[1, 2, 3, 4]), Some(Hit { id: 1, tokens: 3 }));
-        assert_eq!(c.lookup(&[1, 2, 9, 9, 9, 9]), Some(Hit { id: 2, tokens: 5 }));
+        assert_eq!(c.lookup(&[1, 2, 3, 4], []), Some(Hit { id: 1, tokens: 3 }));
+        assert_eq!(c.lookup(&[1, 2, 9, 9, 9, 9], []), Some(Hit { id: 2, tokens: 5 }));
         // Too short a match, or a different start: nothing.
-        assert_eq!(c.lookup(&[1, 7, 7]), None);
-        assert_eq!(c.lookup(&[5, 2, 3, 4, 5]), None);
-        assert_eq!(c.lookup(&[1, 2]), None);
+        assert_eq!(c.lookup(&[1, 7, 7], []), None);
+        assert_eq!(c.lookup(&[5, 2, 3, 4, 5], []), None);
+        assert_eq!(c.lookup(&[1, 2], []), None);
         assert_eq!(c.blocks(), 3);
+    }
+
+    #[test]
+    fn running_sequences_are_sources_too_when_they_share_more() {
+        let mut c = PrefixCache::new(2);
+        c.insert(1, vec![1, 2, 3], 1);
+        let live: [(u64, &[u32]); 2] = [(7, &[1, 2, 3, 4, 5]), (8, &[9, 9, 9])];
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6], live), Some(Hit { id: 7, tokens: 5 }));
+        // Equal lengths: the entry (its KV will not move on).
+        assert_eq!(c.lookup(&[1, 2, 3, 7], live), Some(Hit { id: 1, tokens: 3 }));
+        assert_eq!(c.lookup(&[9, 9, 9, 9], live), Some(Hit { id: 8, tokens: 3 }));
+        assert_eq!(c.lookup(&[9, 5, 5], live), None);
     }
 
     #[test]
@@ -188,7 +213,7 @@ mod tests {
         c.insert(2, vec![2, 2], 1);
         c.insert(3, vec![3, 3], 1);
         // Using 1 makes 2 the oldest.
-        assert_eq!(c.lookup(&[1, 1, 5]).map(|h| h.id), Some(1));
+        assert_eq!(c.lookup(&[1, 1, 5], []).map(|h| h.id), Some(1));
         assert_eq!(c.evict(None).map(|e| e.id), Some(2));
         assert_eq!(c.evict(Some(3)).map(|e| e.id), Some(1));
         assert_eq!(c.evict(Some(3)), None);

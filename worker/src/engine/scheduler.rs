@@ -386,7 +386,10 @@ impl Engine {
             let scores_prompt = front.req.prompt_logprobs && !front.prompt_lp_sent;
             let queried = self.prefix.is_some() && !scores_prompt;
             let mut hit = match self.prefix.as_mut() {
-                Some(p) if queried => p.lookup(&front.tokens),
+                Some(p) if queried => {
+                    let live = self.running.iter().map(|r| (r.id, &r.tokens[..r.computed]));
+                    p.lookup(&front.tokens, live)
+                }
                 _ => None,
             };
             let mut fits = self.blocks.try_take(need);
