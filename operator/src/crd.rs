@@ -234,6 +234,10 @@ pub struct EngineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub kv_cache_mib: Option<i32>,
+    /// Keep finished requests' KV while blocks are free and start prompts that share their
+    /// tokens from it (the worker's default: true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_caching: Option<bool>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -230,6 +230,9 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
             envs.push(env(name, v.to_string()));
         }
     }
+    if let Some(on) = e.prefix_caching {
+        envs.push(env("NEOX_PREFIX_CACHING", on.to_string()));
+    }
     // The user's env wins over the operator's defaults of the same name (NEOX_DEVICE=cuda:1,
     // say) and never duplicates one: env is a list keyed by name under server-side apply.
     for e in &s.worker.env {
