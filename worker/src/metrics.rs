@@ -66,7 +66,7 @@ impl Metrics {
                 "Time from request arrival to its last token",
                 DURATION_BUCKETS,
             )?,
-            prompt_tokens: IntCounter::new("neox_prompt_tokens_total", "Prompt tokens prefilled")?,
+            prompt_tokens: IntCounter::new("neox_prompt_tokens_total", "Prompt tokens prefilled (not those copied from the prefix cache)")?,
             generation_tokens: IntCounter::new("neox_generation_tokens_total", "Tokens generated")?,
             requests: IntCounterVec::new(
                 Opts::new("neox_requests_total", "Requests ended, by finish reason"),
@@ -83,11 +83,11 @@ impl Metrics {
             )?,
             prefix_cache_queries: IntCounter::new(
                 "neox_prefix_cache_queries_total",
-                "Tokens of admitted prompts looked up in the prefix cache",
+                "Tokens of admitted sequences looked up in the prefix cache (the prompt, plus what a preempted one had generated)",
             )?,
             prefix_cache_hits: IntCounter::new(
                 "neox_prefix_cache_hits_total",
-                "Tokens of admitted prompts whose KV was copied from the prefix cache",
+                "Tokens of admitted sequences whose KV was copied from the prefix cache (never a sequence's last token)",
             )?,
             group_healthy: IntGauge::new(
                 "neox_group_healthy",

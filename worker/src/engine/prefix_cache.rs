@@ -53,6 +53,11 @@ impl PrefixCache {
         self.entries.iter().map(|e| e.blocks).sum()
     }
 
+    /// KV blocks held by entries other than `id`.
+    pub fn blocks_except(&self, id: Option<u64>) -> usize {
+        self.entries.iter().filter(|e| Some(e.id) != id).map(|e| e.blocks).sum()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -177,6 +182,8 @@ mod tests {
         assert_eq!(c.lookup(&[5, 2, 3, 4, 5], []), None);
         assert_eq!(c.lookup(&[1, 2], []), None);
         assert_eq!(c.blocks(), 3);
+        assert_eq!(c.blocks_except(Some(2)), 1);
+        assert_eq!(c.blocks_except(Some(9)), 3);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::model::{IncrementalDecoder, LogitsWanted, ModelError, NeoXTokenizer};
 use crate::shard::{SeqPlan, StepRunner};
 
 use super::blocks::BlockManager;
-use super::prefix_cache::{Entry, PrefixCache};
+use super::prefix_cache::{Entry, Hit, PrefixCache};
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
 use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
 use super::stop::{StopMatcher, StopOutcome};
@@ -380,6 +380,7 @@ impl Engine {
     fn admit(&mut self) -> Result<(), ModelError> {
         while self.running.len() < self.config.max_batch_size {
             let Some(front) = self.waiting.front() else { break };
+            let id = front.id;
             // Room for the whole (re)computation plus the next token.
             let need = self.blocks.blocks_for(front.tokens.len() + 1);
             // Prompt logprobs need every prompt position computed.
@@ -392,18 +393,13 @@ impl Engine {
                 }
                 _ => None,
             };
-            let mut fits = self.blocks.try_take(need);
-            while !fits {
-                if !self.evict_prefix(hit.map(|h| h.id))? {
-                    // Even its own prefix's blocks are needed.
-                    if hit.take().is_none() || !self.evict_prefix(None)? {
-                        break;
-                    }
-                }
-                fits = self.blocks.try_take(need);
-            }
-            if !fits {
+            if !self.make_room(need, &mut hit)? {
                 break;
+            }
+            if let Some(h) = hit {
+                // Before the sequence leaves the queue: if this fails, the group's failure
+                // still reaches its client.
+                self.runner.fork(h.id, id, h.tokens, need * self.blocks.block_size())?;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
             s.blocks = need;
@@ -412,13 +408,8 @@ impl Engine {
                 self.metrics.prefix_cache_queries.inc_by(s.tokens.len() as u64);
             }
             if let Some(h) = hit {
-                self.runner
-                    .fork(h.id, s.id, h.tokens, need * self.blocks.block_size())?;
                 s.computed = h.tokens;
                 self.metrics.prefix_cache_hits.inc_by(h.tokens as u64);
-                if s.generated.is_empty() {
-                    self.metrics.prompt_tokens.inc_by(h.tokens.min(s.prompt_len()) as u64);
-                }
                 tracing::debug!(
                     seq = s.id,
                     from = h.id,
@@ -429,6 +420,35 @@ impl Engine {
             self.running.push(s);
         }
         Ok(())
+    }
+
+    /// Takes `need` blocks for a sequence about to be admitted, evicting cached prefixes if that
+    /// makes it fit (others first, then the one it would start from, `hit`, which is then
+    /// dropped). Evicts nothing when even that would not do: the sequence waits, and the
+    /// prefixes stay for it and for others.
+    fn make_room(&mut self, need: usize, hit: &mut Option<Hit>) -> Result<bool, ModelError> {
+        if self.blocks.try_take(need) {
+            return Ok(true);
+        }
+        let keep = hit.map(|h| h.id);
+        let (others, all) = self
+            .prefix
+            .as_ref()
+            .map_or((0, 0), |p| (p.blocks_except(keep), p.blocks()));
+        let free = self.blocks.free();
+        if free + all < need {
+            return Ok(false);
+        }
+        if free + others < need {
+            *hit = None;
+        }
+        let keep = hit.map(|h| h.id);
+        while !self.blocks.try_take(need) {
+            if !self.evict_prefix(keep)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
@@ -722,8 +742,9 @@ impl Engine {
         self.healthy.store(false, Ordering::SeqCst);
         self.metrics.group_healthy.set(0);
         let msg = e.to_string();
-        if let Some(p) = self.prefix.as_mut() {
-            p.clear();
+        // The group is gone and its caches with it; the blocks go back so the gauges say so.
+        for e in self.prefix.as_mut().map(PrefixCache::clear).unwrap_or_default() {
+            self.blocks.give_back(e.blocks);
         }
         let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         for s in all {
