@@ -98,13 +98,7 @@ fn prefill_in_chunks_equals_one_prefill() {
     // Chunked prefill (the engine splits long prompts) must not change the numbers.
     let g = Goldens::load();
     let m = load_model(&fixture(), DType::F32);
-    let case = *g
-        .cases()
-        .iter()
-        .max_by_key(|i| g.ids(&format!("case{i}.input_ids")).len())
-        .unwrap();
-    let ids = g.ids(&format!("case{case}.input_ids"));
-    let want = g.f32_2d(&format!("case{case}.logits"));
+    let (ids, want) = g.longest_case();
     let got = chunked_logits(&m.model, &ids, 5);
     let d = max_abs_diff(&got, &want);
     assert!(d <= TOL, "chunked prefill differs from HF by {d}");

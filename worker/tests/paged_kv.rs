@@ -111,13 +111,7 @@ fn feed(
 #[test]
 fn a_forked_cache_continues_like_the_original_in_both_layouts() {
     let g = Goldens::load();
-    let case = g
-        .cases()
-        .into_iter()
-        .max_by_key(|i| g.ids(&format!("case{i}.input_ids")).len())
-        .unwrap();
-    let ids = g.ids(&format!("case{case}.input_ids"));
-    let want = g.f32_2d(&format!("case{case}.logits"));
+    let (ids, want) = g.longest_case();
     assert!(ids.len() >= 6, "the fixture's longest prompt is too short to split");
     // Blocks of 3 and an odd split: the copied prefix ends inside a block.
     let split = ids.len() / 2 + usize::from((ids.len() / 2).is_multiple_of(3));

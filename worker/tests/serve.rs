@@ -20,27 +20,10 @@ fn rt() -> tokio::runtime::Runtime {
 /// Runs `n` greedy prompts one by one, then all at once, and checks each concurrent stream
 /// against its own sequential run.
 async fn sequential_then_concurrent(server: &Server, n: usize, tokens: u32, what: &str) {
-    let mut c = server.client().await;
     let ps = prompts(n);
-    let mut sequential = Vec::new();
-    for p in &ps {
-        sequential.push(stream_all(&mut c, greedy(p, tokens)).await.unwrap());
-    }
-    let tasks: Vec<_> = ps
-        .iter()
-        .map(|p| {
-            let mut c = c.clone();
-            let req = greedy(p, tokens);
-            tokio::spawn(async move { stream_all(&mut c, req).await })
-        })
-        .collect();
-    for (i, t) in tasks.into_iter().enumerate() {
-        assert_eq!(
-            t.await.unwrap().unwrap(),
-            sequential[i],
-            "stream {i} ({:?}) differs from {what}",
-            ps[i]
-        );
+    let (sequential, concurrent) = sequential_and_concurrent(server, &ps, tokens).await;
+    for (i, got) in concurrent.iter().enumerate() {
+        assert_eq!(got, &sequential[i], "stream {i} ({:?}) differs from {what}", ps[i]);
     }
 }
 
@@ -230,7 +213,7 @@ fn assert_preemption_keeps_outputs_exact(extra: &[&str], what: &str) {
         server.metric("neox_preemptions_total") > 0.0,
         "the budget should have forced preemption {what}"
     );
-    assert_eq!(server.metric("neox_kv_cache_usage_ratio"), 0.0);
+    server.wait_kv_freed();
 }
 
 /// A long shared prompt (a "system prompt") and different endings.
@@ -321,27 +304,23 @@ fn prefix_caching_reuses_a_shared_prompt_and_keeps_outputs_exact() {
     );
     assert_eq!(on.metric("neox_prefix_cache_queries_total"), queried);
     // Kept prefixes hold blocks, but are not "in use": the autoscaling signal stays honest.
-    on.wait_metrics(Duration::from_secs(10), "no KV in use", |s| {
-        s.metric("neox_kv_cache_usage_ratio") == 0.0
-    });
+    on.wait_kv_freed();
     assert!(on.metric("neox_prefix_cache_blocks") > 0.0);
     drop(on);
 
     // The paged layout (the GPU default) through the engine: forks copy blocks of one pool.
-    let paged = start(&["--kv-layout", "paged"]);
-    let (sequential, concurrent) = rt().block_on(sequential_and_concurrent(&paged, &ps, 16));
-    assert_eq!(sequential, want, "paged KV with cached prefixes differs (sequential)");
-    assert_eq!(concurrent, want, "paged KV with cached prefixes differs (concurrent)");
-    assert!(paged.metric("neox_prefix_cache_hits_total") >= least);
-    drop(paged);
-
     // TP=2: the follower copies the same prefixes under the same ids (it checks every step's
     // start position against its own caches, so a missed copy fails the group).
-    let tp2 = start(&["--tp", "2"]);
-    let (sequential, concurrent) = rt().block_on(sequential_and_concurrent(&tp2, &ps, 16));
-    assert_eq!(sequential, want, "TP=2 with cached prefixes differs (sequential)");
-    assert_eq!(concurrent, want, "TP=2 with cached prefixes differs (concurrent)");
-    assert!(tp2.metric("neox_prefix_cache_hits_total") >= least);
+    for args in [["--kv-layout", "paged"], ["--tp", "2"]] {
+        let server = start(&args);
+        let (sequential, concurrent) = rt().block_on(sequential_and_concurrent(&server, &ps, 16));
+        assert_eq!(sequential, want, "{args:?} with cached prefixes differs (sequential)");
+        assert_eq!(concurrent, want, "{args:?} with cached prefixes differs (concurrent)");
+        assert!(
+            server.metric("neox_prefix_cache_hits_total") >= least,
+            "{args:?}: too few hits"
+        );
+    }
 }
 
 #[test]
@@ -461,9 +440,7 @@ fn cached_prefixes_give_way_to_requests_that_need_the_blocks() {
     let (on, (filled, got)) = run(&["--kv-cache-mib", "1"]);
     assert!(filled >= 4.0, "only {filled} blocks were cached before the big request");
     assert_eq!(got, want);
-    on.wait_metrics(Duration::from_secs(10), "no KV in use", |s| {
-        s.metric("neox_kv_cache_usage_ratio") == 0.0
-    });
+    on.wait_kv_freed();
 }
 
 /// A request that samples (seeded) with every filter and penalty, reporting logprobs.

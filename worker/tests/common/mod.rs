@@ -76,6 +76,19 @@ impl Goldens {
         assert!(!v.is_empty(), "no cases in golden.safetensors");
         v
     }
+
+    /// The longest case's prompt ids and HF logits (every position).
+    pub fn longest_case(&self) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let case = self
+            .cases()
+            .into_iter()
+            .max_by_key(|i| self.ids(&format!("case{i}.input_ids")).len())
+            .unwrap_or_default();
+        (
+            self.ids(&format!("case{case}.input_ids")),
+            self.f32_2d(&format!("case{case}.logits")),
+        )
+    }
 }
 
 pub fn load_model(spec: &str, dtype: DType) -> LoadedModel {

@@ -96,6 +96,14 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// Waits until no KV block is in use (cached prefixes aside): a stream's last message
+    /// arrives before the engine has retired its sequence.
+    pub fn wait_kv_freed(&self) {
+        self.wait_metrics(Duration::from_secs(10), "no KV in use", |s| {
+            s.metric("neox_kv_cache_usage_ratio") == 0.0
+        });
+    }
+
     /// Waits until `cond` holds on the metrics, or panics after `limit`.
     pub fn wait_metrics(&self, limit: Duration, what: &str, cond: impl Fn(&Server) -> bool) {
         let t0 = Instant::now();
