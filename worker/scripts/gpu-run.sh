@@ -63,6 +63,16 @@ wait "${pids[@]}"
 echo "seed 7: $alone"
 [ "$(cat /tmp/neox-gpu-sampled-7.txt)" = "$alone" ] || { echo "gpu-run: seed 7 batched differs from alone" >&2; exit 1; }
 [ "$(cat /tmp/neox-gpu-sampled-1.txt)" != "$alone" ] || { echo "gpu-run: seeds 1 and 7 gave the same text" >&2; exit 1; }
+echo "== prefix caching on the GPU: a repeated long prompt starts from its cached KV, same ids"
+long=$(python3 -c "import json; g=json.load(open('worker/assets/shakespeare-neox/golden.json')); print(''.join(p['prompt'] for p in g['prompts']))")
+served() { "$BIN/neox" --addr http://127.0.0.1:50091 generate "$long" --max-new-tokens 24 --ignore-eos --json |
+  python3 -c "import json,sys; print(json.load(sys.stdin)['token_ids'])"; }
+first=$(served)
+second=$(served)
+hits=$(python3 -c "import urllib.request as u; t=u.urlopen('http://127.0.0.1:9491/metrics').read().decode(); print(int(float([l.split()[1] for l in t.splitlines() if l.startswith('neox_prefix_cache_hits_total ')][0])))")
+echo "cached prompt tokens: $hits"
+[ "$first" = "$second" ] || { echo "gpu-run: the cached prompt changed the output: $first vs $second" >&2; exit 1; }
+[ "$hits" -gt 0 ] || { echo "gpu-run: the repeated prompt found nothing in the prefix cache" >&2; exit 1; }
 "$BIN/neox" --addr http://127.0.0.1:50091 info
 kill $SERVER; trap - EXIT
 if [ "${1:-}" = "--bench" ]; then

@@ -60,6 +60,26 @@ fn paged_kv_on_gpu_matches_hf_greedy() {
     );
 }
 
+/// Prefix caching's copy on the GPU: a paged cache forked from another (blocks copied inside
+/// the pool, the copied prefix ending inside a block) continues as HF computes the whole
+/// prompt, and does not see what the original is fed afterwards.
+#[test]
+fn a_forked_paged_cache_on_gpu_matches_hf() {
+    let g = Goldens::load();
+    let (ids, want) = g.longest_case();
+    let dir = fixture_dir().display().to_string();
+    let mut m = load_on_gpu(&dir, DType::F32).model;
+    m.use_paged_kv(64, 3).unwrap();
+    let split = ids.len() / 2 + 1;
+    let mut original = m.new_cache(1);
+    let mut got = feed(&m, &mut original, &ids[..split]);
+    let mut copy = original.fork(split, ids.len()).unwrap();
+    feed(&m, &mut original, &[7, 7, 7, 7]);
+    got.extend(feed(&m, &mut copy, &ids[split..]));
+    let d = max_abs_diff(&got, &want);
+    assert!(d <= 1e-3, "a forked paged cache on the GPU differs from HF by {d}");
+}
+
 /// fp16/bf16 compute: the same bounds as the CPU tests of those dtypes (hf_parity.rs), which
 /// come from the rounding of 10 (fp16) and 7 (bf16) mantissa bits through the fixture's layers.
 #[test]

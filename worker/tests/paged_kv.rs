@@ -92,22 +92,6 @@ fn pool_blocks_are_taken_as_needed_returned_on_drop_and_never_overcommitted() {
     assert_eq!(pool.free_blocks(), 4, "a dropped cache gives its blocks back");
 }
 
-/// Feeds `tokens` through `cache`, returning every position's logits.
-fn feed(
-    m: &neox_worker::model::GptNeoX,
-    cache: &mut neox_worker::model::SequenceCache,
-    tokens: &[u32],
-) -> Vec<Vec<f32>> {
-    let out = m
-        .forward(&mut [SeqStep {
-            tokens,
-            cache,
-            logits: LogitsWanted::All,
-        }])
-        .unwrap();
-    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
-}
-
 #[test]
 fn a_forked_cache_continues_like_the_original_in_both_layouts() {
     let g = Goldens::load();

@@ -158,15 +158,7 @@ pub fn csv(ids: &[u32]) -> String {
 
 /// Every position's logits of `ids` run as one prefill.
 pub fn all_logits(m: &neox_worker::model::GptNeoX, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = m.new_cache(ids.len());
-    let out = m
-        .forward(&mut [neox_worker::model::SeqStep {
-            tokens: ids,
-            cache: &mut cache,
-            logits: neox_worker::model::LogitsWanted::All,
-        }])
-        .unwrap();
-    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
+    feed(m, &mut m.new_cache(ids.len()), ids)
 }
 
 /// Every case's greedy continuation (with the KV cache) equals HF's, token for token.
@@ -193,21 +185,26 @@ pub fn golden_batch(g: &Goldens) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
     (prompts, g.ids2("batch.greedy"))
 }
 
+/// Feeds `tokens` through `cache` (after what it holds), returning every position's logits.
+pub fn feed(
+    m: &neox_worker::model::GptNeoX,
+    cache: &mut neox_worker::model::SequenceCache,
+    tokens: &[u32],
+) -> Vec<Vec<f32>> {
+    let out = m
+        .forward(&mut [neox_worker::model::SeqStep {
+            tokens,
+            cache,
+            logits: neox_worker::model::LogitsWanted::All,
+        }])
+        .unwrap();
+    out.into_iter().next().flatten().unwrap().to_vec2().unwrap()
+}
+
 /// Every position's logits of `ids` fed in chunks of `chunk` tokens through one cache.
 pub fn chunked_logits(m: &neox_worker::model::GptNeoX, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
     let mut cache = m.new_cache(1);
-    let mut got = Vec::new();
-    for c in ids.chunks(chunk) {
-        let out = m
-            .forward(&mut [neox_worker::model::SeqStep {
-                tokens: c,
-                cache: &mut cache,
-                logits: neox_worker::model::LogitsWanted::All,
-            }])
-            .unwrap();
-        got.extend(out.into_iter().next().flatten().unwrap().to_vec2::<f32>().unwrap());
-    }
-    got
+    ids.chunks(chunk).flat_map(|c| feed(m, &mut cache, c)).collect()
 }
 
 /// `neox-worker generate` on the fixture, greedy past EOS for `n` tokens after `ids`, with
