@@ -256,11 +256,17 @@ fn prefix_caching_reuses_a_shared_prompt_and_keeps_outputs_exact() {
     let (prefix, ps) = shared_prefix_prompts(6);
     let off = start(&["--prefix-caching", "false"]);
     let (want, _) = rt().block_on(sequential_and_concurrent(&off, &ps, 16));
+    let info = |s: &Server| rt().block_on(async { s.client().await.model_info(pb::ModelInfoRequest {}).await });
+    assert!(!info(&off).unwrap().into_inner().prefix_caching);
     assert_eq!(off.metric("neox_prefix_cache_hits_total"), 0.0);
     assert_eq!(off.metric("neox_prefix_cache_blocks"), 0.0);
     drop(off);
 
     let on = start(&[]);
+    assert!(
+        info(&on).unwrap().into_inner().prefix_caching,
+        "prefix caching is on by default"
+    );
     let (prefix_len, prompt_lens) = rt().block_on(async {
         let c = on.client().await;
         let count = |text: &str| {

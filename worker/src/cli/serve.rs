@@ -161,6 +161,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         eos_token_id: group.tokenizer.eos_token_id().unwrap_or(0),
         kv_block_size: a.kv_block_size as u32,
         kv_cache_blocks: blocks.total() as u32,
+        prefix_caching: a.prefix_caching,
     };
     let limits = Limits {
         max_total_tokens: max_total,

@@ -190,10 +190,11 @@ async fn run(cli: Cli) -> Result<()> {
                 i.max_batch_size, i.max_total_tokens, i.max_new_tokens, i.max_waiting_requests
             );
             println!(
-                "KV cache:          {} blocks of {} tokens per rank ({} tokens)",
+                "KV cache:          {} blocks of {} tokens per rank ({} tokens), prefix caching {}",
                 i.kv_cache_blocks,
                 i.kv_block_size,
-                u64::from(i.kv_cache_blocks) * u64::from(i.kv_block_size)
+                u64::from(i.kv_cache_blocks) * u64::from(i.kv_block_size),
+                if i.prefix_caching { "on" } else { "off" }
             );
         }
         Command::Health { service } => {
