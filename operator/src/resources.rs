@@ -210,6 +210,7 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         env("NEOX_COLLECTIVE_PORT", COLLECTIVE_PORT.to_string()),
         env("NEOX_MODEL", model_arg),
         env("NEOX_LOG", "info"),
+        env("NEOX_LOG_FORMAT", "json"),
     ];
     if gpus > 0 {
         // The device plugin exposes the pod's GPU as device 0; NCCL collectives follow from it.

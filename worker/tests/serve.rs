@@ -309,6 +309,12 @@ fn prefix_caching_reuses_a_shared_prompt_and_keeps_outputs_exact() {
         "a prompt-logprobs request used the cache"
     );
     assert_eq!(on.metric("neox_prefix_cache_queries_total"), queried);
+    // Usage tells the client how much of its prompt came from the cache.
+    let again = rt().block_on(async { on.client().await.generate(greedy(&ps[2], 2)).await });
+    let usage = again.unwrap().into_inner().usage.unwrap();
+    assert_eq!(usage.prompt_tokens as f64, prompt_lens[2]);
+    assert_eq!(usage.cached_prompt_tokens as f64, prompt_lens[2] - 1.0);
+    assert_eq!(scored.usage.unwrap().cached_prompt_tokens, 0);
     // Kept prefixes hold blocks, but are not "in use": the autoscaling signal stays honest.
     on.wait_kv_freed();
     assert!(on.metric("neox_prefix_cache_blocks") > 0.0);
@@ -418,6 +424,91 @@ fn a_waiting_request_keeps_the_prefix_it_will_start_from() {
             "the waiting request started from {hits} cached tokens, not the {p_len}-token prefix"
         );
     });
+}
+
+#[test]
+fn request_ids_are_echoed_and_logged_without_the_prompt() {
+    let server = start_env(&[], &[("NEOX_LOG", "info")]);
+    let secret = "HAMLET:\nmy-secret-prompt-text";
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let mut req = greedy(secret, 5);
+        req.request_id = "order-42/a".into();
+        let r = c.generate(req).await.unwrap().into_inner();
+        assert_eq!(r.request_id, "order-42/a");
+        // From the x-request-id header when the field is empty; made up when both are.
+        let mut req = tonic::Request::new(greedy(secret, 3));
+        req.metadata_mut()
+            .insert("x-request-id", "from-header".parse().unwrap());
+        let mut s = c.generate_stream(req).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(m) = s.message().await.unwrap() {
+            last = Some(m);
+        }
+        let last = last.unwrap();
+        assert_eq!(last.request_id, "from-header");
+        assert!(last.finish_reason.is_some());
+        let made_up = c.generate(greedy(secret, 1)).await.unwrap().into_inner().request_id;
+        assert_eq!(made_up.len(), 16, "{made_up:?}");
+        // An id that could break a log line is refused, naming the field.
+        let mut req = greedy(secret, 1);
+        req.request_id = "two\nlines".into();
+        let e = c.generate(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("request_id: "), "{}", e.message());
+        let mut req = greedy(secret, 1);
+        req.request_id = "bad-params".into();
+        req.parameters.as_mut().unwrap().temperature = Some(-1.0);
+        assert!(c.generate(req).await.is_err());
+    });
+    // Every request has one log line with its id, counts and timings, and never its text.
+    let log = server.wait_log("three requests' log lines", |log| {
+        log.matches("request ended").count() >= 3 && log.contains("request rejected")
+    });
+    let line = |id: &str| {
+        log.lines()
+            .find(|l| l.contains("request ended") && l.contains(&format!("request_id={id} ")))
+            .unwrap_or_else(|| panic!("no log line for {id}:\n{log}"))
+            .to_owned()
+    };
+    let first = line("order-42/a");
+    for field in [
+        "finish_reason=\"length\"",
+        "prompt_tokens=",
+        "generated_tokens=5",
+        "ttft_ms=",
+        "total_ms=",
+    ] {
+        assert!(first.contains(field), "{field} missing from {first}");
+    }
+    line("from-header");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request rejected") && l.contains("request_id=bad-params")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("my-secret-prompt-text"),
+        "the prompt reached the log:\n{log}"
+    );
+    drop(server);
+
+    // NEOX_LOG_FORMAT=json: one object a line, the request's fields as fields.
+    let server = start_env(&[], &[("NEOX_LOG", "info"), ("NEOX_LOG_FORMAT", "json")]);
+    rt().block_on(async {
+        let mut req = greedy(secret, 2);
+        req.request_id = "json-1".into();
+        server.client().await.generate(req).await.unwrap();
+    });
+    let log = server.wait_log("the request's log line", |log| log.contains("request ended"));
+    let ended: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "request ended")
+        .unwrap_or_else(|| panic!("no JSON line for the request:\n{log}"));
+    assert_eq!(ended["fields"]["request_id"], "json-1");
+    assert_eq!(ended["fields"]["generated_tokens"], 2);
+    assert_eq!(ended["level"], "INFO");
 }
 
 #[test]

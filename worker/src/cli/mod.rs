@@ -79,10 +79,7 @@ pub fn main() -> std::process::ExitCode {
         args.insert(1, "serve".into());
     }
     let cli = Cli::parse_from(args);
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NEOX_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let result = match cli.command {
         Command::Serve(a) => serve::serve(a),
         // The serving engine moves onto the compute threads itself.
@@ -98,5 +95,20 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr at `NEOX_LOG` (an env-filter, default `warn`); `NEOX_LOG_FORMAT=json` gives one
+/// JSON object a line for log collectors, else text, coloured only on a terminal.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NEOX_LOG").unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("NEOX_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }

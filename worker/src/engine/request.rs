@@ -20,6 +20,8 @@ pub struct StopCriteria {
 /// A validated generation request.
 #[derive(Debug)]
 pub struct Request {
+    /// The caller's (or a made-up) id, for logs.
+    pub id: String,
     pub prompt_ids: Vec<u32>,
     pub sampling: SamplingParams,
     pub stop: StopCriteria,
@@ -62,6 +64,8 @@ pub struct TokenInfo {
 pub struct Finish {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV was copied from the prefix cache.
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub queue_secs: f64,
     pub ttft_secs: f64,

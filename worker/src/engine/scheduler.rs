@@ -127,6 +127,8 @@ struct Seq {
     generated: Vec<u32>,
     /// Tokens whose KV is cached on every rank.
     computed: usize,
+    /// Prompt tokens whose KV was copied from the prefix cache when it was (last) admitted.
+    cached_prompt: usize,
     blocks: usize,
     sampler: Sampler,
     decoder: IncrementalDecoder,
@@ -141,6 +143,23 @@ struct Seq {
 impl Seq {
     fn prompt_len(&self) -> usize {
         self.req.prompt_ids.len()
+    }
+
+    /// The request's log line (ids, counts and timings; never its text).
+    fn log_end(&self, finish_reason: &str) {
+        let ms = |t: Instant| format!("{:.1}", (t - self.req.received).as_secs_f64() * 1e3);
+        let now = Instant::now();
+        tracing::info!(
+            request_id = %self.req.id,
+            finish_reason,
+            prompt_tokens = self.prompt_len(),
+            cached_prompt_tokens = self.cached_prompt,
+            generated_tokens = self.generated.len(),
+            queue_ms = %self.admitted_at.map_or_else(|| ms(now), ms),
+            ttft_ms = %self.first_token_at.map_or_else(|| "-".to_owned(), ms),
+            total_ms = %ms(now),
+            "request ended"
+        );
     }
 }
 
@@ -266,6 +285,7 @@ impl Engine {
             tokens: req.prompt_ids.clone(),
             generated: Vec::new(),
             computed: 0,
+            cached_prompt: 0,
             blocks: 0,
             sampler,
             decoder: IncrementalDecoder::new(),
@@ -297,6 +317,7 @@ impl Engine {
     fn retire(&mut self, s: &Seq, label: &str) -> Result<(), ModelError> {
         self.in_engine.fetch_sub(1, Ordering::SeqCst);
         self.metrics.requests.with_label_values(&[label]).inc();
+        s.log_end(label);
         if s.blocks == 0 {
             // Never admitted, or preempted: it holds no KV.
             return Ok(());
@@ -407,6 +428,7 @@ impl Engine {
             if queried {
                 self.metrics.prefix_cache_queries.inc_by(s.tokens.len() as u64);
             }
+            s.cached_prompt = hit.map_or(0, |h| h.tokens.min(s.prompt_len()));
             if let Some(h) = hit {
                 s.computed = h.tokens;
                 self.metrics.prefix_cache_hits.inc_by(h.tokens as u64);
@@ -726,6 +748,7 @@ impl Engine {
         let _ = s.req.events.send(Event::Finished(Finish {
             reason,
             prompt_tokens: s.prompt_len(),
+            cached_prompt_tokens: s.cached_prompt,
             generated_tokens: s.generated.len(),
             queue_secs: (admitted - s.req.received).as_secs_f64(),
             ttft_secs: s
@@ -748,6 +771,7 @@ impl Engine {
         }
         let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         for s in all {
+            s.log_end("error");
             let _ = s.req.events.send(Event::Failed(Failure::Unavailable(msg.clone())));
             self.in_engine.fetch_sub(1, Ordering::SeqCst);
             self.metrics.requests.with_label_values(&["error"]).inc();

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::validate::{deadline, validate, Limits};
+use super::validate::{deadline, request_id, validate, Limits};
 use crate::engine::{self, EngineHandle, Event, Failure, SubmitError};
 use crate::model::NeoXTokenizer;
 
@@ -56,12 +56,17 @@ fn failure_status(f: Failure) -> Status {
 }
 
 impl GenerationService {
-    fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<(UnboundedReceiver<Event>, Option<Instant>), Status> {
+    /// Validates and queues a request; returns its events, deadline and id.
+    fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
         let now = Instant::now();
         let dl = deadline(req.metadata(), now);
-        let v = validate(req.get_ref(), &self.tokenizer, &self.limits)?;
+        let id = request_id(&req.get_ref().request_id, req.metadata())?;
+        let v = validate(req.get_ref(), &self.tokenizer, &self.limits).inspect_err(|e| {
+            tracing::info!(request_id = %id, error = e.message(), "request rejected");
+        })?;
         let (tx, rx) = unbounded_channel();
         let r = engine::Request {
+            id: id.clone(),
             prompt_ids: v.prompt_ids,
             sampling: v.sampling,
             stop: v.stop,
@@ -71,16 +76,21 @@ impl GenerationService {
             received: now,
             events: tx,
         };
-        self.engine.submit(r).map_err(|e| match e {
-            SubmitError::QueueFull(n) => {
-                Status::resource_exhausted(format!("the waiting queue is full ({n} requests); retry later"))
-            }
-            SubmitError::Unavailable(m) => Status::unavailable(m),
-            SubmitError::TooLarge(m) => Status::invalid_argument(format!("parameters.max_new_tokens: {m}")),
-        })?;
-        Ok((rx, dl))
+        self.engine
+            .submit(r)
+            .map_err(|e| match e {
+                SubmitError::QueueFull(n) => {
+                    Status::resource_exhausted(format!("the waiting queue is full ({n} requests); retry later"))
+                }
+                SubmitError::Unavailable(m) => Status::unavailable(m),
+                SubmitError::TooLarge(m) => Status::invalid_argument(format!("parameters.max_new_tokens: {m}")),
+            })
+            .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request refused"))?;
+        Ok((rx, dl, id))
     }
 }
+
+type Submitted = (UnboundedReceiver<Event>, Option<Instant>, String);
 
 type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send + 'static>>;
 
@@ -89,6 +99,7 @@ fn usage(f: &engine::Finish) -> (pb::Usage, pb::Timings) {
         pb::Usage {
             prompt_tokens: f.prompt_tokens as u32,
             generated_tokens: f.generated_tokens as u32,
+            cached_prompt_tokens: f.cached_prompt_tokens as u32,
         },
         pb::Timings {
             queue_seconds: f.queue_secs,
@@ -101,8 +112,11 @@ fn usage(f: &engine::Finish) -> (pb::Usage, pb::Timings) {
 #[tonic::async_trait]
 impl TextGeneration for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (mut rx, dl) = self.submit(req)?;
-        let mut out = pb::GenerateResponse::default();
+        let (mut rx, dl, request_id) = self.submit(req)?;
+        let mut out = pb::GenerateResponse {
+            request_id,
+            ..Default::default()
+        };
         loop {
             let ev = match dl {
                 Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
@@ -135,7 +149,7 @@ impl TextGeneration for GenerationService {
     type GenerateStreamStream = GenStream;
 
     async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
-        let (mut rx, _) = self.submit(req)?;
+        let (mut rx, _, request_id) = self.submit(req)?;
         let stream = async_stream_from(move |yield_tx| async move {
             let mut prompt_tokens = Vec::new();
             loop {
@@ -162,6 +176,7 @@ impl TextGeneration for GenerationService {
                             finish_reason: Some(finish_pb(f.reason) as i32),
                             usage: Some(u),
                             timings: Some(t),
+                            request_id,
                             ..Default::default()
                         };
                         let _ = yield_tx.send(Ok(last)).await;

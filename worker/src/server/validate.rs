@@ -214,3 +214,53 @@ pub fn deadline(meta: &tonic::metadata::MetadataMap, now: Instant) -> Option<Ins
     let margin = (d / 10).min(std::time::Duration::from_millis(10));
     now.checked_add(d - margin)
 }
+
+/// Longest request id accepted.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The request's id: the `request_id` field, else the `x-request-id` header, else a made-up
+/// one. Printable ASCII without spaces only, so it can never forge or break a log line.
+pub fn request_id(field: &str, meta: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+    let (id, source) = if field.is_empty() {
+        match meta.get("x-request-id").map(|v| v.to_str()) {
+            None => return Ok(format!("{:016x}", rand::random::<u64>())),
+            Some(Ok(v)) => (v, "x-request-id header"),
+            Some(Err(_)) => return Err(bad("x-request-id header", "must be printable ASCII")),
+        }
+    } else {
+        (field, "request_id")
+    };
+    if id.is_empty() || id.len() > MAX_REQUEST_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(
+            source,
+            format!("must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces"),
+        ));
+    }
+    Ok(id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataMap;
+
+    #[test]
+    fn request_ids_come_from_the_field_the_header_or_are_made_up() {
+        let mut meta = MetadataMap::new();
+        assert_eq!(request_id("order-42/a", &meta).unwrap(), "order-42/a");
+        let made_up = request_id("", &meta).unwrap();
+        assert_eq!(made_up.len(), 16);
+        assert_ne!(made_up, request_id("", &meta).unwrap());
+        meta.insert("x-request-id", "from-header".parse().unwrap());
+        assert_eq!(request_id("", &meta).unwrap(), "from-header");
+        assert_eq!(request_id("field-wins", &meta).unwrap(), "field-wins");
+        for bad in ["a b", "line\nbreak", "ünï", &"x".repeat(129)] {
+            let e = request_id(bad, &meta).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with("request_id: "), "{}", e.message());
+        }
+        meta.insert("x-request-id", " ".parse().unwrap());
+        let e = request_id("", &meta).unwrap_err();
+        assert!(e.message().starts_with("x-request-id header: "), "{}", e.message());
+    }
+}

@@ -104,6 +104,22 @@ impl Server {
         });
     }
 
+    /// Waits until `cond` holds on the server's stderr so far, which it returns.
+    pub fn wait_log(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let log = self.stderr.lock().unwrap().clone();
+            if cond(&log) {
+                return log;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     /// Waits until `cond` holds on the metrics, or panics after `limit`.
     pub fn wait_metrics(&self, limit: Duration, what: &str, cond: impl Fn(&Server) -> bool) {
         let t0 = Instant::now();
