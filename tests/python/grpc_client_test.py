@@ -76,6 +76,21 @@ class Api(unittest.TestCase):
             self.assertEqual(r.usage.prompt_tokens, len(p["input_ids"]))
             self.assertEqual(r.usage.generated_tokens, len(p["output_ids"]))
 
+    def test_a_cached_prefix_continues_as_hf_and_ids_are_echoed(self):
+        p = GOLD["prompts"][2]
+        ids, out = p["input_ids"], p["output_ids"]
+        # The first run's KV stays in the prefix cache; the second prompt is that prompt plus
+        # HF's first 20 greedy tokens, so HF's greedy continuation is its last 20.
+        STUB.Generate(greedy(p["prompt"], len(out)))
+        req = pb.GenerateRequest(prompt_ids=ids + out[:20], request_id="py-cache-1",
+                                 parameters=pb.GenerationParameters(max_new_tokens=20, ignore_eos=True))
+        r = STUB.Generate(req)
+        self.assertEqual(list(r.token_ids), out[20:40])
+        self.assertEqual(r.usage.cached_prompt_tokens, len(ids) + 20 - 1)
+        self.assertEqual(r.request_id, "py-cache-1")
+        r, _ = STUB.Generate.with_call(greedy(p["prompt"], 1), metadata=(("x-request-id", "py-header"),))
+        self.assertEqual(r.request_id, "py-header")
+
     def test_stream_deltas_add_up_and_end_with_finish(self):
         p = GOLD["prompts"][1]
         msgs = list(STUB.GenerateStream(greedy(p["prompt"], 40)))
