@@ -161,9 +161,15 @@ class Api(unittest.TestCase):
                                             grpc.StatusCode.INVALID_ARGUMENT))
 
     def test_deadline_exceeded(self):
+        before = metric("neox_requests_total", '{finish_reason="deadline_exceeded"}')
         with self.assertRaises(grpc.RpcError) as cm:
             STUB.Generate(greedy("ROMEO:\n", 400), timeout=0.05)
         self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        # The server counts it as what it was, not as a client that went away.
+        deadline = time.time() + 10
+        while metric("neox_requests_total", '{finish_reason="deadline_exceeded"}') < before + 1:
+            self.assertLess(time.time(), deadline, "the expired request was not counted as deadline_exceeded")
+            time.sleep(0.05)
 
     def test_cancelled_stream_leaves_the_batch(self):
         before = metric("neox_requests_total", '{finish_reason="cancelled"}')

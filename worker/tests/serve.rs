@@ -508,6 +508,9 @@ fn request_ids_are_echoed_and_logged_without_the_prompt() {
         .unwrap_or_else(|| panic!("no JSON line for the request:\n{log}"));
     assert_eq!(ended["fields"]["request_id"], "json-1");
     assert_eq!(ended["fields"]["generated_tokens"], 2);
+    for timing in ["queue_ms", "ttft_ms", "total_ms"] {
+        assert!(ended["fields"][timing].is_number(), "{timing} is not a number: {ended}");
+    }
     assert_eq!(ended["level"], "INFO");
 }
 

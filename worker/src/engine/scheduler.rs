@@ -145,21 +145,35 @@ impl Seq {
         self.req.prompt_ids.len()
     }
 
-    /// The request's log line (ids, counts and timings; never its text).
+    /// The request's log line (ids, counts and timings in ms as numbers; never its text).
     fn log_end(&self, finish_reason: &str) {
-        let ms = |t: Instant| format!("{:.1}", (t - self.req.received).as_secs_f64() * 1e3);
+        let since = |t: Instant| ((t - self.req.received).as_secs_f64() * 1e4).round() / 10.0;
         let now = Instant::now();
-        tracing::info!(
-            request_id = %self.req.id,
-            finish_reason,
-            prompt_tokens = self.prompt_len(),
-            cached_prompt_tokens = self.cached_prompt,
-            generated_tokens = self.generated.len(),
-            queue_ms = %self.admitted_at.map_or_else(|| ms(now), ms),
-            ttft_ms = %self.first_token_at.map_or_else(|| "-".to_owned(), ms),
-            total_ms = %ms(now),
-            "request ended"
-        );
+        let queue_ms = since(self.admitted_at.unwrap_or(now));
+        let total_ms = since(now);
+        // ttft_ms only when a token came.
+        macro_rules! ended {
+            ($($ttft:tt)*) => {
+                tracing::info!(
+                    request_id = %self.req.id,
+                    finish_reason,
+                    prompt_tokens = self.prompt_len(),
+                    cached_prompt_tokens = self.cached_prompt,
+                    generated_tokens = self.generated.len(),
+                    queue_ms,
+                    $($ttft)*
+                    total_ms,
+                    "request ended"
+                )
+            };
+        }
+        match self.first_token_at {
+            Some(t) => {
+                let ttft_ms = since(t);
+                ended!(ttft_ms,)
+            }
+            None => ended!(),
+        }
     }
 }
 
@@ -371,11 +385,13 @@ impl Engine {
             };
             let mut keep = Vec::with_capacity(list.len());
             for s in list {
-                let label = if s.req.events.is_closed() {
-                    Some("cancelled")
-                } else if s.req.deadline.is_some_and(|d| now >= d) {
+                // The deadline first: a unary call's own timer may have dropped the receiver
+                // at the same moment.
+                let label = if s.req.deadline.is_some_and(|d| now >= d) {
                     let _ = s.req.events.send(Event::Failed(Failure::DeadlineExceeded));
                     Some("deadline_exceeded")
+                } else if s.req.events.is_closed() {
+                    Some("cancelled")
                 } else {
                     None
                 };
@@ -493,16 +509,19 @@ impl Engine {
             let Some(j) = victim else { return Ok(false) };
             let mut v = self.running.remove(j);
             self.blocks.give_back(v.blocks);
-            self.runner.release(&[v.id])?;
+            let id = v.id;
             v.blocks = 0;
             v.computed = 0;
+            v.cached_prompt = 0;
             // Its prompt is scored again from the start.
             if !v.prompt_lp_sent {
                 v.prompt_lp.clear();
             }
             self.metrics.preemptions.inc();
-            tracing::debug!(seq = v.id, "preempted for lack of KV blocks");
+            tracing::debug!(seq = id, "preempted for lack of KV blocks");
+            // Queued before its KV goes, so a failure to free it still reaches its client.
             self.waiting.push_front(v);
+            self.runner.release(&[id])?;
             if j < i {
                 i -= 1;
             }
@@ -769,17 +788,16 @@ impl Engine {
         for e in self.prefix.as_mut().map(PrefixCache::clear).unwrap_or_default() {
             self.blocks.give_back(e.blocks);
         }
+        // What is still in the channel fails like the rest (and is logged and counted).
+        while let Ok(r) = self.rx.try_recv() {
+            self.enqueue(r);
+        }
         let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         for s in all {
             s.log_end("error");
             let _ = s.req.events.send(Event::Failed(Failure::Unavailable(msg.clone())));
             self.in_engine.fetch_sub(1, Ordering::SeqCst);
             self.metrics.requests.with_label_values(&["error"]).inc();
-        }
-        // Refuse whatever is still queued in the channel.
-        while let Ok(r) = self.rx.try_recv() {
-            let _ = r.events.send(Event::Failed(Failure::Unavailable(msg.clone())));
-            self.in_engine.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

@@ -60,7 +60,8 @@ impl GenerationService {
     fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
         let now = Instant::now();
         let dl = deadline(req.metadata(), now);
-        let id = request_id(&req.get_ref().request_id, req.metadata())?;
+        let id = request_id(&req.get_ref().request_id, req.metadata())
+            .inspect_err(|e| tracing::info!(error = e.message(), "request rejected"))?;
         let v = validate(req.get_ref(), &self.tokenizer, &self.limits).inspect_err(|e| {
             tracing::info!(request_id = %id, error = e.message(), "request rejected");
         })?;
@@ -88,6 +89,10 @@ impl GenerationService {
             .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request refused"))?;
         Ok((rx, dl, id))
     }
+}
+
+fn engine_stopped() -> Status {
+    Status::unavailable("the engine stopped before the request finished")
 }
 
 type Submitted = (UnboundedReceiver<Event>, Option<Instant>, String);
@@ -143,7 +148,8 @@ impl TextGeneration for GenerationService {
                 Event::Failed(f) => return Err(failure_status(f)),
             }
         }
-        Err(Status::unavailable("the engine stopped before the request finished"))
+        tracing::warn!(request_id = %out.request_id, "the engine stopped before the request finished");
+        Err(engine_stopped())
     }
 
     type GenerateStreamStream = GenStream;
@@ -158,7 +164,12 @@ impl TextGeneration for GenerationService {
                     ev = rx.recv() => ev,
                     _ = yield_tx.closed() => return,
                 };
-                let Some(ev) = ev else { return };
+                let Some(ev) = ev else {
+                    // The engine went away without a last word: never a clean end of stream.
+                    tracing::warn!(request_id = %request_id, "the engine stopped before the request finished");
+                    let _ = yield_tx.send(Err(engine_stopped())).await;
+                    return;
+                };
                 let msg = match ev {
                     Event::PromptTokens(t) => {
                         prompt_tokens = t.iter().map(token_pb).collect();
