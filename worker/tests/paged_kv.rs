@@ -104,23 +104,29 @@ fn a_forked_cache_continues_like_the_original_in_both_layouts() {
             "paged" => paged(64, 3),
             _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
         };
-        let free = m.kv_pool().map(|p| p.free_blocks());
+        let pool_free = || m.kv_pool().map(|p| p.free_blocks());
+        let free = pool_free();
         let mut original = m.new_cache(1);
         let mut got = feed(&m, &mut original, &ids[..split]);
+        let before = pool_free();
         let mut copy = original.fork(split, ids.len()).unwrap();
         assert_eq!(copy.len(), split);
+        // Paged: the full blocks are shared, only the partial last one is copied.
+        assert_eq!(before.zip(pool_free()).map(|(b, a)| b - a), free.map(|_| 1), "{layout}");
         // The original goes on with other tokens: the copy must not see them.
         feed(&m, &mut original, &[7, 7, 7, 7]);
+        // A shorter copy of the original (whose later tokens changed) is still its prefix.
+        let mut short = original.fork(2, 0).unwrap();
+        let err = original.fork(split + 5, 0).err().unwrap();
+        assert!(err.to_string().contains("cannot fork"), "{err}");
+        // The copies outlive the original: shared blocks stay while anyone holds them.
+        drop(original);
         got.extend(feed(&m, &mut copy, &ids[split..]));
         let d = max_abs_diff(&got, &want);
         assert!(d <= TOL, "{layout}: a forked cache's logits differ from HF by {d}");
-        // A shorter copy of the original (whose later tokens changed) is still its prefix.
-        let mut short = original.fork(2, 0).unwrap();
         let d = max_abs_diff(&feed(&m, &mut short, &ids[2..]), &want[2..]);
         assert!(d <= TOL, "{layout}: a 2-token fork differs from HF by {d}");
-        let err = original.fork(split + 5, 0).err().unwrap();
-        assert!(err.to_string().contains("cannot fork"), "{err}");
-        drop((original, copy, short));
+        drop((copy, short));
         assert_eq!(
             m.kv_pool().map(|p| p.free_blocks()),
             free,

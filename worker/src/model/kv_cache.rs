@@ -73,10 +73,11 @@ impl SequenceCache {
         self.reserve = reserve.max(1);
     }
 
-    /// A new cache holding a copy of this one's first `tokens` tokens, expecting about
-    /// `reserve` tokens in total: a new sequence that starts with a cached prefix skips
-    /// recomputing it (prefix caching). The copy is exact, so the new sequence's logits are the
-    /// ones it would have had computing the prefix itself, up to the prefill's chunking.
+    /// A new cache holding this one's first `tokens` tokens, expecting about `reserve` tokens in
+    /// total: a new sequence that starts with a cached prefix skips recomputing it (prefix
+    /// caching). Per-sequence buffers are copied; paged caches share the prefix's full blocks
+    /// and copy only a partial last one. Either way the new sequence's logits are the ones it
+    /// would have had computing the prefix itself, up to the prefill's chunking.
     pub fn fork(&self, tokens: usize, reserve: usize) -> Result<SequenceCache, ModelError> {
         if tokens > self.len {
             return Err(ModelError::Input(format!(
@@ -85,9 +86,7 @@ impl SequenceCache {
             )));
         }
         if let Some(src) = &self.paged {
-            let mut blocks = src.sibling();
-            blocks.ensure(tokens)?;
-            src.copy_prefix_to(&blocks, tokens)?;
+            let blocks = src.fork(tokens)?;
             return Ok(Self {
                 layers: Vec::new(),
                 paged: Some(blocks),

@@ -18,7 +18,14 @@ pub struct KvPool {
     blocks: usize,
     /// Per layer: K and V arenas, `[heads, blocks · block_size, head_dim]`.
     layers: Vec<(Tensor, Tensor)>,
-    free: Mutex<Vec<u32>>,
+    owners: Mutex<Owners>,
+}
+
+/// Which blocks are free, and how many sequences hold each block: a forked sequence shares its
+/// source's full prefix blocks (nobody writes into a full block below their lengths).
+struct Owners {
+    free: Vec<u32>,
+    holders: Vec<u32>,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -63,7 +70,10 @@ impl KvPool {
             block_size: shape.block_size,
             blocks: shape.blocks,
             layers,
-            free: Mutex::new(free),
+            owners: Mutex::new(Owners {
+                free,
+                holders: vec![0; shape.blocks],
+            }),
         }))
     }
 
@@ -72,7 +82,7 @@ impl KvPool {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.free.lock().map(|f| f.len()).unwrap_or(0)
+        self.owners.lock().map(|o| o.free.len()).unwrap_or(0)
     }
 
     /// The K and V arenas of `layer`.
@@ -90,25 +100,48 @@ impl KvPool {
             .sum()
     }
 
-    fn take(&self, n: usize) -> Result<Vec<u32>, ModelError> {
-        let mut free = self
-            .free
+    fn owners(&self) -> Result<std::sync::MutexGuard<'_, Owners>, ModelError> {
+        self.owners
             .lock()
-            .map_err(|_| ModelError::Internal("KV pool lock poisoned".into()))?;
-        if free.len() < n {
+            .map_err(|_| ModelError::Internal("KV pool lock poisoned".into()))
+    }
+
+    fn take(&self, n: usize) -> Result<Vec<u32>, ModelError> {
+        let mut o = self.owners()?;
+        if o.free.len() < n {
             return Err(ModelError::Internal(format!(
                 "KV pool exhausted: {n} blocks wanted, {} of {} free",
-                free.len(),
+                o.free.len(),
                 self.blocks
             )));
         }
-        let at = free.len() - n;
-        Ok(free.split_off(at))
+        let at = o.free.len() - n;
+        let taken = o.free.split_off(at);
+        for &b in &taken {
+            o.holders[b as usize] = 1;
+        }
+        Ok(taken)
     }
 
+    /// One more holder for each of `blocks`.
+    fn share(&self, blocks: &[u32]) -> Result<(), ModelError> {
+        let mut o = self.owners()?;
+        for &b in blocks {
+            o.holders[b as usize] += 1;
+        }
+        Ok(())
+    }
+
+    /// One holder less for each of `blocks`; those nobody holds are free again.
     fn give_back(&self, blocks: &mut Vec<u32>) {
-        if let Ok(mut free) = self.free.lock() {
-            free.append(blocks);
+        if let Ok(mut o) = self.owners.lock() {
+            for b in blocks.drain(..) {
+                let h = &mut o.holders[b as usize];
+                *h = h.saturating_sub(1);
+                if *h == 0 {
+                    o.free.push(b);
+                }
+            }
         }
     }
 }
@@ -143,27 +176,46 @@ impl PagedBlocks {
         range.map(move |t| self.blocks[t / bs] * bs as u32 + (t % bs) as u32)
     }
 
-    /// Empty blocks of the same pool.
-    pub fn sibling(&self) -> Self {
-        Self::new(self.pool.clone())
+    /// Blocks holding this sequence's first `tokens` tokens for a new sequence: the full
+    /// blocks are shared (held by both, freed when both let go), the partial last one is
+    /// copied into a block of its own, since both sequences write after it.
+    pub fn fork(&self, tokens: usize) -> Result<Self, ModelError> {
+        let bs = self.pool.block_size;
+        if tokens > self.blocks.len() * bs {
+            return Err(ModelError::Internal(format!(
+                "forking {tokens} tokens from a cache of {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let full = tokens / bs;
+        let shared = self.blocks[..full].to_vec();
+        self.pool.share(&shared)?;
+        let mut new = Self {
+            pool: self.pool.clone(),
+            blocks: shared,
+        };
+        new.ensure(tokens)?;
+        self.copy_to(&new, full * bs..tokens)?;
+        Ok(new)
     }
 
-    /// Copies the K and V of this sequence's first `tokens` tokens into `dst`'s, every layer:
-    /// one gather and one scatter per arena.
-    pub fn copy_prefix_to(&self, dst: &PagedBlocks, tokens: usize) -> Result<(), ModelError> {
+    /// Copies the K and V of this sequence's tokens `range` into the same positions of
+    /// `dst`'s, every layer: one gather and one scatter per arena.
+    fn copy_to(&self, dst: &PagedBlocks, range: std::ops::Range<usize>) -> Result<(), ModelError> {
+        let tokens = range.len();
         if tokens == 0 {
             return Ok(());
         }
         let bs = self.pool.block_size;
-        if tokens > self.blocks.len() * bs || tokens > dst.blocks.len() * bs {
+        if range.end > self.blocks.len() * bs || range.end > dst.blocks.len() * bs {
             return Err(ModelError::Internal(format!(
-                "copying {tokens} tokens between caches of {} and {} blocks",
+                "copying tokens {range:?} between caches of {} and {} blocks",
                 self.blocks.len(),
                 dst.blocks.len()
             )));
         }
-        let from: Vec<u32> = self.positions(0..tokens).collect();
-        let to: Vec<u32> = dst.positions(0..tokens).collect();
+        let from: Vec<u32> = self.positions(range.clone()).collect();
+        let to: Vec<u32> = dst.positions(range).collect();
         let Some((first, _)) = self.pool.layers.first() else {
             return Ok(());
         };
