@@ -515,6 +515,70 @@ fn request_ids_are_echoed_and_logged_without_the_prompt() {
 }
 
 #[test]
+fn paged_forks_share_prefix_blocks_so_more_requests_fit() {
+    // 8 blocks of 32 tokens per rank (1 MiB at TP=2). A finished request leaves a 128-token
+    // prefix (4 blocks) in the cache; four requests that extend it each need 5 blocks. Paged
+    // caches share the prefix's full blocks: three run at once (4 shared + 1 own each).
+    // Per-sequence caches copy it: one at a time. The outputs are the same.
+    let prefix: Vec<u32> = (0..128u32).map(|i| 100 + i * 7 % 1900).collect();
+    let ids = |tail: &[u32]| [prefix.as_slice(), tail].concat();
+    let req = |tail: &[u32], n: u32| pb::GenerateRequest {
+        prompt_ids: ids(tail),
+        parameters: Some(pb::GenerationParameters {
+            max_new_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let run = |layout: &str| {
+        let args = [
+            "--tp",
+            "2",
+            "--kv-cache-mib",
+            "1",
+            "--kv-block-size",
+            "32",
+            "--kv-layout",
+            layout,
+        ];
+        // Slow steps (5 ms), so the four requests arrive while the first still runs.
+        let server = start_env(&args, &[("NEOX_DEBUG_STEP_DELAY_MS", "5")]);
+        let outs = rt().block_on(async {
+            let mut c = server.client().await;
+            c.generate(req(&[5, 6, 7, 8], 4)).await.unwrap();
+            let tasks: Vec<_> = (0..4u32)
+                .map(|i| {
+                    let mut c = c.clone();
+                    let r = req(&[9 + i, 10 + i, 11 + i, 12 + i], 8);
+                    tokio::spawn(async move { c.generate(r).await.map(|r| r.into_inner().token_ids) })
+                })
+                .collect();
+            let mut outs = Vec::new();
+            for t in tasks {
+                outs.push(t.await.unwrap().unwrap());
+            }
+            outs
+        });
+        let at_most_two = server.metric("neox_batch_size_bucket{le=\"2\"}");
+        let steps = server.metric("neox_batch_size_count");
+        (outs, steps - at_most_two, server.metric("neox_preemptions_total"))
+    };
+    let (copied, copied_big_steps, _) = run("per-sequence");
+    let (shared, shared_big_steps, preempted) = run("paged");
+    assert_eq!(shared, copied);
+    assert_eq!(
+        copied_big_steps, 0.0,
+        "copied prefixes left room for 3 requests at once"
+    );
+    assert!(
+        shared_big_steps > 0.0,
+        "shared prefix blocks never let 3 requests run at once"
+    );
+    assert_eq!(preempted, 0.0);
+}
+
+#[test]
 fn cached_prefixes_give_way_to_requests_that_need_the_blocks() {
     // 1 MiB of KV holds 128 tokens (8 blocks). Finished requests fill it with cached
     // prefixes; a request that needs nearly every block must evict them, not wait or preempt:

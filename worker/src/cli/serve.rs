@@ -173,6 +173,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_top_n_tokens: 5,
         vocab_size: model.sampleable_vocab(),
     };
+    let paged = a.kv_layout.paged_on(runner.model().device());
     let config = EngineConfig {
         max_batch_size: a.max_batch_size,
         max_tokens_per_step: a.max_tokens_per_step,
@@ -182,8 +183,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_blocks: blocks.total(),
         sampling: a.sampling,
         prefix_caching: a.prefix_caching,
+        forks_share_blocks: paged,
     };
-    let paged = a.kv_layout.paged_on(runner.model().device());
     if paged {
         // The whole budget up front, on every rank: the engine's block accounting is exact.
         runner

@@ -11,13 +11,15 @@
 //! The engine owns this table alone, so every rank keeps, forks and drops the same caches in
 //! the same order, driven by the leader's plan.
 
+use super::blocks::Holding;
+
 /// A finished sequence whose KV is kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Entry {
     /// The sequence id its caches live under on every rank.
     pub id: u64,
     /// KV blocks it holds in the engine's budget.
-    pub blocks: usize,
+    pub hold: Holding,
     tokens: Vec<u32>,
     last_used: u64,
 }
@@ -48,14 +50,22 @@ impl PrefixCache {
         }
     }
 
-    /// KV blocks held by entries.
-    pub fn blocks(&self) -> usize {
-        self.entries.iter().map(|e| e.blocks).sum()
+    /// The blocks of the entry `id`, if it is one.
+    pub fn holding(&self, id: u64) -> Option<&Holding> {
+        self.entries.iter().find(|e| e.id == id).map(|e| &e.hold)
     }
 
-    /// KV blocks held by entries other than `id`.
-    pub fn blocks_except(&self, id: Option<u64>) -> usize {
-        self.entries.iter().filter(|e| Some(e.id) != id).map(|e| e.blocks).sum()
+    /// The blocks of the entry `id`, if it is one.
+    pub fn holding_mut(&mut self, id: u64) -> Option<&mut Holding> {
+        self.entries.iter_mut().find(|e| e.id == id).map(|e| &mut e.hold)
+    }
+
+    /// Every entry's blocks, but `except`'s.
+    pub fn holdings(&self, except: Option<u64>) -> impl Iterator<Item = &Holding> + '_ {
+        self.entries
+            .iter()
+            .filter(move |e| Some(e.id) != except)
+            .map(|e| &e.hold)
     }
 
     pub fn len(&self) -> usize {
@@ -107,14 +117,14 @@ impl PrefixCache {
         }
     }
 
-    /// Keeps the KV of the finished sequence `id` (`tokens` cached, in `blocks` blocks).
+    /// Keeps the KV of the finished sequence `id` (`tokens` cached, in `hold`'s blocks).
     /// Returns what to free now: entries the new one contains, or the sequence itself when an
     /// entry already contains it or it is too short to be worth keeping.
-    pub fn insert(&mut self, id: u64, tokens: Vec<u32>, blocks: usize) -> Vec<Entry> {
+    pub fn insert(&mut self, id: u64, tokens: Vec<u32>, hold: Holding) -> Vec<Entry> {
         let now = self.tick();
         let new = Entry {
             id,
-            blocks,
+            hold,
             tokens,
             last_used: now,
         };
@@ -171,8 +181,8 @@ mod tests {
     #[test]
     fn lookup_takes_the_longest_prefix_and_leaves_the_last_token() {
         let mut c = PrefixCache::new(2);
-        assert!(c.insert(1, vec![1, 2, 3, 4], 1).is_empty());
-        assert!(c.insert(2, vec![1, 2, 9, 9, 9], 2).is_empty());
+        assert!(c.insert(1, vec![1, 2, 3, 4], Holding::own(1)).is_empty());
+        assert!(c.insert(2, vec![1, 2, 9, 9, 9], Holding::own(2)).is_empty());
         assert_eq!(c.lookup(&[1, 2, 3, 4, 5], []), Some(Hit { id: 1, tokens: 4 }));
         // The whole prompt is cached: its last token is still computed, for its logits.
         assert_eq!(c.lookup(&[1, 2, 3, 4], []), Some(Hit { id: 1, tokens: 3 }));
@@ -181,15 +191,15 @@ mod tests {
         assert_eq!(c.lookup(&[1, 7, 7], []), None);
         assert_eq!(c.lookup(&[5, 2, 3, 4, 5], []), None);
         assert_eq!(c.lookup(&[1, 2], []), None);
-        assert_eq!(c.blocks(), 3);
-        assert_eq!(c.blocks_except(Some(2)), 1);
-        assert_eq!(c.blocks_except(Some(9)), 3);
+        assert_eq!(crate::engine::blocks::held_blocks(c.holdings(None)), 3);
+        assert_eq!(crate::engine::blocks::held_blocks(c.holdings(Some(2))), 1);
+        assert!(c.holding_mut(2).is_some_and(|h| h.own == 2));
     }
 
     #[test]
     fn running_sequences_are_sources_too_when_they_share_more() {
         let mut c = PrefixCache::new(2);
-        c.insert(1, vec![1, 2, 3], 1);
+        c.insert(1, vec![1, 2, 3], Holding::own(1));
         let live: [(u64, &[u32]); 2] = [(7, &[1, 2, 3, 4, 5]), (8, &[9, 9, 9])];
         assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6], live), Some(Hit { id: 7, tokens: 5 }));
         // Equal lengths: the entry (its KV will not move on).
@@ -201,30 +211,30 @@ mod tests {
     #[test]
     fn insert_keeps_only_the_longest_of_nested_prefixes() {
         let mut c = PrefixCache::new(1);
-        assert!(c.insert(1, vec![1, 2], 1).is_empty());
+        assert!(c.insert(1, vec![1, 2], Holding::own(1)).is_empty());
         // 3 contains 1: 1 goes.
-        assert_eq!(ids(&c.insert(3, vec![1, 2, 3], 1)), vec![1]);
+        assert_eq!(ids(&c.insert(3, vec![1, 2, 3], Holding::own(1))), vec![1]);
         // 4 is contained in 3: 4 itself goes back.
-        assert_eq!(ids(&c.insert(4, vec![1, 2], 1)), vec![4]);
+        assert_eq!(ids(&c.insert(4, vec![1, 2], Holding::own(1))), vec![4]);
         assert_eq!(c.len(), 1);
         // Too short for the cache: handed straight back.
         let mut c = PrefixCache::new(4);
-        assert_eq!(ids(&c.insert(5, vec![1, 2, 3], 1)), vec![5]);
+        assert_eq!(ids(&c.insert(5, vec![1, 2, 3], Holding::own(1))), vec![5]);
         assert!(c.is_empty());
     }
 
     #[test]
     fn eviction_is_least_recently_used_and_spares_the_kept_entry() {
         let mut c = PrefixCache::new(1);
-        c.insert(1, vec![1, 1], 1);
-        c.insert(2, vec![2, 2], 1);
-        c.insert(3, vec![3, 3], 1);
+        c.insert(1, vec![1, 1], Holding::own(1));
+        c.insert(2, vec![2, 2], Holding::own(1));
+        c.insert(3, vec![3, 3], Holding::own(1));
         // Using 1 makes 2 the oldest.
         assert_eq!(c.lookup(&[1, 1, 5], []).map(|h| h.id), Some(1));
         assert_eq!(c.evict(None).map(|e| e.id), Some(2));
         assert_eq!(c.evict(Some(3)).map(|e| e.id), Some(1));
-        assert_eq!(c.evict(Some(3)), None);
+        assert!(c.evict(Some(3)).is_none());
         assert_eq!(ids(&c.clear()), vec![3]);
-        assert_eq!(c.evict(None), None);
+        assert!(c.evict(None).is_none());
     }
 }

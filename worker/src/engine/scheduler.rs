@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::model::{IncrementalDecoder, LogitsWanted, ModelError, NeoXTokenizer};
 use crate::shard::{SeqPlan, StepRunner};
 
-use super::blocks::BlockManager;
+use super::blocks::{held_blocks, BlockManager, Holding};
 use super::prefix_cache::{Entry, Hit, PrefixCache};
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
 use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
@@ -47,6 +47,9 @@ pub struct EngineConfig {
     /// Keep finished sequences' KV while blocks are free and start prompts that share their
     /// tokens from a copy (see `prefix_cache`).
     pub prefix_caching: bool,
+    /// Whether a fork shares its source's full prefix blocks on the ranks (the paged layout)
+    /// rather than copying them (per-sequence caches), so the budget counts them once.
+    pub forks_share_blocks: bool,
 }
 
 /// Why a request was not accepted.
@@ -129,7 +132,8 @@ struct Seq {
     computed: usize,
     /// Prompt tokens whose KV was copied from the prefix cache when it was (last) admitted.
     cached_prompt: usize,
-    blocks: usize,
+    /// Its KV blocks in the budget.
+    hold: Holding,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
@@ -300,7 +304,7 @@ impl Engine {
             generated: Vec::new(),
             computed: 0,
             cached_prompt: 0,
-            blocks: 0,
+            hold: Holding::default(),
             sampler,
             decoder: IncrementalDecoder::new(),
             stop,
@@ -317,49 +321,58 @@ impl Engine {
         self.metrics.requests_running.set(self.running.len() as i64);
         self.metrics.requests_waiting.set(self.waiting.len() as i64);
         // Cached prefixes are evicted whenever anything needs their blocks: not in use.
-        let cached = self.prefix.as_ref().map_or(0, PrefixCache::blocks);
-        let total = self.blocks.total().max(1) as f64;
-        let used = self.blocks.total() - self.blocks.free();
+        let in_use = held_blocks(self.running.iter().map(|s| &s.hold));
+        let held = self.blocks.total() - self.blocks.free();
         self.metrics
             .kv_cache_usage_ratio
-            .set(used.saturating_sub(cached) as f64 / total);
-        self.metrics.prefix_cache_blocks.set(cached as i64);
+            .set(in_use as f64 / self.blocks.total().max(1) as f64);
+        self.metrics.prefix_cache_blocks.set(held.saturating_sub(in_use) as i64);
+    }
+
+    /// Blocks that evicting every cached prefix but `keep` would free: what neither running
+    /// sequences nor `keep` hold too.
+    fn evictable(&self, keep: Option<u64>) -> usize {
+        let held = self.blocks.total() - self.blocks.free();
+        let kept = keep.and_then(|k| self.prefix.as_ref()?.holding(k));
+        let staying = held_blocks(self.running.iter().map(|s| &s.hold).chain(kept));
+        held.saturating_sub(staying)
     }
 
     /// Ends a sequence that left the engine and counts it: its KV stays as a cached prefix if
     /// prefix caching is on, else it is freed everywhere.
-    fn retire(&mut self, s: &Seq, label: &str) -> Result<(), ModelError> {
+    fn retire(&mut self, mut s: Seq, label: &str) -> Result<(), ModelError> {
         self.in_engine.fetch_sub(1, Ordering::SeqCst);
         self.metrics.requests.with_label_values(&[label]).inc();
         s.log_end(label);
-        if s.blocks == 0 {
+        if s.hold.is_empty() {
             // Never admitted, or preempted: it holds no KV.
             return Ok(());
         }
+        let hold = std::mem::take(&mut s.hold);
         match self.prefix.as_mut() {
             Some(p) if s.computed > 0 => {
-                let freed = p.insert(s.id, s.tokens[..s.computed].to_vec(), s.blocks);
+                let freed = p.insert(s.id, s.tokens[..s.computed].to_vec(), hold);
                 self.free_entries(freed)
             }
-            _ => self.free(&[(s.id, s.blocks)]),
+            _ => self.free(vec![(s.id, hold)]),
         }
     }
 
     fn free_entries(&mut self, entries: Vec<Entry>) -> Result<(), ModelError> {
-        let seqs: Vec<(u64, usize)> = entries.iter().map(|e| (e.id, e.blocks)).collect();
-        self.free(&seqs)
+        self.free(entries.into_iter().map(|e| (e.id, e.hold)).collect())
     }
 
     /// Frees the blocks and the caches (on every rank) of `(sequence id, blocks)` nothing uses
     /// any more.
-    fn free(&mut self, seqs: &[(u64, usize)]) -> Result<(), ModelError> {
+    fn free(&mut self, seqs: Vec<(u64, Holding)>) -> Result<(), ModelError> {
         if seqs.is_empty() {
             return Ok(());
         }
-        for &(_, n) in seqs {
-            self.blocks.give_back(n);
+        let mut ids = Vec::with_capacity(seqs.len());
+        for (id, hold) in seqs {
+            self.blocks.release(hold);
+            ids.push(id);
         }
-        let ids: Vec<u64> = seqs.iter().map(|&(id, _)| id).collect();
         self.runner.release(&ids)
     }
 
@@ -397,8 +410,9 @@ impl Engine {
                 };
                 match label {
                     Some(l) => {
-                        if let Err(e) = self.retire(&s, l) {
-                            tracing::warn!("releasing sequence {}: {e}", s.id);
+                        let id = s.id;
+                        if let Err(e) = self.retire(s, l) {
+                            tracing::warn!("releasing sequence {id}: {e}");
                         }
                     }
                     None => keep.push(s),
@@ -420,6 +434,7 @@ impl Engine {
             let id = front.id;
             // Room for the whole (re)computation plus the next token.
             let need = self.blocks.blocks_for(front.tokens.len() + 1);
+            let bs = self.blocks.block_size();
             // Prompt logprobs need every prompt position computed.
             let scores_prompt = front.req.prompt_logprobs && !front.prompt_lp_sent;
             let queried = self.prefix.is_some() && !scores_prompt;
@@ -430,16 +445,35 @@ impl Engine {
                 }
                 _ => None,
             };
-            if !self.make_room(need, &mut hit)? {
+            // Full blocks of the prefix the ranks share with the source instead of copying.
+            let share = |h: &Hit| {
+                if self.config.forks_share_blocks {
+                    h.tokens / bs
+                } else {
+                    0
+                }
+            };
+            let shared = hit.as_ref().map_or(0, share);
+            let Some(taken) = self.make_room(need, need - shared, &mut hit)? else {
                 break;
-            }
+            };
+            let mut hold = Holding::own(taken);
             if let Some(h) = hit {
+                let k = need - taken;
+                if k > 0 {
+                    let source = match self.prefix.as_mut().and_then(|p| p.holding_mut(h.id)) {
+                        Some(e) => Some(e),
+                        None => self.running.iter_mut().find(|r| r.id == h.id).map(|r| &mut r.hold),
+                    };
+                    let source = source.ok_or_else(|| ModelError::Internal(format!("fork source {} is gone", h.id)))?;
+                    hold.shared = self.blocks.share_prefix(source, k);
+                }
                 // Before the sequence leaves the queue: if this fails, the group's failure
                 // still reaches its client.
-                self.runner.fork(h.id, id, h.tokens, need * self.blocks.block_size())?;
+                self.runner.fork(h.id, id, h.tokens, need * bs)?;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
-            s.blocks = need;
+            s.hold = hold;
             s.admitted_at.get_or_insert_with(Instant::now);
             if queried {
                 self.metrics.prefix_cache_queries.inc_by(s.tokens.len() as u64);
@@ -460,42 +494,49 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes `need` blocks for a sequence about to be admitted, evicting cached prefixes if that
-    /// makes it fit (others first, then the one it would start from, `hit`, which is then
-    /// dropped). Evicts nothing when even that would not do: the sequence waits, and the
-    /// prefixes stay for it and for others.
-    fn make_room(&mut self, need: usize, hit: &mut Option<Hit>) -> Result<bool, ModelError> {
-        if self.blocks.try_take(need) {
-            return Ok(true);
+    /// Takes the blocks of a sequence about to be admitted: `need_with_hit` while it starts
+    /// from `hit` (whose shared blocks it does not take), `need` otherwise. Evicts cached
+    /// prefixes if that makes it fit: others first, then the one it would start from, which
+    /// `hit` then no longer names. Evicts nothing when even that would not do: the sequence
+    /// waits, and the prefixes stay for it and for others. Returns the blocks taken.
+    fn make_room(
+        &mut self,
+        need: usize,
+        need_with_hit: usize,
+        hit: &mut Option<Hit>,
+    ) -> Result<Option<usize>, ModelError> {
+        let mut want = if hit.is_some() { need_with_hit } else { need };
+        if self.blocks.try_take(want) {
+            return Ok(Some(want));
         }
-        let keep = hit.map(|h| h.id);
-        let (others, all) = self
-            .prefix
-            .as_ref()
-            .map_or((0, 0), |p| (p.blocks_except(keep), p.blocks()));
         let free = self.blocks.free();
-        if free + all < need {
-            return Ok(false);
-        }
-        if free + others < need {
+        let keep = hit.map(|h| h.id);
+        if hit.is_some() && free + self.evictable(keep) < want {
             *hit = None;
+            want = need;
+        }
+        if free + self.evictable(keep.filter(|_| hit.is_some())) < want {
+            return Ok(None);
         }
         let keep = hit.map(|h| h.id);
-        while !self.blocks.try_take(need) {
+        while !self.blocks.try_take(want) {
             if !self.evict_prefix(keep)? {
-                return Ok(false);
+                return Ok(None);
             }
         }
-        Ok(true)
+        Ok(Some(want))
     }
 
     /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
     /// admitted other sequences if needed. False if it cannot be done.
     fn ensure_blocks(&mut self, mut i: usize, tokens: usize) -> Result<bool, ModelError> {
         loop {
-            let need = self.blocks.blocks_for(tokens).saturating_sub(self.running[i].blocks);
+            let need = self
+                .blocks
+                .blocks_for(tokens)
+                .saturating_sub(self.running[i].hold.len());
             if need == 0 || self.blocks.try_take(need) {
-                self.running[i].blocks += need;
+                self.running[i].hold.own += need;
                 return Ok(true);
             }
             // Cached prefixes go before any running sequence does.
@@ -508,9 +549,8 @@ impl Engine {
                 .max_by_key(|&j| self.running[j].admitted_at);
             let Some(j) = victim else { return Ok(false) };
             let mut v = self.running.remove(j);
-            self.blocks.give_back(v.blocks);
+            self.blocks.release(std::mem::take(&mut v.hold));
             let id = v.id;
-            v.blocks = 0;
             v.computed = 0;
             v.cached_prompt = 0;
             // Its prompt is scored again from the start.
@@ -583,7 +623,7 @@ impl Engine {
                     id,
                     tokens: s.tokens[s.computed..s.computed + n].to_vec(),
                     logits,
-                    reserve: s.blocks * self.blocks.block_size(),
+                    reserve: s.hold.len() * self.blocks.block_size(),
                 })
             })
             .collect();
@@ -611,7 +651,7 @@ impl Engine {
         for (id, label) in finished {
             if let Some(idx) = self.running.iter().position(|s| s.id == id) {
                 let s = self.running.remove(idx);
-                self.retire(&s, label)?;
+                self.retire(s, label)?;
             }
         }
         self.update_gauges();
@@ -786,7 +826,7 @@ impl Engine {
         let msg = e.to_string();
         // The group is gone and its caches with it; the blocks go back so the gauges say so.
         for e in self.prefix.as_mut().map(PrefixCache::clear).unwrap_or_default() {
-            self.blocks.give_back(e.blocks);
+            self.blocks.release(e.hold);
         }
         // What is still in the channel fails like the rest (and is logged and counted).
         while let Ok(r) = self.rx.try_recv() {
