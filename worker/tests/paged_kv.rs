@@ -97,9 +97,12 @@ fn a_forked_cache_continues_like_the_original_in_both_layouts() {
     let g = Goldens::load();
     let (ids, want) = g.longest_case();
     assert!(ids.len() >= 6, "the fixture's longest prompt is too short to split");
-    // Blocks of 3 and an odd split: the copied prefix ends inside a block.
-    let split = ids.len() / 2 + usize::from((ids.len() / 2).is_multiple_of(3));
-    for layout in ["per-sequence", "paged"] {
+    // Blocks of 3: a copied prefix that ends inside a block (its last block is copied), and
+    // one that ends on a block boundary (every block is shared).
+    let inside = ids.len() / 2 + usize::from((ids.len() / 2).is_multiple_of(3));
+    let boundary = ids.len() / 2 / 3 * 3;
+    assert!(boundary >= 3 && boundary < ids.len());
+    for (layout, split) in [("per-sequence", inside), ("paged", inside), ("paged", boundary)] {
         let m = match layout {
             "paged" => paged(64, 3),
             _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
@@ -112,7 +115,12 @@ fn a_forked_cache_continues_like_the_original_in_both_layouts() {
         let mut copy = original.fork(split, ids.len()).unwrap();
         assert_eq!(copy.len(), split);
         // Paged: the full blocks are shared, only the partial last one is copied.
-        assert_eq!(before.zip(pool_free()).map(|(b, a)| b - a), free.map(|_| 1), "{layout}");
+        let copied = usize::from(!split.is_multiple_of(3));
+        assert_eq!(
+            before.zip(pool_free()).map(|(b, a)| b - a),
+            free.map(|_| copied),
+            "{layout} {split}"
+        );
         // The original goes on with other tokens: the copy must not see them.
         feed(&m, &mut original, &[7, 7, 7, 7]);
         // A shorter copy of the original (whose later tokens changed) is still its prefix.

@@ -542,8 +542,9 @@ fn paged_forks_share_prefix_blocks_so_more_requests_fit() {
             "--kv-layout",
             layout,
         ];
-        // Slow steps (5 ms), so the four requests arrive while the first still runs.
-        let server = start_env(&args, &[("NEOX_DEBUG_STEP_DELAY_MS", "5")]);
+        // Slow steps (10 ms a step on the follower), so the four requests, sent at once, are
+        // all there while the first of them runs.
+        let server = start_env(&args, &[("NEOX_DEBUG_STEP_DELAY_MS", "10")]);
         let outs = rt().block_on(async {
             let mut c = server.client().await;
             c.generate(req(&[5, 6, 7, 8], 4)).await.unwrap();

@@ -1,8 +1,9 @@
 //! The KV block budget: fixed-size blocks of token slots, counted against a memory budget.
 //!
-//! A sequence holding `n` tokens of KV holds `ceil(n / block_size)` blocks, and its cache on
-//! every rank is sized to exactly those blocks (see `SeqPlan::reserve`), so the budget is
-//! what the process really holds for KV. In the paged layout a forked sequence shares its
+//! A sequence holding `n` tokens of KV holds at least `ceil(n / block_size)` blocks (the engine
+//! reserves ahead; ranks allocate as tokens arrive, never past the reservation, see
+//! `SeqPlan::reserve`), so the budget bounds what the process really holds for KV. In the
+//! paged layout a forked sequence shares its
 //! source's full prefix blocks ([`SharedBlock`]): they count once, until their last holder
 //! lets go, as the ranks' pools free them.
 
@@ -133,6 +134,7 @@ impl BlockManager {
     pub fn share_prefix(&mut self, src: &mut Holding, k: usize) -> Vec<Arc<SharedBlock>> {
         let k = k.min(src.len());
         while src.shared.len() < k {
+            debug_assert!(src.own > 0, "sharing more blocks than the source holds");
             src.own -= 1;
             self.used = self.used.saturating_sub(1);
             self.shared.fetch_add(1, Ordering::SeqCst);

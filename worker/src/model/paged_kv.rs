@@ -127,6 +127,7 @@ impl KvPool {
     fn share(&self, blocks: &[u32]) -> Result<(), ModelError> {
         let mut o = self.owners()?;
         for &b in blocks {
+            debug_assert!(o.holders[b as usize] > 0, "sharing a free block");
             o.holders[b as usize] += 1;
         }
         Ok(())
@@ -137,6 +138,7 @@ impl KvPool {
         if let Ok(mut o) = self.owners.lock() {
             for b in blocks.drain(..) {
                 let h = &mut o.holders[b as usize];
+                debug_assert!(*h > 0, "freeing a free block");
                 *h = h.saturating_sub(1);
                 if *h == 0 {
                     o.free.push(b);
