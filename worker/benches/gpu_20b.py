@@ -210,6 +210,9 @@ def main():
     row("load s", ours["load_seconds"], hf and hf["load_seconds"], True)
     row(f"prefill {a.prefill_len} tokens/s", ours["prefill"]["tokens_per_second"],
         hf and hf["prefill"]["tokens_per_second"], False)
+    pc = ours.get("prefix_cached")
+    if pc:
+        row(f"  same, {pc['cached_tokens']} cached: ms", pc["seconds"] * 1e3, None, True)
     for i, d in enumerate(ours["decode"]):
         h = hf and hf["decode"][i]["ms_per_step"]
         row(f"decode batch {d['batch']} ms/step", d["ms_per_step"], h, True)
