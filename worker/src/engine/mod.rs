@@ -1,6 +1,7 @@
 //! Scheduling model steps over requests: queue, continuous batching, KV blocks, sampling,
 //! stop criteria.
 
+mod admission;
 mod blocks;
 pub mod offline;
 mod prefix_cache;

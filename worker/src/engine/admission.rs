@@ -1,0 +1,222 @@
+//! Admission and KV blocks: which waiting sequences run next, where their KV starts from (a
+//! cached or running sequence's prefix, see `prefix_cache`, or nothing), and what gives way
+//! when blocks run out: cached prefixes first, least recently used, then the most recently
+//! admitted running sequence, which is preempted and recomputed later.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::model::ModelError;
+
+use super::blocks::{held_blocks, Holding};
+use super::prefix_cache::{Entry, Hit};
+use super::scheduler::{Engine, Seq};
+
+impl Engine {
+    /// Blocks that evicting every cached prefix but `keep` would free: what neither running
+    /// sequences nor `keep` hold too.
+    fn evictable(&self, keep: Option<u64>) -> usize {
+        let held = self.blocks.total() - self.blocks.free();
+        let kept = keep.and_then(|k| self.prefix.as_ref()?.holding(k));
+        let staying = held_blocks(self.running.iter().map(|s| &s.hold).chain(kept));
+        held.saturating_sub(staying)
+    }
+
+    /// Ends a sequence that left the engine and counts it: its KV stays as a cached prefix if
+    /// prefix caching is on, else it is freed everywhere.
+    pub(super) fn retire(&mut self, mut s: Seq, label: &str) -> Result<(), ModelError> {
+        self.in_engine.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.requests.with_label_values(&[label]).inc();
+        s.log_end(label);
+        if s.hold.is_empty() {
+            // Never admitted, or preempted: it holds no KV.
+            return Ok(());
+        }
+        let hold = std::mem::take(&mut s.hold);
+        match self.prefix.as_mut() {
+            Some(p) if s.computed > 0 => {
+                let freed = p.insert(s.id, s.tokens[..s.computed].to_vec(), hold);
+                self.free_entries(freed)
+            }
+            _ => self.free(vec![(s.id, hold)]),
+        }
+    }
+
+    fn free_entries(&mut self, entries: Vec<Entry>) -> Result<(), ModelError> {
+        self.free(entries.into_iter().map(|e| (e.id, e.hold)).collect())
+    }
+
+    /// Frees the blocks and the caches (on every rank) of `(sequence id, blocks)` nothing uses
+    /// any more.
+    fn free(&mut self, seqs: Vec<(u64, Holding)>) -> Result<(), ModelError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(seqs.len());
+        for (id, hold) in seqs {
+            self.blocks.release(hold);
+            ids.push(id);
+        }
+        self.runner.release(&ids)
+    }
+
+    /// Evicts the least recently used cached prefix other than `keep`; false if none is left.
+    fn evict_prefix(&mut self, keep: Option<u64>) -> Result<bool, ModelError> {
+        match self.prefix.as_mut().and_then(|p| p.evict(keep)) {
+            Some(e) => {
+                self.free_entries(vec![e])?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Admits waiting sequences in arrival order while slots and blocks allow (evicting cached
+    /// prefixes for room); a prompt that starts with a cached prefix starts from its KV.
+    pub(super) fn admit(&mut self) -> Result<(), ModelError> {
+        while self.running.len() < self.config.max_batch_size {
+            let Some(front) = self.waiting.front() else { break };
+            let id = front.id;
+            // Room for the whole (re)computation plus the next token.
+            let need = self.blocks.blocks_for(front.tokens.len() + 1);
+            let bs = self.blocks.block_size();
+            // Prompt logprobs need every prompt position computed.
+            let scores_prompt = front.req.prompt_logprobs && !front.prompt_lp_sent;
+            let queried = self.prefix.is_some() && !scores_prompt;
+            let mut hit = match self.prefix.as_mut() {
+                Some(p) if queried => {
+                    let live = self.running.iter().map(|r| (r.id, &r.tokens[..r.computed]));
+                    p.lookup(&front.tokens, live)
+                }
+                _ => None,
+            };
+            // Full blocks of the prefix the ranks share with the source instead of copying.
+            let share = |h: &Hit| {
+                if self.config.forks_share_blocks {
+                    h.tokens / bs
+                } else {
+                    0
+                }
+            };
+            let shared = hit.as_ref().map_or(0, share);
+            let Some(taken) = self.make_room(need, need - shared, &mut hit)? else {
+                break;
+            };
+            let mut hold = Holding::own(taken);
+            if let Some(h) = hit {
+                let k = need - taken;
+                if k > 0 {
+                    let source = match self.prefix.as_mut().and_then(|p| p.holding_mut(h.id)) {
+                        Some(e) => Some(e),
+                        None => self.running.iter_mut().find(|r| r.id == h.id).map(|r| &mut r.hold),
+                    };
+                    let source = source.ok_or_else(|| ModelError::Internal(format!("fork source {} is gone", h.id)))?;
+                    hold.shared = self.blocks.share_prefix(source, k);
+                }
+                // Before the sequence leaves the queue: if this fails, the group's failure
+                // still reaches its client.
+                self.runner.fork(h.id, id, h.tokens, need * bs)?;
+            }
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            s.hold = hold;
+            s.admitted_at.get_or_insert_with(Instant::now);
+            if queried {
+                self.metrics.prefix_cache_queries.inc_by(s.tokens.len() as u64);
+            }
+            s.cached_prompt = hit.map_or(0, |h| h.tokens.min(s.prompt_len()));
+            if let Some(h) = hit {
+                s.computed = h.tokens;
+                self.metrics.prefix_cache_hits.inc_by(h.tokens as u64);
+                tracing::debug!(
+                    seq = s.id,
+                    from = h.id,
+                    tokens = h.tokens,
+                    "prompt starts from a cached prefix"
+                );
+            }
+            self.running.push(s);
+        }
+        Ok(())
+    }
+
+    /// Takes the blocks of a sequence about to be admitted: `need_with_hit` while it starts
+    /// from `hit` (whose shared blocks it does not take), `need` otherwise. Evicts cached
+    /// prefixes if that makes it fit: others first, then the one it would start from, which
+    /// `hit` then no longer names. Evicts nothing when even that would not do: the sequence
+    /// waits, and the prefixes stay for it and for others. Returns the blocks taken.
+    fn make_room(
+        &mut self,
+        need: usize,
+        need_with_hit: usize,
+        hit: &mut Option<Hit>,
+    ) -> Result<Option<usize>, ModelError> {
+        let mut want = if hit.is_some() { need_with_hit } else { need };
+        if self.blocks.try_take(want) {
+            return Ok(Some(want));
+        }
+        let free = self.blocks.free();
+        let keep = hit.map(|h| h.id);
+        if hit.is_some() && free + self.evictable(keep) < want {
+            *hit = None;
+            want = need;
+        }
+        if free + self.evictable(keep.filter(|_| hit.is_some())) < want {
+            return Ok(None);
+        }
+        let keep = hit.map(|h| h.id);
+        while !self.blocks.try_take(want) {
+            if !self.evict_prefix(keep)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(want))
+    }
+
+    /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
+    /// admitted other sequences if needed. False if it cannot be done.
+    fn ensure_blocks(&mut self, mut i: usize, tokens: usize) -> Result<bool, ModelError> {
+        loop {
+            let need = self
+                .blocks
+                .blocks_for(tokens)
+                .saturating_sub(self.running[i].hold.len());
+            if need == 0 || self.blocks.try_take(need) {
+                self.running[i].hold.own += need;
+                return Ok(true);
+            }
+            // Cached prefixes go before any running sequence does.
+            if self.evict_prefix(None)? {
+                continue;
+            }
+            // Preempt the youngest other sequence.
+            let victim = (0..self.running.len())
+                .filter(|&j| j != i)
+                .max_by_key(|&j| self.running[j].admitted_at);
+            let Some(j) = victim else { return Ok(false) };
+            let mut v = self.running.remove(j);
+            self.blocks.release(std::mem::take(&mut v.hold));
+            let id = v.id;
+            v.computed = 0;
+            v.cached_prompt = 0;
+            // Its prompt is scored again from the start.
+            if !v.prompt_lp_sent {
+                v.prompt_lp.clear();
+            }
+            self.metrics.preemptions.inc();
+            tracing::debug!(seq = id, "preempted for lack of KV blocks");
+            // Queued before its KV goes, so a failure to free it still reaches its client.
+            self.waiting.push_front(v);
+            self.runner.release(&[id])?;
+            if j < i {
+                i -= 1;
+            }
+        }
+    }
+
+    pub(super) fn ensure_blocks_by_id(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {
+        match self.running.iter().position(|s| s.id == id) {
+            Some(i) => self.ensure_blocks(i, tokens),
+            None => Ok(false),
+        }
+    }
+}
