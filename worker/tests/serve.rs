@@ -580,6 +580,46 @@ fn paged_forks_share_prefix_blocks_so_more_requests_fit() {
 }
 
 #[test]
+fn a_stalled_log_pipe_never_stalls_serving() {
+    use std::io::BufRead;
+    // Info logs to a stderr pipe that nobody reads once the server is up: the pipe fills after
+    // a few hundred request lines, and serving must go on.
+    let mut child = common::worker()
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .env("NEOX_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let grpc = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before serving");
+        if let Some(rest) = line.trim().strip_prefix("neox-worker: serving gRPC on ") {
+            break rest.split_once(' ').unwrap().0.to_owned();
+        }
+    };
+    let served = rt().block_on(async {
+        let mut c = pb::text_generation_client::TextGenerationClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let all = async {
+            for i in 0..1500 {
+                let mut req = greedy("ROMEO:\n", 1);
+                req.request_id = format!("stalled-pipe-request-{i:04}-{}", "x".repeat(80));
+                c.generate(req).await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(40), all).await.is_ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(err);
+    assert!(served, "serving stalled behind a full log pipe");
+}
+
+#[test]
 fn cached_prefixes_give_way_to_requests_that_need_the_blocks() {
     // 1 MiB of KV holds 128 tokens (8 blocks). Finished requests fill it with cached
     // prefixes; a request that needs nearly every block must evict them, not wait or preempt:

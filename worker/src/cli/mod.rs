@@ -79,7 +79,8 @@ pub fn main() -> std::process::ExitCode {
         args.insert(1, "serve".into());
     }
     let cli = Cli::parse_from(args);
-    init_logging();
+    // Flushes what is still queued for stderr when main returns.
+    let _logs = init_logging();
     let result = match cli.command {
         Command::Serve(a) => serve::serve(a),
         // The serving engine moves onto the compute threads itself.
@@ -99,16 +100,18 @@ pub fn main() -> std::process::ExitCode {
 }
 
 /// Logs to stderr at `NEOX_LOG` (an env-filter, default `warn`); `NEOX_LOG_FORMAT=json` gives one
-/// JSON object a line for log collectors, else text, coloured only on a terminal.
-fn init_logging() {
+/// JSON object a line for log collectors, else text, coloured only on a terminal. Lines go
+/// through a writer thread, so a slow or stalled log pipe never stalls the engine's steps
+/// (past a large backlog, lines are dropped rather than waited for).
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("NEOX_LOG").unwrap_or_else(|_| "warn".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if std::env::var("NEOX_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         logs.json().init();
     } else {
         logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    guard
 }
