@@ -88,8 +88,9 @@ class Api(unittest.TestCase):
         self.assertEqual(list(r.token_ids), out[20:40])
         self.assertEqual(r.usage.cached_prompt_tokens, len(ids) + 20 - 1)
         self.assertEqual(r.request_id, "py-cache-1")
-        r, _ = STUB.Generate.with_call(greedy(p["prompt"], 1), metadata=(("x-request-id", "py-header"),))
+        r, call = STUB.Generate.with_call(greedy(p["prompt"], 1), metadata=(("x-request-id", "py-header"),))
         self.assertEqual(r.request_id, "py-header")
+        self.assertIn(("x-request-id", "py-header"), call.initial_metadata())
 
     def test_stream_deltas_add_up_and_end_with_finish(self):
         p = GOLD["prompts"][1]

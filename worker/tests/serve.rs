@@ -434,13 +434,16 @@ fn request_ids_are_echoed_and_logged_without_the_prompt() {
         let mut c = server.client().await;
         let mut req = greedy(secret, 5);
         req.request_id = "order-42/a".into();
-        let r = c.generate(req).await.unwrap().into_inner();
-        assert_eq!(r.request_id, "order-42/a");
+        let r = c.generate(req).await.unwrap();
+        assert_eq!(r.metadata().get("x-request-id").unwrap(), "order-42/a");
+        assert_eq!(r.into_inner().request_id, "order-42/a");
         // From the x-request-id header when the field is empty; made up when both are.
         let mut req = tonic::Request::new(greedy(secret, 3));
         req.metadata_mut()
             .insert("x-request-id", "from-header".parse().unwrap());
-        let mut s = c.generate_stream(req).await.unwrap().into_inner();
+        let s = c.generate_stream(req).await.unwrap();
+        assert_eq!(s.metadata().get("x-request-id").unwrap(), "from-header");
+        let mut s = s.into_inner();
         let mut last = None;
         while let Some(m) = s.message().await.unwrap() {
             last = Some(m);
@@ -459,7 +462,8 @@ fn request_ids_are_echoed_and_logged_without_the_prompt() {
         let mut req = greedy(secret, 1);
         req.request_id = "bad-params".into();
         req.parameters.as_mut().unwrap().temperature = Some(-1.0);
-        assert!(c.generate(req).await.is_err());
+        let e = c.generate(req).await.unwrap_err();
+        assert_eq!(e.metadata().get("x-request-id").unwrap(), "bad-params");
     });
     // Every request has one log line with its id, counts and timings, and never its text.
     let log = server.wait_log("three requests' log lines", |log| {

@@ -62,9 +62,9 @@ impl GenerationService {
         let dl = deadline(req.metadata(), now);
         let id = request_id(&req.get_ref().request_id, req.metadata())
             .inspect_err(|e| tracing::info!(error = e.message(), "request rejected"))?;
-        let v = validate(req.get_ref(), &self.tokenizer, &self.limits).inspect_err(|e| {
-            tracing::info!(request_id = %id, error = e.message(), "request rejected");
-        })?;
+        let v = validate(req.get_ref(), &self.tokenizer, &self.limits)
+            .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request rejected"))
+            .map_err(|e| status_with_id(e, &id))?;
         let (tx, rx) = unbounded_channel();
         let r = engine::Request {
             id: id.clone(),
@@ -86,7 +86,8 @@ impl GenerationService {
                 SubmitError::Unavailable(m) => Status::unavailable(m),
                 SubmitError::TooLarge(m) => Status::invalid_argument(format!("parameters.max_new_tokens: {m}")),
             })
-            .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request refused"))?;
+            .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request refused"))
+            .map_err(|e| status_with_id(e, &id))?;
         Ok((rx, dl, id))
     }
 }
@@ -114,48 +115,80 @@ fn usage(f: &engine::Finish) -> (pb::Usage, pb::Timings) {
     )
 }
 
+/// A unary request's events gathered into its response, or the status it ends with.
+async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    dl: Option<Instant>,
+    mut out: pb::GenerateResponse,
+) -> Result<pb::GenerateResponse, Status> {
+    loop {
+        let ev = match dl {
+            Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+                Ok(ev) => ev,
+                Err(_) => return Err(failure_status(Failure::DeadlineExceeded)),
+            },
+            None => rx.recv().await,
+        };
+        let Some(ev) = ev else { break };
+        match ev {
+            Event::PromptTokens(t) => out.prompt_tokens = t.iter().map(token_pb).collect(),
+            Event::Token { token, delta } => {
+                out.text.push_str(&delta);
+                out.token_ids.push(token.id);
+                out.tokens.push(token_pb(&token));
+            }
+            Event::Finished(f) => {
+                let (u, t) = usage(&f);
+                out.finish_reason = finish_pb(f.reason) as i32;
+                out.usage = Some(u);
+                out.timings = Some(t);
+                return Ok(out);
+            }
+            Event::Failed(f) => return Err(failure_status(f)),
+        }
+    }
+    tracing::warn!(request_id = %out.request_id, "the engine stopped before the request finished");
+    Err(engine_stopped())
+}
+
+/// The request id as the `x-request-id` response header (ids are printable ASCII).
+fn tag(meta: &mut tonic::metadata::MetadataMap, id: &str) {
+    if let Ok(v) = id.parse() {
+        meta.insert("x-request-id", v);
+    }
+}
+
+fn tagged<T>(mut r: Response<T>, id: &str) -> Response<T> {
+    tag(r.metadata_mut(), id);
+    r
+}
+
+/// The request id on an error status too, so a failed call can be found in the logs.
+fn status_with_id(mut st: Status, id: &str) -> Status {
+    tag(st.metadata_mut(), id);
+    st
+}
+
 #[tonic::async_trait]
 impl TextGeneration for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (mut rx, dl, request_id) = self.submit(req)?;
-        let mut out = pb::GenerateResponse {
+        let (rx, dl, request_id) = self.submit(req)?;
+        let id = request_id.clone();
+        let out = pb::GenerateResponse {
             request_id,
             ..Default::default()
         };
-        loop {
-            let ev = match dl {
-                Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
-                    Ok(ev) => ev,
-                    Err(_) => return Err(failure_status(Failure::DeadlineExceeded)),
-                },
-                None => rx.recv().await,
-            };
-            let Some(ev) = ev else { break };
-            match ev {
-                Event::PromptTokens(t) => out.prompt_tokens = t.iter().map(token_pb).collect(),
-                Event::Token { token, delta } => {
-                    out.text.push_str(&delta);
-                    out.token_ids.push(token.id);
-                    out.tokens.push(token_pb(&token));
-                }
-                Event::Finished(f) => {
-                    let (u, t) = usage(&f);
-                    out.finish_reason = finish_pb(f.reason) as i32;
-                    out.usage = Some(u);
-                    out.timings = Some(t);
-                    return Ok(Response::new(out));
-                }
-                Event::Failed(f) => return Err(failure_status(f)),
-            }
+        match collect(rx, dl, out).await {
+            Ok(out) => Ok(tagged(Response::new(out), &id)),
+            Err(e) => Err(status_with_id(e, &id)),
         }
-        tracing::warn!(request_id = %out.request_id, "the engine stopped before the request finished");
-        Err(engine_stopped())
     }
 
     type GenerateStreamStream = GenStream;
 
     async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let (mut rx, _, request_id) = self.submit(req)?;
+        let id = request_id.clone();
         let stream = async_stream_from(move |yield_tx| async move {
             let mut prompt_tokens = Vec::new();
             loop {
@@ -201,7 +234,7 @@ impl TextGeneration for GenerationService {
                 }
             }
         });
-        Ok(Response::new(stream))
+        Ok(tagged(Response::new(stream), &id))
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
