@@ -42,6 +42,8 @@ const ALL_OPTIONS: &[&str] = &[
     "--set",
     "podMonitor.enabled=true",
     "--set",
+    "prometheusRule.enabled=true",
+    "--set",
     "sample.enabled=true",
     "--set",
     "prometheus.url=http://prometheus.monitoring:9090",
@@ -86,6 +88,10 @@ fn helm_chart_lints_renders_and_validates() {
     assert!(
         read("helm/neox-operator/crds/neoxdeployments.yaml") == read("deploy/crd.yaml"),
         "helm/neox-operator/crds/ differs from deploy/crd.yaml: copy it over"
+    );
+    assert!(
+        read("helm/neox-operator/files/neox-alerts.yaml") == read("deploy/monitoring/neox-alerts.yaml"),
+        "helm/neox-operator/files/neox-alerts.yaml differs from deploy/monitoring/: copy it over"
     );
 
     let (ok, out, err) = run(&helm, &["lint", &chart, "--strict"]);
@@ -142,11 +148,16 @@ fn helm_chart_lints_renders_and_validates() {
         "CustomResourceDefinition",
         "ServiceMonitor",
         "PodMonitor",
+        "PrometheusRule",
         "NeoXDeployment",
         "Role",
     ] {
         assert!(kinds.contains(&k), "full render lacks a {k}: {kinds:?}");
     }
+    // The PrometheusRule carries exactly the alert groups of deploy/monitoring/.
+    let rule = all_docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let shipped: Value = serde_yaml::from_str(&read("deploy/monitoring/neox-alerts.yaml")).unwrap();
+    assert_eq!(rule["spec"]["groups"], shipped["groups"]);
     assert!(
         !kinds.contains(&"ClusterRole"),
         "namespaced mode must not need cluster-wide roles"
@@ -166,7 +177,7 @@ fn helm_chart_lints_renders_and_validates() {
         .filter(|d| {
             !matches!(
                 d["kind"].as_str(),
-                Some("ServiceMonitor" | "PodMonitor" | "NeoXDeployment")
+                Some("ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "NeoXDeployment")
             )
         })
         .map(|d| serde_yaml::to_string(&d).unwrap())
