@@ -158,6 +158,23 @@ fn helm_chart_lints_renders_and_validates() {
     let rule = all_docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     let shipped: Value = serde_yaml::from_str(&read("deploy/monitoring/neox-alerts.yaml")).unwrap();
     assert_eq!(rule["spec"]["groups"], shipped["groups"]);
+    // Only leaders (rank 0) serve /metrics: the PodMonitor must not scrape followers, and it
+    // selects the labels the operator really puts on worker pods.
+    let pm = all_docs.iter().find(|d| d["kind"] == "PodMonitor").unwrap();
+    let sel = &pm["spec"]["selector"]["matchLabels"];
+    assert_eq!(sel[neox_operator::resources::POD_INDEX_LABEL], "0");
+    let d: NeoXDeployment = serde_yaml::from_str(&read("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    let sts = neox_operator::resources::statefulset(&d, 0);
+    let pod_labels = sts.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    for (k, v) in sel.as_object().unwrap() {
+        if k != neox_operator::resources::POD_INDEX_LABEL {
+            assert_eq!(
+                pod_labels.get(k).map(String::as_str),
+                v.as_str(),
+                "worker pods lack {k}={v}"
+            );
+        }
+    }
     assert!(
         !kinds.contains(&"ClusterRole"),
         "namespaced mode must not need cluster-wide roles"
