@@ -978,6 +978,29 @@ fn the_neox_cli_talks_to_the_server() {
         (Some(8), Some(0), Some(64))
     );
     assert!(b["tokens_per_second"].as_f64().unwrap() > 0.0);
+    // Prompts that share a long beginning: the bench reports how much came from the cache.
+    let long = "HAMLET:\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind";
+    let b: serde_json::Value = serde_json::from_str(&neox(&[
+        "bench",
+        "--prompt",
+        long,
+        "--distinct",
+        "--concurrency",
+        "1",
+        "--requests",
+        "4",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]))
+    .unwrap();
+    let (prompt, cached) = (
+        b["prompt_tokens"].as_u64().unwrap(),
+        b["cached_prompt_tokens"].as_u64().unwrap(),
+    );
+    assert!(prompt >= 4 * 20, "{b}");
+    // The first request computes it all; the later three reuse the shared beginning.
+    assert!(cached >= 3 * 16 && cached < prompt, "{b}");
     // A stopped server is a clear error, not a panic.
     drop(server);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_neox"))

@@ -22,6 +22,10 @@ pub struct BenchArgs {
     requests: usize,
     #[arg(long, default_value = "ROMEO:\n")]
     prompt: String,
+    /// Append each request's number to the prompt, so prompts share all but their ends (a
+    /// system prompt with different questions) rather than being identical.
+    #[arg(long)]
+    distinct: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -34,6 +38,8 @@ struct Sample {
     ttft: f64,
     tpot: Vec<f64>,
     tokens: usize,
+    prompt_tokens: u64,
+    cached_prompt_tokens: u64,
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -67,17 +73,30 @@ pub async fn run(addr: &str, a: BenchArgs) -> Result<()> {
         let next = next.clone();
         let bar = bar.clone();
         let req = a.sampling.request(&a.prompt);
+        let distinct = a.distinct;
         let total = a.requests;
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut errors: Vec<String> = Vec::new();
-            while next.fetch_add(1, Ordering::SeqCst) < total {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= total {
+                    break;
+                }
+                let mut req = req.clone();
+                if distinct {
+                    req.prompt.push_str(&format!(" {i}"));
+                }
                 let start = Instant::now();
                 let mut s = Sample::default();
                 let mut last = start;
                 let res: Result<(), tonic::Status> = async {
-                    let mut stream = c.generate_stream(req.clone()).await?.into_inner();
+                    let mut stream = c.generate_stream(req).await?.into_inner();
                     while let Some(m) = stream.message().await? {
+                        if let Some(u) = &m.usage {
+                            s.prompt_tokens = u64::from(u.prompt_tokens);
+                            s.cached_prompt_tokens = u64::from(u.cached_prompt_tokens);
+                        }
                         if m.token.is_some() {
                             let now = Instant::now();
                             if s.tokens == 0 {
@@ -119,6 +138,8 @@ fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Durati
     let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
     let mut tpot: Vec<f64> = samples.iter().flat_map(|s| s.tpot.iter().copied()).collect();
     let tps = tokens as f64 / wall.as_secs_f64();
+    let prompt: u64 = samples.iter().map(|s| s.prompt_tokens).sum();
+    let cached: u64 = samples.iter().map(|s| s.cached_prompt_tokens).sum();
     let (t50, t90, t99) = (pct(&mut ttft, 0.5), pct(&mut ttft, 0.9), pct(&mut ttft, 0.99));
     let (p50, p90, p99) = (pct(&mut tpot, 0.5), pct(&mut tpot, 0.9), pct(&mut tpot, 0.99));
     if a.json {
@@ -127,6 +148,7 @@ fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Durati
             serde_json::json!({
                 "concurrency": a.concurrency, "requests": samples.len(), "errors": errors.len(),
                 "generated_tokens": tokens, "seconds": wall.as_secs_f64(), "tokens_per_second": tps,
+                "prompt_tokens": prompt, "cached_prompt_tokens": cached,
                 "ttft_ms": {"p50": t50 * 1e3, "p90": t90 * 1e3, "p99": t99 * 1e3},
                 "tpot_ms": {"p50": p50 * 1e3, "p90": p90 * 1e3, "p99": p99 * 1e3},
             })
@@ -141,6 +163,12 @@ fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Durati
         wall.as_secs_f64()
     );
     println!("throughput  {tps:.1} generated tokens/s");
+    if prompt > 0 {
+        println!(
+            "prompts     {prompt} tokens, {cached} from the prefix cache ({:.0}%)",
+            100.0 * cached as f64 / prompt as f64
+        );
+    }
     println!(
         "TTFT ms     p50 {:.1}  p90 {:.1}  p99 {:.1}",
         t50 * 1e3,
