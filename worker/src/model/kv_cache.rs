@@ -100,11 +100,17 @@ impl SequenceCache {
             .iter()
             .map(|slot| match slot {
                 Some((k, v)) if tokens > 0 => {
+                    // One pass: the prefix followed by empty room, each written once.
                     let (heads, _, hd) = k.dims3()?;
-                    let (nk, nv) = alloc(heads, reserve, hd, k.dtype(), k.device())?;
-                    nk.slice_set(&k.narrow(1, 0, tokens)?.contiguous()?, 1, 0)?;
-                    nv.slice_set(&v.narrow(1, 0, tokens)?.contiguous()?, 1, 0)?;
-                    Ok(Some((nk, nv)))
+                    let room = |t: &Tensor| -> Result<Tensor, ModelError> {
+                        let prefix = t.narrow(1, 0, tokens)?;
+                        if reserve == tokens {
+                            return Ok(prefix.contiguous()?);
+                        }
+                        let rest = Tensor::zeros((heads, reserve - tokens, hd), t.dtype(), t.device())?;
+                        Ok(Tensor::cat(&[&prefix, &rest], 1)?)
+                    };
+                    Ok(Some((room(k)?, room(v)?)))
                 }
                 _ => Ok(None),
             })
