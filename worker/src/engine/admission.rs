@@ -3,7 +3,6 @@
 //! when blocks run out: cached prefixes first, least recently used, then the most recently
 //! admitted running sequence, which is preempted and recomputed later.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::model::ModelError;
@@ -25,9 +24,7 @@ impl Engine {
     /// Ends a sequence that left the engine and counts it: its KV stays as a cached prefix if
     /// prefix caching is on, else it is freed everywhere.
     pub(super) fn retire(&mut self, mut s: Seq, label: &str) -> Result<(), ModelError> {
-        self.in_engine.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.requests.with_label_values(&[label]).inc();
-        s.log_end(label);
+        self.account_end(&s, label);
         if s.hold.is_empty() {
             // Never admitted, or preempted: it holds no KV.
             return Ok(());
@@ -91,27 +88,23 @@ impl Engine {
                 _ => None,
             };
             // Full blocks of the prefix the ranks share with the source instead of copying.
-            let share = |h: &Hit| {
-                if self.config.forks_share_blocks {
-                    h.tokens / bs
-                } else {
-                    0
-                }
+            let shared = match hit {
+                Some(h) if self.config.forks_share_blocks => h.tokens / bs,
+                _ => 0,
             };
-            let shared = hit.as_ref().map_or(0, share);
             let Some(taken) = self.make_room(need, need - shared, &mut hit)? else {
                 break;
             };
             let mut hold = Holding::own(taken);
             if let Some(h) = hit {
-                let k = need - taken;
-                if k > 0 {
-                    let source = match self.prefix.as_mut().and_then(|p| p.holding_mut(h.id)) {
-                        Some(e) => Some(e),
-                        None => self.running.iter_mut().find(|r| r.id == h.id).map(|r| &mut r.hold),
-                    };
-                    let source = source.ok_or_else(|| ModelError::Internal(format!("fork source {} is gone", h.id)))?;
-                    hold.shared = self.blocks.share_prefix(source, k);
+                if shared > 0 {
+                    let source = self
+                        .prefix
+                        .as_mut()
+                        .and_then(|p| p.holding_mut(h.id))
+                        .or_else(|| self.running.iter_mut().find(|r| r.id == h.id).map(|r| &mut r.hold))
+                        .ok_or_else(|| ModelError::Internal(format!("fork source {} is gone", h.id)))?;
+                    hold.shared = self.blocks.share_prefix(source, shared);
                 }
                 // Before the sequence leaves the queue: if this fails, the group's failure
                 // still reaches its client.
@@ -155,15 +148,14 @@ impl Engine {
             return Ok(Some(want));
         }
         let free = self.blocks.free();
-        let keep = hit.map(|h| h.id);
-        if hit.is_some() && free + self.evictable(keep) < want {
+        if hit.is_some_and(|h| free + self.evictable(Some(h.id)) < want) {
             *hit = None;
             want = need;
         }
-        if free + self.evictable(keep.filter(|_| hit.is_some())) < want {
+        let keep = hit.map(|h| h.id);
+        if free + self.evictable(keep) < want {
             return Ok(None);
         }
-        let keep = hit.map(|h| h.id);
         while !self.blocks.try_take(want) {
             if !self.evict_prefix(keep)? {
                 return Ok(None);

@@ -60,14 +60,6 @@ impl PrefixCache {
         self.entries.iter_mut().find(|e| e.id == id).map(|e| &mut e.hold)
     }
 
-    /// Every entry's blocks, but `except`'s.
-    pub fn holdings(&self, except: Option<u64>) -> impl Iterator<Item = &Holding> + '_ {
-        self.entries
-            .iter()
-            .filter(move |e| Some(e.id) != except)
-            .map(|e| &e.hold)
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -191,9 +183,10 @@ mod tests {
         assert_eq!(c.lookup(&[1, 7, 7], []), None);
         assert_eq!(c.lookup(&[5, 2, 3, 4, 5], []), None);
         assert_eq!(c.lookup(&[1, 2], []), None);
-        assert_eq!(crate::engine::blocks::held_blocks(c.holdings(None)), 3);
-        assert_eq!(crate::engine::blocks::held_blocks(c.holdings(Some(2))), 1);
+        assert_eq!(c.holding(1).map(Holding::len), Some(1));
+        assert_eq!(c.holding(2).map(Holding::len), Some(2));
         assert!(c.holding_mut(2).is_some_and(|h| h.own == 2));
+        assert!(c.holding(3).is_none());
     }
 
     #[test]

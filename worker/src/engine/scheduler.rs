@@ -149,34 +149,21 @@ impl Seq {
     }
 
     /// The request's log line (ids, counts and timings in ms as numbers; never its text).
-    pub(super) fn log_end(&self, finish_reason: &str) {
+    fn log_end(&self, finish_reason: &str) {
         let since = |t: Instant| ((t - self.req.received).as_secs_f64() * 1e4).round() / 10.0;
         let now = Instant::now();
-        let queue_ms = since(self.admitted_at.unwrap_or(now));
-        let total_ms = since(now);
-        // ttft_ms only when a token came.
-        macro_rules! ended {
-            ($($ttft:tt)*) => {
-                tracing::info!(
-                    request_id = %self.req.id,
-                    finish_reason,
-                    prompt_tokens = self.prompt_len(),
-                    cached_prompt_tokens = self.cached_prompt,
-                    generated_tokens = self.generated.len(),
-                    queue_ms,
-                    $($ttft)*
-                    total_ms,
-                    "request ended"
-                )
-            };
-        }
-        match self.first_token_at {
-            Some(t) => {
-                let ttft_ms = since(t);
-                ended!(ttft_ms,)
-            }
-            None => ended!(),
-        }
+        tracing::info!(
+            request_id = %self.req.id,
+            finish_reason,
+            prompt_tokens = self.prompt_len(),
+            cached_prompt_tokens = self.cached_prompt,
+            generated_tokens = self.generated.len(),
+            queue_ms = since(self.admitted_at.unwrap_or(now)),
+            // Recorded only when a token came.
+            ttft_ms = self.first_token_at.map(since),
+            total_ms = since(now),
+            "request ended"
+        );
     }
 }
 
@@ -626,10 +613,15 @@ impl Engine {
         }
         let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
         for s in all {
-            s.log_end("error");
             let _ = s.req.events.send(Event::Failed(Failure::Unavailable(msg.clone())));
-            self.in_engine.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.requests.with_label_values(&["error"]).inc();
+            self.account_end(&s, "error");
         }
+    }
+
+    /// A request leaves the engine: counted by how it ended, and logged.
+    pub(super) fn account_end(&self, s: &Seq, label: &str) {
+        self.in_engine.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.requests.with_label_values(&[label]).inc();
+        s.log_end(label);
     }
 }
