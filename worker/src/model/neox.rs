@@ -13,7 +13,7 @@ use super::config::{Activation, NeoXConfig};
 use super::decode_attention::attend_decode_step;
 use super::kv_cache::SequenceCache;
 use super::linear::Linear;
-use super::paged_kv::{KvPool, PoolShape};
+use super::paged_kv::{scatter_index, KvPool, PoolShape};
 use super::ModelError;
 use crate::parallel::{Communicator, RankInfo};
 
@@ -498,10 +498,7 @@ impl GptNeoX {
             blocks.ensure(start + n)?;
             write.extend(blocks.positions(start..start + n));
         }
-        let t = write.len();
-        let write = Tensor::from_vec(write, (1, t, 1), &self.device)?
-            .broadcast_as((heads, t, hd))?
-            .contiguous()?;
+        let write = scatter_index(write, heads, hd, &self.device)?;
         let history = |s: &SeqStep<'_>, len: usize| -> Result<Vec<u32>, ModelError> {
             let b = s
                 .cache

@@ -148,6 +148,20 @@ impl KvPool {
     }
 }
 
+/// Arena positions as the index `scatter_set` wants along the token axis of
+/// `[heads, positions, head_dim]` values.
+pub(crate) fn scatter_index(
+    positions: Vec<u32>,
+    heads: usize,
+    head_dim: usize,
+    device: &Device,
+) -> Result<Tensor, ModelError> {
+    let n = positions.len();
+    Ok(Tensor::from_vec(positions, (1, n, 1), device)?
+        .broadcast_as((heads, n, head_dim))?
+        .contiguous()?)
+}
+
 /// One sequence's blocks in a [`KvPool`]; they go back to the pool when this is dropped.
 pub(crate) struct PagedBlocks {
     pool: Arc<KvPool>,
@@ -216,16 +230,12 @@ impl PagedBlocks {
                 dst.blocks.len()
             )));
         }
-        let from: Vec<u32> = self.positions(range.clone()).collect();
-        let to: Vec<u32> = dst.positions(range).collect();
         let Some((first, _)) = self.pool.layers.first() else {
             return Ok(());
         };
         let (heads, _, hd) = first.dims3()?;
-        let from = Tensor::from_vec(from, tokens, first.device())?;
-        let to = Tensor::from_vec(to, (1, tokens, 1), first.device())?
-            .broadcast_as((heads, tokens, hd))?
-            .contiguous()?;
+        let from = Tensor::from_vec(self.positions(range.clone()).collect(), tokens, first.device())?;
+        let to = scatter_index(dst.positions(range).collect(), heads, hd, first.device())?;
         for arena in self.pool.layers.iter().flat_map(|(k, v)| [k, v]) {
             let rows = arena.index_select(&from, 1)?;
             arena.scatter_set(&to, &rows, 1)?;

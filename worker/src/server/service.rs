@@ -62,9 +62,7 @@ impl GenerationService {
         let dl = deadline(req.metadata(), now);
         let id = request_id(&req.get_ref().request_id, req.metadata())
             .inspect_err(|e| tracing::info!(error = e.message(), "request rejected"))?;
-        let v = validate(req.get_ref(), &self.tokenizer, &self.limits)
-            .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request rejected"))
-            .map_err(|e| status_with_id(e, &id))?;
+        let v = validate(req.get_ref(), &self.tokenizer, &self.limits).map_err(|e| turned_away(e, &id, "rejected"))?;
         let (tx, rx) = unbounded_channel();
         let r = engine::Request {
             id: id.clone(),
@@ -86,8 +84,7 @@ impl GenerationService {
                 SubmitError::Unavailable(m) => Status::unavailable(m),
                 SubmitError::TooLarge(m) => Status::invalid_argument(format!("parameters.max_new_tokens: {m}")),
             })
-            .inspect_err(|e| tracing::info!(request_id = %id, error = e.message(), "request refused"))
-            .map_err(|e| status_with_id(e, &id))?;
+            .map_err(|e| turned_away(e, &id, "refused"))?;
         Ok((rx, dl, id))
     }
 }
@@ -167,6 +164,13 @@ fn tagged<T>(mut r: Response<T>, id: &str) -> Response<T> {
 fn status_with_id(mut st: Status, id: &str) -> Status {
     tag(st.metadata_mut(), id);
     st
+}
+
+/// A request turned away before the engine took it (`how`: rejected or refused): logged with
+/// its id, which its status carries too.
+fn turned_away(st: Status, id: &str, how: &str) -> Status {
+    tracing::info!(request_id = %id, error = st.message(), "request {how}");
+    status_with_id(st, id)
 }
 
 #[tonic::async_trait]
