@@ -145,17 +145,7 @@ fn sampling_on_the_gpu_matches_the_cpu() {
             .map(|r| Tensor::new(r.as_slice(), device).unwrap().unsqueeze(0).unwrap())
             .collect();
         let mut samplers: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
-        let mut batch: Vec<SampleRow<'_>> = logits
-            .iter()
-            .zip(samplers.iter_mut())
-            .map(|(logits, sampler)| SampleRow {
-                logits,
-                sampler,
-                context: &ids,
-                generated: &ids[ids.len() / 2..],
-                want_logprob: true,
-            })
-            .collect();
+        let mut batch = SampleRow::alike(&logits, &mut samplers, &ids, &ids[ids.len() / 2..], true);
         sample_batch(&mut batch, vocab, place).unwrap()
     };
     let on_gpu = run(&gpu(), SamplingPlace::Auto);

@@ -85,17 +85,7 @@ fn decode_plan(ids: &[u64], last: &[u32], reserve: usize) -> Vec<SeqPlan> {
 fn sample(logits: &[Tensor], vocab: usize, params: &SamplingParams, place: SamplingPlace) -> Result<Vec<Sampled>> {
     let mut samplers: Vec<Sampler> = logits.iter().map(|_| Sampler::new(params.clone())).collect();
     let context = tokens(64, 1, vocab);
-    let mut rows: Vec<SampleRow<'_>> = logits
-        .iter()
-        .zip(samplers.iter_mut())
-        .map(|(logits, sampler)| SampleRow {
-            logits,
-            sampler,
-            context: &context,
-            generated: &context[32..],
-            want_logprob: false,
-        })
-        .collect();
+    let mut rows = SampleRow::alike(logits, &mut samplers, &context, &context[32..], false);
     Ok(sample_batch(&mut rows, vocab, place)?)
 }
 

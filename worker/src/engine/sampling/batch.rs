@@ -39,6 +39,30 @@ pub struct SampleRow<'a> {
     pub want_logprob: bool,
 }
 
+impl<'a> SampleRow<'a> {
+    /// One row per logits tensor, each with its own sampler, all with the same context
+    /// (benchmarks and tests sampling a batch of alike sequences).
+    pub fn alike(
+        logits: &'a [Tensor],
+        samplers: &'a mut [Sampler],
+        context: &'a [u32],
+        generated: &'a [u32],
+        want_logprob: bool,
+    ) -> Vec<Self> {
+        logits
+            .iter()
+            .zip(samplers.iter_mut())
+            .map(|(logits, sampler)| SampleRow {
+                logits,
+                sampler,
+                context,
+                generated,
+                want_logprob,
+            })
+            .collect()
+    }
+}
+
 /// The next token of every row, in order, sampled at `place`. Each non-greedy row takes one
 /// draw of its own seeded generator either way.
 pub fn sample_batch(rows: &mut [SampleRow<'_>], vocab: usize, place: SamplingPlace) -> Result<Vec<Sampled>> {

@@ -628,17 +628,7 @@ mod tests {
                 .collect();
             (0..30)
                 .map(|_| {
-                    let mut rows: Vec<SampleRow<'_>> = tensors
-                        .iter()
-                        .zip(samplers.iter_mut())
-                        .map(|(logits, sampler)| SampleRow {
-                            logits,
-                            sampler,
-                            context: &context,
-                            generated: &context[..10],
-                            want_logprob: false,
-                        })
-                        .collect();
+                    let mut rows = SampleRow::alike(&tensors, &mut samplers, &context, &context[..10], false);
                     sample_batch(&mut rows, vocab, place)
                         .unwrap()
                         .into_iter()
