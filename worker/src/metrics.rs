@@ -19,6 +19,8 @@ pub struct Metrics {
     pub prefix_cache_blocks: IntGauge,
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
+    pub spec_draft_tokens: IntCounter,
+    pub spec_accepted_tokens: IntCounter,
     pub group_healthy: IntGauge,
 }
 
@@ -89,6 +91,14 @@ impl Metrics {
                 "neox_prefix_cache_hits_total",
                 "Tokens of admitted sequences whose KV was copied from the prefix cache (never a sequence's last token)",
             )?,
+            spec_draft_tokens: IntCounter::new(
+                "neox_spec_decode_draft_tokens_total",
+                "Draft tokens proposed by prompt lookup and verified (speculative decoding)",
+            )?,
+            spec_accepted_tokens: IntCounter::new(
+                "neox_spec_decode_accepted_tokens_total",
+                "Draft tokens the model agreed with and kept (each saved a decode step)",
+            )?,
             group_healthy: IntGauge::new(
                 "neox_group_healthy",
                 "1 while every rank of the tensor-parallel group is connected and serving",
@@ -109,6 +119,8 @@ impl Metrics {
         m.registry.register(Box::new(m.prefix_cache_blocks.clone()))?;
         m.registry.register(Box::new(m.prefix_cache_queries.clone()))?;
         m.registry.register(Box::new(m.prefix_cache_hits.clone()))?;
+        m.registry.register(Box::new(m.spec_draft_tokens.clone()))?;
+        m.registry.register(Box::new(m.spec_accepted_tokens.clone()))?;
         m.registry.register(Box::new(m.group_healthy.clone()))?;
         for l in FINISH_LABELS {
             m.requests.with_label_values(&[l]);

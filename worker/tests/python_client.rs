@@ -23,8 +23,17 @@ fn python_grpcio_client_passes() {
         );
         return;
     }
-    for tp in ["1", "2"] {
-        let server = serving::start(&["--max-prompt-bytes", "4096", "--tp", tp]);
+    // At TP=2 with speculative decoding: the client's HF goldens hold with drafts verified
+    // across ranks.
+    for (tp, speculative) in [("1", "0"), ("2", "4")] {
+        let server = serving::start(&[
+            "--max-prompt-bytes",
+            "4096",
+            "--tp",
+            tp,
+            "--speculative-tokens",
+            speculative,
+        ]);
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let out = Command::new("python3")
             .arg(root.join("tests/python/grpc_client_test.py"))

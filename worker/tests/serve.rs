@@ -652,28 +652,6 @@ fn cached_prefixes_give_way_to_requests_that_need_the_blocks() {
     on.wait_kv_freed();
 }
 
-/// A request that samples (seeded) with every filter and penalty, reporting logprobs.
-fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: prompt.into(),
-        parameters: Some(pb::GenerationParameters {
-            max_new_tokens: 20,
-            ignore_eos: true,
-            temperature: Some(0.8),
-            top_k: 40,
-            top_p: Some(0.9),
-            typical_p: Some(0.95),
-            repetition_penalty: Some(1.2),
-            presence_penalty: 0.3,
-            seed: Some(seed),
-            logprobs: true,
-            top_n_tokens: 3,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn device_sampling_matches_host_sampling() {
     // The GPU's batched tensor sampler, forced on the CPU, against the host sampler.

@@ -69,12 +69,13 @@ fn every_logits(out: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// One decode step: each sequence feeds its last token.
-fn decode_plan(ids: &[u64], last: &[u32], reserve: usize) -> Vec<SeqPlan> {
+/// One decode step: each sequence feeds its last token at position `start`.
+fn decode_plan(ids: &[u64], last: &[u32], start: usize, reserve: usize) -> Vec<SeqPlan> {
     ids.iter()
         .zip(last)
         .map(|(&id, &t)| SeqPlan {
             id,
+            start,
             tokens: vec![t],
             logits: LogitsWanted::Last,
             reserve,
@@ -146,6 +147,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         next_id += 1;
         let plan = [SeqPlan {
             id: next_id,
+            start: 0,
             tokens: tokens(len, next_id as usize, vocab),
             logits: LogitsWanted::Last,
             reserve: len,
@@ -170,6 +172,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .iter()
             .map(|&id| SeqPlan {
                 id,
+                start: 0,
                 tokens: tokens(a.context_len, id as usize, vocab),
                 logits: LogitsWanted::Last,
                 reserve,
@@ -178,7 +181,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut last = next_tokens(runner.step(&plan)?, vocab)?;
         let mut step_secs = Vec::with_capacity(a.steps);
         for s in 0..a.steps + 2 {
-            let plan = decode_plan(&ids, &last, reserve);
+            let plan = decode_plan(&ids, &last, a.context_len + s, reserve);
             let t = Instant::now();
             last = next_tokens(runner.step(&plan)?, vocab)?;
             if s >= 2 {
@@ -186,7 +189,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
         }
         // The sampling cost on this step's real logits.
-        let logits = every_logits(runner.step(&decode_plan(&ids, &last, reserve))?)?;
+        let logits = every_logits(runner.step(&decode_plan(&ids, &last, a.context_len + a.steps + 2, reserve))?)?;
         let sampling = sampling_cost(&logits, vocab)?;
         peak = peak.max(memory_in_use(runner));
         runner.release(&ids)?;
@@ -275,6 +278,7 @@ fn prefix_cached(runner: &mut dyn StepRunner, len: usize, vocab: usize) -> Resul
     }
     runner.step(&[SeqPlan {
         id: src,
+        start: 0,
         tokens: prompt[..cached].to_vec(),
         logits: LogitsWanted::None,
         reserve: len,
@@ -284,6 +288,7 @@ fn prefix_cached(runner: &mut dyn StepRunner, len: usize, vocab: usize) -> Resul
     next_tokens(
         runner.step(&[SeqPlan {
             id: dst,
+            start: cached,
             tokens: prompt[cached..].to_vec(),
             logits: LogitsWanted::Last,
             reserve: len,

@@ -171,6 +171,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     };
     let plan = [SeqPlan {
         id: 0,
+        start: 0,
         tokens: a.prompt_ids.clone(),
         logits: wanted,
         reserve: a.prompt_ids.len(),

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use neox_proto::neox::v1 as pb;
 
-use neox_worker::engine::{self, BlockManager, EngineConfig, SamplingPlace};
+use neox_worker::engine::{self, BlockManager, EngineConfig, SamplingPlace, SpeculationConfig};
 use neox_worker::metrics::Metrics;
 use neox_worker::model::dtype_name;
 use neox_worker::server::{self, Exit, Limits, ServerOptions};
@@ -72,6 +72,21 @@ pub struct ServeArgs {
     /// recomputing it. Cached prefixes are evicted first whenever blocks are needed.
     #[arg(long, env = "NEOX_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
     prefix_caching: bool,
+    /// Speculative decoding by prompt lookup: a decoding sequence whose last tokens occurred
+    /// earlier in its prompt or output feeds up to this many of the tokens that followed them
+    /// as drafts, and keeps those the model agrees with (several tokens for one step's weight
+    /// reads). Output is unchanged, seeded sampling included. 0: off.
+    #[arg(long, env = "NEOX_SPECULATIVE_TOKENS", default_value_t = 0)]
+    speculative_tokens: usize,
+    /// Longest and shortest suffix (in tokens) looked up for drafts.
+    #[arg(long, env = "NEOX_SPECULATIVE_NGRAM_MAX", default_value_t = 3)]
+    speculative_ngram_max: usize,
+    #[arg(long, env = "NEOX_SPECULATIVE_NGRAM_MIN", default_value_t = 2)]
+    speculative_ngram_min: usize,
+    /// Speculate only in steps where at most this many sequences decode (larger batches
+    /// already share each weight read, and draft rows would cost compute).
+    #[arg(long, env = "NEOX_SPECULATIVE_MAX_BATCH", default_value_t = 4)]
+    speculative_max_batch: usize,
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "NEOX_SHUTDOWN_GRACE", default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -116,6 +131,21 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         if v == 0 {
             bail!("--{name} must be at least 1");
         }
+    }
+    for (name, v) in [
+        ("speculative-ngram-max", a.speculative_ngram_max),
+        ("speculative-ngram-min", a.speculative_ngram_min),
+    ] {
+        if v == 0 {
+            bail!("--{name} must be at least 1");
+        }
+    }
+    if a.speculative_ngram_min > a.speculative_ngram_max {
+        bail!(
+            "--speculative-ngram-min ({}) is more than --speculative-ngram-max ({})",
+            a.speculative_ngram_min,
+            a.speculative_ngram_max
+        );
     }
     if !(a.shutdown_grace >= 0.0 && a.shutdown_grace.is_finite()) {
         bail!("--shutdown-grace must be a non-negative number of seconds");
@@ -162,6 +192,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_block_size: a.kv_block_size as u32,
         kv_cache_blocks: blocks.total() as u32,
         prefix_caching: a.prefix_caching,
+        speculative_tokens: a.speculative_tokens as u32,
     };
     let limits = Limits {
         max_total_tokens: max_total,
@@ -184,6 +215,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         sampling: a.sampling,
         prefix_caching: a.prefix_caching,
         forks_share_blocks: paged,
+        speculation: SpeculationConfig {
+            max_tokens: a.speculative_tokens,
+            max_ngram: a.speculative_ngram_max,
+            min_ngram: a.speculative_ngram_min,
+            max_batch: a.speculative_max_batch,
+        },
     };
     if paged {
         // The whole budget up front, on every rank: the engine's block accounting is exact.

@@ -205,6 +205,21 @@ impl Engine {
         }
     }
 
+    /// Grows `running[i]`'s blocks towards `tokens` tokens from free blocks only (nothing is
+    /// evicted or preempted); returns how many tokens its blocks now hold.
+    pub(super) fn take_free_blocks_for(&mut self, i: usize, tokens: usize) -> usize {
+        let held = self.running[i].hold.len();
+        let more = self
+            .blocks
+            .blocks_for(tokens)
+            .saturating_sub(held)
+            .min(self.blocks.free());
+        if more > 0 && self.blocks.try_take(more) {
+            self.running[i].hold.own += more;
+        }
+        self.running[i].hold.len() * self.blocks.block_size()
+    }
+
     pub(super) fn ensure_blocks_by_id(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {
         match self.running.iter().position(|s| s.id == id) {
             Some(i) => self.ensure_blocks(i, tokens),

@@ -8,6 +8,7 @@ mod prefix_cache;
 mod request;
 pub mod sampling;
 mod scheduler;
+pub mod speculation;
 mod stop;
 
 pub use blocks::BlockManager;
@@ -16,4 +17,5 @@ pub use prefix_cache::{Hit, PrefixCache};
 pub use request::{Event, Failure, Finish, FinishReason, Request, StopCriteria, TokenInfo};
 pub use sampling::{sample_batch, SampleRow, Sampled, Sampler, SamplingParams, SamplingPlace};
 pub use scheduler::{start, EngineConfig, EngineHandle, SubmitError};
+pub use speculation::SpeculationConfig;
 pub use stop::{StopMatcher, StopOutcome};

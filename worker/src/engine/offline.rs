@@ -110,6 +110,8 @@ fn run_batch(
             .iter()
             .map(|&i| SeqPlan {
                 id: ids[i],
+                // Everything but the tokens fed now is cached.
+                start: prompts[i].len() + out[i].ids.len() - next[i].len(),
                 tokens: std::mem::take(&mut next[i]),
                 logits: LogitsWanted::Last,
                 reserve: prompts[i].len() + opts.max_new_tokens,
@@ -194,6 +196,7 @@ pub fn perplexity(runner: &mut dyn StepRunner, ids: &[u32], window: usize) -> Re
         let chunk = &ids[w * window..(w + 1) * window];
         let plan = [SeqPlan {
             id: w as u64,
+            start: 0,
             tokens: chunk.to_vec(),
             logits: LogitsWanted::All,
             reserve: window,

@@ -5,8 +5,11 @@
 //! arrival order while KV blocks and batch slots allow, and builds the next step: one decode
 //! token for every running sequence first, then prefill chunks up to the step's token budget
 //! (long prompts are prefilled over several steps). Admission, where a sequence's KV starts
-//! from, and what gives way when blocks run out are in `admission`.
+//! from, and what gives way when blocks run out are in `admission`. A decoding sequence may
+//! feed draft tokens after its last one (`speculation`); the step samples each of its rows and
+//! keeps the drafts the samples agree with.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -21,6 +24,7 @@ use super::blocks::{held_blocks, BlockManager, Holding};
 use super::prefix_cache::PrefixCache;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
 use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
+use super::speculation::{self, DraftLength, SpeculationConfig};
 use super::stop::{StopMatcher, StopOutcome};
 
 /// How often an idle engine checks that every rank is still there.
@@ -49,6 +53,8 @@ pub struct EngineConfig {
     /// Whether a fork shares its source's full prefix blocks on the ranks (the paged layout)
     /// rather than copying them (per-sequence caches), so the budget counts them once.
     pub forks_share_blocks: bool,
+    /// Draft tokens from prompt lookup (speculative decoding; off when `max_tokens` is 0).
+    pub speculation: SpeculationConfig,
 }
 
 /// Why a request was not accepted.
@@ -134,6 +140,8 @@ pub(super) struct Seq {
     /// Its KV blocks in the budget.
     pub(super) hold: Holding,
     pub(super) sampler: Sampler,
+    /// How many draft tokens it tries next (speculative decoding).
+    pub(super) draft_len: DraftLength,
     pub(super) decoder: IncrementalDecoder,
     pub(super) stop: StopMatcher,
     pub(super) prompt_lp: Vec<TokenInfo>,
@@ -206,6 +214,26 @@ pub fn start(
         .spawn(move || crate::model::on_compute_threads(move || engine.run()))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (handle, join)
+}
+
+/// One row to sample: a sequence's logits row with the sampler state and the tokens plain
+/// decoding would have had there (a verification row's include the drafts before it).
+struct RowSource<'a> {
+    /// Index of its sequence in the step's `Due` list.
+    due: usize,
+    logits: candle_core::Tensor,
+    sampler: Sampler,
+    context: Cow<'a, [u32]>,
+    generated: Cow<'a, [u32]>,
+    want_logprob: bool,
+}
+
+/// A sequence due its next token (and, if it fed drafts, theirs too) after a step.
+struct Due {
+    id: u64,
+    /// `[rows, vocab]`: the last row, or one row per draft plus one after them.
+    logits: candle_core::Tensor,
+    drafts: Vec<u32>,
 }
 
 pub(super) struct Engine {
@@ -292,6 +320,7 @@ impl Engine {
             cached_prompt: 0,
             hold: Holding::default(),
             sampler,
+            draft_len: DraftLength::new(self.config.speculation.max_tokens),
             decoder: IncrementalDecoder::new(),
             stop,
             prompt_lp: Vec::new(),
@@ -356,8 +385,9 @@ impl Engine {
 
     fn step(&mut self) -> Result<(), ModelError> {
         let mut budget = self.config.max_tokens_per_step.max(1);
-        let mut plan: Vec<(u64, usize)> = Vec::new(); // (seq id, tokens this step)
-                                                      // Decode first: every fully prefilled sequence feeds its last sampled token.
+        // (seq id, its tokens this step, draft tokens fed after them)
+        let mut plan: Vec<(u64, usize, Vec<u32>)> = Vec::new();
+        // Decode first: every fully prefilled sequence feeds its last sampled token.
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
@@ -365,11 +395,19 @@ impl Engine {
                 let id = s.id;
                 let want = s.tokens.len();
                 if self.ensure_blocks_by_id(id, want)? {
-                    plan.push((id, 1));
+                    plan.push((id, 1, Vec::new()));
                     budget -= 1;
                 }
             }
             i += 1;
+        }
+        // Then drafts for those, from what the budget and free blocks leave.
+        let spec = self.config.speculation;
+        if spec.enabled() && !plan.is_empty() && plan.len() <= spec.max_batch {
+            for (id, _, drafts) in plan.iter_mut() {
+                *drafts = self.draft(*id, budget, &spec)?;
+                budget -= drafts.len();
+            }
         }
         // Then prefill chunks in admission order.
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
@@ -386,52 +424,74 @@ impl Engine {
             let chunk = (s.tokens.len() - s.computed).min(budget);
             let end = s.computed + chunk;
             if self.ensure_blocks_by_id(id, end + usize::from(end == s.tokens.len()))? {
-                plan.push((id, chunk));
+                plan.push((id, chunk, Vec::new()));
                 budget -= chunk;
             }
         }
         if plan.is_empty() {
             return Ok(());
         }
-        let steps: Vec<SeqPlan> = plan
-            .iter()
-            .filter_map(|&(id, n)| {
+        let (steps, drafts): (Vec<SeqPlan>, Vec<Vec<u32>>) = plan
+            .into_iter()
+            .filter_map(|(id, n, drafts)| {
                 let s = self.running.iter().find(|s| s.id == id)?;
                 let completes = s.computed + n == s.tokens.len();
-                let logits = if s.req.prompt_logprobs && s.computed < s.prompt_len() {
+                let logits = if !drafts.is_empty() || (s.req.prompt_logprobs && s.computed < s.prompt_len()) {
                     LogitsWanted::All
                 } else if completes {
                     LogitsWanted::Last
                 } else {
                     LogitsWanted::None
                 };
-                Some(SeqPlan {
+                let mut tokens = s.tokens[s.computed..s.computed + n].to_vec();
+                tokens.extend_from_slice(&drafts);
+                let p = SeqPlan {
                     id,
-                    tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                    start: s.computed,
+                    tokens,
                     logits,
                     reserve: s.hold.len() * self.blocks.block_size(),
-                })
+                };
+                Some((p, drafts))
             })
-            .collect();
+            .unzip();
         self.metrics.batch_size.observe(steps.len() as f64);
         let logits = self.runner.step(&steps)?;
         // Account for every sequence's step; those that completed their tokens are due one.
-        let mut due: Vec<(u64, candle_core::Tensor)> = Vec::new();
-        for (p, l) in steps.iter().zip(logits) {
+        let mut due: Vec<Due> = Vec::new();
+        for ((p, drafts), l) in steps.iter().zip(drafts).zip(logits) {
             let Some(idx) = self.running.iter().position(|s| s.id == p.id) else {
                 continue;
             };
-            if let Some(l) = self.absorb(idx, p, l)? {
-                due.push((p.id, l));
+            if let Some(logits) = self.absorb(idx, p, drafts.len(), l)? {
+                due.push(Due {
+                    id: p.id,
+                    logits,
+                    drafts,
+                });
             }
         }
         let mut finished = Vec::new();
-        for (id, sampled) in self.sample(&due)? {
+        for (id, sampled, drafted) in self.sample(&due)? {
             let Some(idx) = self.running.iter().position(|s| s.id == id) else {
                 continue;
             };
-            if let Some(label) = self.emit(idx, sampled)? {
-                finished.push((id, label));
+            // Every sampled token but the last is a draft the model agreed with: its KV is
+            // already cached.
+            let last = sampled.len() - 1;
+            for (j, t) in sampled.into_iter().enumerate() {
+                if let Some(label) = self.emit(idx, t)? {
+                    finished.push((id, label));
+                    break;
+                }
+                if j < last {
+                    self.running[idx].computed += 1;
+                }
+            }
+            if drafted > 0 {
+                self.metrics.spec_draft_tokens.inc_by(drafted as u64);
+                self.metrics.spec_accepted_tokens.inc_by(last as u64);
+                self.running[idx].draft_len.record(drafted, last, spec.max_tokens);
             }
         }
         for (id, label) in finished {
@@ -444,28 +504,99 @@ impl Engine {
         Ok(())
     }
 
+    /// Draft tokens for decoding sequence `id` this step (at most `budget`): what prompt lookup
+    /// proposes, within its remaining `max_new_tokens` and the KV blocks it holds or can take
+    /// from the free ones (drafts never evict or preempt anything).
+    fn draft(&mut self, id: u64, budget: usize, spec: &SpeculationConfig) -> Result<Vec<u32>, ModelError> {
+        let Some(i) = self.running.iter().position(|s| s.id == id) else {
+            return Ok(Vec::new());
+        };
+        let s = &self.running[i];
+        // The step's own sampled token comes on top of the accepted drafts.
+        let left = s.req.stop.max_new_tokens.saturating_sub(s.generated.len() + 1);
+        let max = s.draft_len.get().min(left).min(budget);
+        let mut drafts = speculation::propose(&s.tokens, spec, max);
+        if !drafts.is_empty() {
+            let len = s.tokens.len();
+            let room = self.take_free_blocks_for(i, len + drafts.len());
+            drafts.truncate(room.saturating_sub(len));
+        }
+        Ok(drafts)
+    }
+
     /// Samples the next token of every sequence in `due` in one batch, where the engine's
-    /// `sampling` place says: on a GPU only the ids and asked-for logprobs cross. Returns the
-    /// sequences' ids with their tokens.
-    fn sample(&mut self, due: &[(u64, candle_core::Tensor)]) -> Result<Vec<(u64, Sampled)>, ModelError> {
+    /// `sampling` place says: on a GPU only the ids and asked-for logprobs cross. A sequence
+    /// that fed drafts has each of its rows sampled as plain decoding would have sampled it
+    /// (the drafts before it in the context, the generator as far on); its tokens are those
+    /// up to and including the first that differs from its draft. Returns, per sequence, its
+    /// id, its tokens and how many drafts it fed.
+    fn sample(&mut self, due: &[Due]) -> Result<Vec<(u64, Vec<Sampled>, usize)>, ModelError> {
         let vocab = self.runner.model().sampleable_vocab();
-        let mut ids = Vec::with_capacity(due.len());
-        let mut rows: Vec<SampleRow<'_>> = Vec::with_capacity(due.len());
-        for s in self.running.iter_mut() {
-            let Some((_, logits)) = due.iter().find(|(id, _)| *id == s.id) else {
+        let mut rows: Vec<RowSource<'_>> = Vec::new();
+        for (d, due) in due.iter().enumerate() {
+            let Some(s) = self.running.iter().find(|s| s.id == due.id) else {
                 continue;
             };
-            ids.push(s.id);
-            rows.push(SampleRow {
-                logits,
-                sampler: &mut s.sampler,
-                context: &s.tokens,
-                generated: &s.generated,
-                want_logprob: s.req.logprobs,
-            });
+            if due.drafts.is_empty() {
+                rows.push(RowSource {
+                    due: d,
+                    logits: due.logits.clone(),
+                    sampler: s.sampler.clone(),
+                    context: Cow::Borrowed(&s.tokens),
+                    generated: Cow::Borrowed(&s.generated),
+                    want_logprob: s.req.logprobs,
+                });
+                continue;
+            }
+            let mut sampler = s.sampler.clone();
+            for j in 0..=due.drafts.len() {
+                let ahead = &due.drafts[..j];
+                let next = sampler.successor();
+                rows.push(RowSource {
+                    due: d,
+                    logits: due.logits.narrow(0, j, 1)?,
+                    sampler: std::mem::replace(&mut sampler, next),
+                    context: Cow::Owned([&s.tokens[..], ahead].concat()),
+                    generated: Cow::Owned([&s.generated[..], ahead].concat()),
+                    want_logprob: s.req.logprobs,
+                });
+            }
         }
-        let sampled = sample_batch(&mut rows, vocab, self.config.sampling)?;
-        Ok(ids.into_iter().zip(sampled).collect())
+        let mut batch: Vec<SampleRow<'_>> = rows
+            .iter_mut()
+            .map(|r| SampleRow {
+                logits: &r.logits,
+                sampler: &mut r.sampler,
+                context: &r.context,
+                generated: &r.generated,
+                want_logprob: r.want_logprob,
+            })
+            .collect();
+        let sampled = sample_batch(&mut batch, vocab, self.config.sampling)?;
+        drop(batch);
+        let rows: Vec<(usize, Sampler)> = rows.into_iter().map(|r| (r.due, r.sampler)).collect();
+        // Back per sequence: keep rows while they agree with the drafts; the sequence's
+        // generator goes on from the last kept row's.
+        let mut out: Vec<(u64, Vec<Sampled>, usize)> = Vec::with_capacity(due.len());
+        let mut rows = sampled.into_iter().zip(rows).peekable();
+        while let Some((first, (d, sampler))) = rows.next() {
+            let drafts = &due[d].drafts;
+            let mut kept = vec![first];
+            let mut state = sampler;
+            while let Some((t, (_, next_state))) = rows.next_if(|(_, (o, _))| *o == d) {
+                let n = kept.len();
+                let agreed = n <= drafts.len() && kept[n - 1].id == drafts[n - 1];
+                if agreed {
+                    kept.push(t);
+                    state = next_state;
+                }
+            }
+            if let Some(s) = self.running.iter_mut().find(|s| s.id == due[d].id) {
+                s.sampler = state;
+            }
+            out.push((due[d].id, kept, drafts.len()));
+        }
+        Ok(out)
     }
 
     /// Applies a step's result to a sequence (progress, prompt logprobs); returns the logits
@@ -474,21 +605,24 @@ impl Engine {
         &mut self,
         idx: usize,
         p: &SeqPlan,
+        drafted: usize,
         logits: Option<candle_core::Tensor>,
     ) -> Result<Option<candle_core::Tensor>, ModelError> {
         let tok = self.tokenizer.clone();
         let vocab = self.runner.model().sampleable_vocab();
         let s = &mut self.running[idx];
         let start = s.computed;
-        s.computed += p.tokens.len();
-        let prefill_tokens = s.prompt_len().saturating_sub(start).min(p.tokens.len());
+        // Drafts count as computed only once they are accepted.
+        let fed = p.tokens.len() - drafted;
+        s.computed += fed;
+        let prefill_tokens = s.prompt_len().saturating_sub(start).min(fed);
         if prefill_tokens > 0 && s.generated.is_empty() {
             self.metrics.prompt_tokens.inc_by(prefill_tokens as u64);
         }
         let Some(logits) = logits else { return Ok(None) };
-        if p.logits == LogitsWanted::All && !s.prompt_lp_sent {
+        if p.logits == LogitsWanted::All && s.req.prompt_logprobs && !s.prompt_lp_sent {
             // Row j predicts token start + j + 1.
-            let targets = &s.tokens[start + 1..(start + p.tokens.len() + 1).min(s.prompt_len())];
+            let targets = &s.tokens[start + 1..(start + fed + 1).min(s.prompt_len())];
             let logprobs = token_logprobs(&logits, vocab, targets)?;
             if start == 0 {
                 let first = s.tokens[0];

@@ -123,6 +123,20 @@ impl SequenceCache {
         })
     }
 
+    /// Forgets the tokens from `len` on: the next write goes to position `len`. Speculative
+    /// decoding feeds draft tokens and keeps only those the model agreed with; the rejected
+    /// ones' keys are overwritten by the next step (their room stays reserved).
+    pub fn rewind(&mut self, len: usize) -> Result<(), ModelError> {
+        if len > self.len {
+            return Err(ModelError::Internal(format!(
+                "cannot rewind a cache of {} tokens to {len}",
+                self.len
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }

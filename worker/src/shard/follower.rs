@@ -149,7 +149,7 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
                 let mut plan = Vec::with_capacity(f.sequences.len());
                 for s in f.sequences {
                     let have = runner.cached_len(s.id);
-                    if have != s.start_pos as usize {
+                    if have < s.start_pos as usize {
                         return Err(ModelError::Internal(format!(
                             "step {}: sequence {} starts at {} on the leader but {have} here",
                             f.step, s.id, s.start_pos
@@ -162,6 +162,7 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
                     };
                     plan.push(SeqPlan {
                         id: s.id,
+                        start: s.start_pos as usize,
                         tokens: s.tokens,
                         logits,
                         reserve: s.reserve as usize,

@@ -267,7 +267,7 @@ impl StepRunner for LeaderRunner {
             .map(|p| pb::Sequence {
                 id: p.id,
                 tokens: p.tokens.clone(),
-                start_pos: self.local.cached_len(p.id) as u32,
+                start_pos: p.start as u32,
                 logits: logits_pb(p.logits),
                 reserve: p.reserve as u32,
             })

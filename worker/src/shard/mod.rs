@@ -21,6 +21,9 @@ pub use leader::{GroupLeader, GroupOptions, LeaderRunner};
 #[derive(Debug, Clone)]
 pub struct SeqPlan {
     pub id: u64,
+    /// Position of the first of `tokens`: the sequence's cached tokens so far, or fewer when
+    /// it drops KV it no longer wants (rejected draft tokens), never more.
+    pub start: usize,
     pub tokens: Vec<u32>,
     pub logits: LogitsWanted,
     /// Tokens of KV room reserved for the sequence (its cache grows to this when it grows).
@@ -71,7 +74,24 @@ impl StepRunner for LocalRunner {
     fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError> {
         for p in plan {
             match self.caches.get_mut(&p.id) {
-                Some(c) => c.set_reserve(p.reserve),
+                Some(c) if p.start > c.len() => {
+                    return Err(ModelError::Internal(format!(
+                        "sequence {} starts at {} but has {} tokens cached",
+                        p.id,
+                        p.start,
+                        c.len()
+                    )))
+                }
+                Some(c) => {
+                    c.rewind(p.start)?;
+                    c.set_reserve(p.reserve);
+                }
+                None if p.start > 0 => {
+                    return Err(ModelError::Internal(format!(
+                        "sequence {} starts at {} but has no KV cache",
+                        p.id, p.start
+                    )))
+                }
                 None => {
                     self.caches.insert(p.id, self.model.new_cache(p.reserve));
                 }

@@ -142,6 +142,28 @@ pub fn greedy(prompt: &str, n: u32) -> pb::GenerateRequest {
     }
 }
 
+/// A request that samples (seeded) with every filter and penalty, reporting logprobs.
+pub fn sampled(prompt: &str, seed: u64) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        parameters: Some(pb::GenerationParameters {
+            max_new_tokens: 20,
+            ignore_eos: true,
+            temperature: Some(0.8),
+            top_k: 40,
+            top_p: Some(0.9),
+            typical_p: Some(0.95),
+            repetition_penalty: Some(1.2),
+            presence_penalty: 0.3,
+            seed: Some(seed),
+            logprobs: true,
+            top_n_tokens: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Runs a stream to its end: (token ids, concatenated text, finish reason).
 pub async fn stream_all(
     c: &mut TextGenerationClient<Channel>,

@@ -196,6 +196,10 @@ async fn run(cli: Cli) -> Result<()> {
                 u64::from(i.kv_cache_blocks) * u64::from(i.kv_block_size),
                 if i.prefix_caching { "on" } else { "off" }
             );
+            match i.speculative_tokens {
+                0 => println!("speculative decoding: off"),
+                n => println!("speculative decoding: prompt lookup, up to {n} draft tokens"),
+            }
         }
         Command::Health { service } => {
             let ch = Channel::from_shared(cli.addr.clone())?

@@ -64,6 +64,7 @@ pub struct Sampled {
 }
 
 /// Per-sequence sampler state.
+#[derive(Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -178,6 +179,17 @@ impl Sampler {
             logprob,
             top: top_ids.into_iter().zip(lps).collect(),
         }
+    }
+
+    /// This sampler as it will be once it has sampled one token: speculative decoding samples
+    /// several positions of a sequence in one batch, each with the draws plain decoding would
+    /// have used there.
+    pub fn successor(&self) -> Sampler {
+        let mut next = self.clone();
+        if !self.params.is_greedy() {
+            next.next_uniform();
+        }
+        next
     }
 
     /// The next uniform draw of this sequence's seeded generator (one per sampled token,

@@ -1,0 +1,162 @@
+//! Speculative decoding by prompt lookup: draft tokens come from the sequence itself.
+//!
+//! A decoding sequence whose last few tokens appeared earlier (in its prompt or its output)
+//! guesses that what followed them then follows now: code being edited, a document being
+//! quoted or summarised, a model stuck in a loop. The engine feeds the guesses after the
+//! sequence's real last token in one step and samples every row as it would have sampled one
+//! token per step; it keeps the guesses up to the first one the sampler disagrees with, plus
+//! the sampler's own token there. Output and seeded sampling are exactly those of plain
+//! decoding (the rows are sampled with the same contexts and the same draws); a step that
+//! would only read the weights once per token reads them once for several.
+//!
+//! No draft model: proposing costs a scan of the sequence's tokens.
+
+/// How drafts are proposed (`serve --speculative-tokens`, `--speculative-ngram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculationConfig {
+    /// Most draft tokens per sequence and step (0: no speculation).
+    pub max_tokens: usize,
+    /// The longest suffix looked up; shorter ones are tried down to `min_ngram`.
+    pub max_ngram: usize,
+    pub min_ngram: usize,
+    /// Speculate only while at most this many sequences decode in a step: bigger batches
+    /// already use what a step reads, and verification rows then cost compute.
+    pub max_batch: usize,
+}
+
+impl SpeculationConfig {
+    pub const OFF: Self = Self {
+        max_tokens: 0,
+        max_ngram: 3,
+        min_ngram: 2,
+        max_batch: 0,
+    };
+
+    pub fn enabled(&self) -> bool {
+        self.max_tokens > 0 && self.max_batch > 0
+    }
+}
+
+impl Default for SpeculationConfig {
+    fn default() -> Self {
+        Self::OFF
+    }
+}
+
+/// The tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
+/// (from `max_ngram` down to `min_ngram` tokens long) that occurred before, at most `max`.
+/// Where those run out before `max` (the occurrence is near the end) they repeat: text that
+/// recurs that closely is a loop. Empty when no suffix recurs.
+pub fn propose(tokens: &[u32], cfg: &SpeculationConfig, max: usize) -> Vec<u32> {
+    let len = tokens.len();
+    if max == 0 {
+        return Vec::new();
+    }
+    for n in (cfg.min_ngram.max(1)..=cfg.max_ngram).rev() {
+        if n >= len {
+            continue;
+        }
+        let suffix = &tokens[len - n..];
+        // Latest first: recent text predicts the next tokens best. A match ending at `end`
+        // proposes tokens[end..]; `end < len` keeps at least one.
+        let found = (n..len).rev().find(|&end| &tokens[end - n..end] == suffix);
+        if let Some(end) = found {
+            let period = len - end;
+            return (0..max).map(|i| tokens[end + i % period]).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// A sequence's draft length, adapted to how its drafts fare (as HF's assisted generation
+/// does): two more after a draft accepted whole, one fewer after a rejection, so a sequence
+/// whose guesses keep failing costs one extra row a step, not `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftLength {
+    current: usize,
+}
+
+impl DraftLength {
+    pub fn new(max: usize) -> Self {
+        Self { current: max }
+    }
+
+    pub fn get(&self) -> usize {
+        self.current
+    }
+
+    /// Records a verification of `proposed` tokens of which `accepted` were kept.
+    pub fn record(&mut self, proposed: usize, accepted: usize, max: usize) {
+        self.current = if accepted == proposed {
+            (self.current + 2).min(max)
+        } else {
+            self.current.saturating_sub(1).max(1)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(min: usize, max: usize) -> SpeculationConfig {
+        SpeculationConfig {
+            max_tokens: 8,
+            max_ngram: max,
+            min_ngram: min,
+            max_batch: 4,
+        }
+    }
+
+    #[test]
+    fn proposes_what_followed_the_latest_earlier_occurrence() {
+        // "1 2 3" recurs at the end; its latest earlier occurrence is followed by 7 8.
+        let t = [1, 2, 3, 4, 5, 1, 2, 3, 7, 8, 9, 1, 2, 3];
+        assert_eq!(propose(&t, &cfg(2, 3), 2), vec![7, 8]);
+        assert_eq!(propose(&t, &cfg(2, 3), 6), vec![7, 8, 9, 1, 2, 3]);
+        assert_eq!(propose(&t, &cfg(2, 3), 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn prefers_the_longest_suffix() {
+        // "3 9" (two tokens) last occurred followed by 5; "9" alone last occurred followed by 6.
+        let t = [3, 9, 5, 9, 6, 3, 9];
+        assert_eq!(propose(&t, &cfg(1, 2), 1), vec![5]);
+        assert_eq!(propose(&t, &cfg(1, 1), 1), vec![6]);
+    }
+
+    #[test]
+    fn proposes_nothing_without_a_recurring_suffix() {
+        assert!(propose(&[1, 2, 3, 4], &cfg(1, 3), 4).is_empty());
+        assert!(propose(&[], &cfg(1, 3), 4).is_empty());
+        assert!(propose(&[5], &cfg(1, 3), 4).is_empty());
+        // Only a 1-token match exists, below the minimum.
+        assert!(propose(&[1, 2, 3, 2], &cfg(2, 3), 4).is_empty());
+    }
+
+    #[test]
+    fn a_loop_proposes_its_own_continuation() {
+        // A period-2 loop: the suffix recurs one period earlier, and the loop goes on.
+        let t = [1, 2, 1, 2, 1, 2];
+        assert_eq!(propose(&t, &cfg(2, 3), 5), vec![1, 2, 1, 2, 1]);
+        assert_eq!(propose(&[7, 7, 7], &cfg(1, 2), 3), vec![7, 7, 7]);
+        // A match near the end of other text repeats what followed it.
+        assert_eq!(propose(&[4, 5, 6, 8, 5, 6], &cfg(2, 2), 4), vec![8, 5, 6, 8]);
+    }
+
+    #[test]
+    fn draft_length_grows_on_success_and_shrinks_on_failure() {
+        let mut d = DraftLength::new(5);
+        d.record(5, 2, 5);
+        assert_eq!(d.get(), 4);
+        for _ in 0..10 {
+            d.record(4, 0, 5);
+        }
+        assert_eq!(d.get(), 1);
+        d.record(1, 1, 5);
+        assert_eq!(d.get(), 3);
+        d.record(3, 3, 5);
+        d.record(5, 5, 5);
+        assert_eq!(d.get(), 5);
+    }
+}
