@@ -238,6 +238,11 @@ pub struct EngineSpec {
     /// tokens from it (the worker's default: true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_caching: Option<bool>,
+    /// Speculative decoding by prompt lookup: draft tokens a decoding sequence may verify per
+    /// step (the worker's default: 0, off). Changes speed, never output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16))]
+    pub speculative_tokens: Option<i32>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

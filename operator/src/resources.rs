@@ -226,6 +226,7 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         ("NEOX_MAX_WAITING_REQUESTS", e.max_waiting_requests),
         ("NEOX_MAX_TOTAL_TOKENS", e.max_total_tokens),
         ("NEOX_KV_CACHE_MIB", e.kv_cache_mib),
+        ("NEOX_SPECULATIVE_TOKENS", e.speculative_tokens),
     ] {
         if let Some(v) = v {
             envs.push(env(name, v.to_string()));

@@ -97,4 +97,8 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
         String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'),
         p["full_text"].as_str().unwrap()
     );
+    // The engine settings reached the leader.
+    let info = String::from_utf8_lossy(&neox(grpc[0], &["info"]).stdout).into_owned();
+    let spec = d.spec.engine.speculative_tokens.unwrap();
+    assert!(info.contains(&format!("up to {spec} draft tokens")), "{info}");
 }

@@ -75,6 +75,27 @@ echo "cached prompt tokens: $hits"
 [ "$hits" -gt 0 ] || { echo "gpu-run: the repeated prompt found nothing in the prefix cache" >&2; exit 1; }
 "$BIN/neox" --addr http://127.0.0.1:50091 info
 kill $SERVER; trap - EXIT
+echo "== speculative decoding on the GPU: the same greedy and seeded ids, drafts kept"
+"$BIN/neox-worker" serve --device cuda --dtype fp32 --speculative-tokens 4 --grpc-addr 127.0.0.1:50092 \
+  --metrics-addr 127.0.0.1:9492 >/tmp/neox-gpu-spec.log 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 240); do
+  "$BIN/neox" --addr http://127.0.0.1:50092 health >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { cat /tmp/neox-gpu-spec.log >&2; echo "gpu-run: the server exited" >&2; exit 1; }
+  sleep 0.5
+done
+got=$("$BIN/neox" --addr http://127.0.0.1:50092 generate $'ROMEO:\n' --max-new-tokens 40 --json |
+  python3 -c "import json,sys; print(json.load(sys.stdin)['token_ids'])")
+[ "$got" = "$want" ] || { echo "gpu-run: speculative greedy differs from HF: $got" >&2; exit 1; }
+spec_sampled=$("$BIN/neox" --addr http://127.0.0.1:50092 generate $'ROMEO:\n' --max-new-tokens 40 --ignore-eos \
+  --temperature 0.8 --top-k 40 --top-p 0.9 --repetition-penalty 1.2 --seed 7 --json |
+  python3 -c "import json,sys; print(json.load(sys.stdin)['token_ids'])")
+[ "$spec_sampled" = "$alone" ] || { echo "gpu-run: speculative seed 7 differs: $spec_sampled" >&2; exit 1; }
+kept=$(python3 -c "import urllib.request as u; t=u.urlopen('http://127.0.0.1:9492/metrics').read().decode(); print(int(float([l.split()[1] for l in t.splitlines() if l.startswith('neox_spec_decode_accepted_tokens_total ')][0])))")
+echo "draft tokens kept: $kept"
+[ "$kept" -gt 0 ] || { echo "gpu-run: no draft was kept" >&2; exit 1; }
+kill $SERVER; trap - EXIT
 if [ "${1:-}" = "--bench" ]; then
   echo "== 20B-shaped benchmark"
   python3 worker/benches/gpu_20b.py --worker "$BIN/neox-worker" --dir /tmp/neox20b
