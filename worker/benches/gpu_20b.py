@@ -216,6 +216,8 @@ def main():
     for i, d in enumerate(ours["decode"]):
         h = hf and hf["decode"][i]["ms_per_step"]
         row(f"decode batch {d['batch']} ms/step", d["ms_per_step"], h, True)
+        if "ms_per_step_verifying_4_drafts" in d:
+            row(f"  same, +4 drafts each: ms", d["ms_per_step_verifying_4_drafts"], None, True)
     row("peak memory GiB", ours["peak_memory_bytes"] / 2**30, hf and hf["peak_memory_bytes"] / 2**30, True)
     print("\nsampling one step, ms (greedy / top-k+top-p+penalty on the GPU / the same on the host):")
     for d in ours["decode"]:

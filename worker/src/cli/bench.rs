@@ -69,6 +69,9 @@ fn every_logits(out: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// Draft tokens per sequence in the speculative-verification figure.
+const VERIFY_DRAFTS: usize = 4;
+
 /// One decode step: each sequence feeds its last token at position `start`.
 fn decode_plan(ids: &[u64], last: &[u32], start: usize, reserve: usize) -> Vec<SeqPlan> {
     ids.iter()
@@ -134,7 +137,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let paged = a.kv_layout.paged_on(runner.model().device());
     if paged {
         // Room for the largest phase: the prefill prompt, or the biggest decode batch.
-        let per_seq = (a.context_len + a.steps + 2).div_ceil(BENCH_BLOCK);
+        let per_seq = (a.context_len + a.steps + 3 + VERIFY_DRAFTS).div_ceil(BENCH_BLOCK);
         let biggest = a.batch.iter().max().copied().unwrap_or(1);
         // The prefix-caching measurement holds two prompts at once.
         let blocks = (biggest * per_seq).max(2 * a.prefill_len.div_ceil(BENCH_BLOCK));
@@ -167,7 +170,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for &b in &a.batch {
         let ids: Vec<u64> = (0..b as u64).map(|i| 1_000_000 + next_id + i).collect();
         next_id += b as u64;
-        let reserve = a.context_len + a.steps + 2;
+        let reserve = a.context_len + a.steps + 3 + VERIFY_DRAFTS;
         let plan: Vec<SeqPlan> = ids
             .iter()
             .map(|&id| SeqPlan {
@@ -189,8 +192,27 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
         }
         // The sampling cost on this step's real logits.
-        let logits = every_logits(runner.step(&decode_plan(&ids, &last, a.context_len + a.steps + 2, reserve))?)?;
+        let at = a.context_len + a.steps + 2;
+        let logits = every_logits(runner.step(&decode_plan(&ids, &last, at, reserve))?)?;
         let sampling = sampling_cost(&logits, vocab)?;
+        // What verifying speculative drafts costs: the same step with each sequence feeding
+        // VERIFY_DRAFTS draft tokens after its last one (every row's logits), rewound after.
+        let mut verify_secs = Vec::new();
+        for _ in 0..(a.steps / 2).max(3) {
+            let plan: Vec<SeqPlan> = decode_plan(&ids, &last, at, reserve)
+                .into_iter()
+                .map(|mut p| {
+                    p.tokens.extend(tokens(VERIFY_DRAFTS, p.id as usize, vocab));
+                    p.logits = LogitsWanted::All;
+                    p
+                })
+                .collect();
+            let t = Instant::now();
+            every_logits(runner.step(&plan)?)?;
+            verify_secs.push(t.elapsed().as_secs_f64());
+        }
+        verify_secs.sort_by(f64::total_cmp);
+        let verify = verify_secs[verify_secs.len() / 2];
         peak = peak.max(memory_in_use(runner));
         runner.release(&ids)?;
         step_secs.sort_by(f64::total_cmp);
@@ -199,6 +221,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "batch": b,
             "ms_per_step": median * 1e3,
             "tokens_per_second": b as f64 / median,
+            "ms_per_step_verifying_4_drafts": verify * 1e3,
+            "verify_cost_vs_decode": verify / median,
             "sampling": sampling,
         }));
     }
@@ -244,15 +268,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         prefix.secs * 1e3,
         prefill_secs / prefix.secs
     );
-    println!("batch  decode ms/step  tokens/s  sampling ms: greedy  filtered  filtered on host");
+    println!(
+        "batch  decode ms/step  tokens/s  +{VERIFY_DRAFTS} drafts ms/step  sampling ms: greedy  filtered  filtered on host"
+    );
     for d in &decode {
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
         let s = &d["sampling"];
         println!(
-            "{:<6} {:>14.2} {:>9.1}  {:>19.2} {:>9.2} {:>17.2}",
+            "{:<6} {:>14.2} {:>9.1}  {:>9.2} ({:.2}x)  {:>19.2} {:>9.2} {:>17.2}",
             d["batch"],
             f(&d["ms_per_step"]),
             f(&d["tokens_per_second"]),
+            f(&d["ms_per_step_verifying_4_drafts"]),
+            f(&d["verify_cost_vs_decode"]),
             f(&s["greedy_device_ms"]),
             f(&s["filtered_device_ms"]),
             f(&s["filtered_host_ms"])
