@@ -175,30 +175,36 @@ fn a_step_plan_rewinds_to_its_start_and_refuses_to_start_past_the_cache() {
     let g = Goldens::load();
     let (ids, want) = g.longest_case();
     let split = ids.len() / 2;
-    let mut runner = LocalRunner::new(load_model(&fixture_dir().display().to_string(), DType::F32).model);
-    let plan = |start: usize, tokens: &[u32]| SeqPlan {
-        id: 1,
-        start,
-        tokens: tokens.to_vec(),
-        logits: LogitsWanted::All,
-        reserve: ids.len() + 4,
-    };
-    runner.step(&[plan(0, &ids[..split])]).unwrap();
-    // The tokens after the split plus two drafts; then the drafts are dropped by starting the
-    // next step where they began.
-    let mut ahead = ids[split..].to_vec();
-    ahead.extend([7, 7]);
-    runner.step(&[plan(split, &ahead)]).unwrap();
-    assert_eq!(runner.cached_len(1), ids.len() + 2);
-    let err = runner.step(&[plan(ids.len() + 3, &[1])]).err().unwrap();
-    assert!(err.to_string().contains("starts at"), "{err}");
-    let err = runner.step(&[SeqPlan { id: 2, ..plan(1, &[1]) }]).err().unwrap();
-    assert!(err.to_string().contains("no KV cache"), "{err}");
-    // Rewound to before the drafts, the last real token's logits come out as HF's.
-    let last = *ids.last().unwrap();
-    let out = runner.step(&[plan(ids.len() - 1, &[last])]).unwrap();
-    let row = out[0].as_ref().unwrap().to_vec2::<f32>().unwrap();
-    let d = max_abs_diff(&row, &want[ids.len() - 1..]);
-    assert!(d <= TOL, "the rewound step's logits differ from HF by {d}");
-    assert_eq!(runner.cached_len(1), ids.len());
+    for layout in ["per-sequence", "paged"] {
+        let m = match layout {
+            "paged" => paged(64, 3),
+            _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
+        };
+        let mut runner = LocalRunner::new(m);
+        let plan = |start: usize, tokens: &[u32]| SeqPlan {
+            id: 1,
+            start,
+            tokens: tokens.to_vec(),
+            logits: LogitsWanted::All,
+            reserve: ids.len() + 4,
+        };
+        runner.step(&[plan(0, &ids[..split])]).unwrap();
+        // The tokens after the split plus two drafts; then the drafts are dropped by starting
+        // the next step where they began.
+        let mut ahead = ids[split..].to_vec();
+        ahead.extend([7, 7]);
+        runner.step(&[plan(split, &ahead)]).unwrap();
+        assert_eq!(runner.cached_len(1), ids.len() + 2);
+        let err = runner.step(&[plan(ids.len() + 3, &[1])]).err().unwrap();
+        assert!(err.to_string().contains("starts at"), "{layout}: {err}");
+        let err = runner.step(&[SeqPlan { id: 2, ..plan(1, &[1]) }]).err().unwrap();
+        assert!(err.to_string().contains("no KV cache"), "{layout}: {err}");
+        // Rewound to before the drafts, the last real token's logits come out as HF's.
+        let last = *ids.last().unwrap();
+        let out = runner.step(&[plan(ids.len() - 1, &[last])]).unwrap();
+        let row = out[0].as_ref().unwrap().to_vec2::<f32>().unwrap();
+        let d = max_abs_diff(&row, &want[ids.len() - 1..]);
+        assert!(d <= TOL, "{layout}: the rewound step's logits differ from HF by {d}");
+        assert_eq!(runner.cached_len(1), ids.len());
+    }
 }

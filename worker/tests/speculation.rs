@@ -50,14 +50,23 @@ fn speculative_greedy_output_is_hfs_in_fewer_steps() {
             let mut c = server.client().await;
             let info = c.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
             assert_eq!(info.speculative_tokens.to_string(), args[1]);
-            for (prompt, want) in &cases {
+            // Each golden case, then the first one ended by each token of its output in turn:
+            // some of those ends fall among kept drafts, whose rest is dropped, uncounted.
+            let (prompt0, want0) = &cases[0];
+            let stopped = want0.iter().map(|&stop| {
+                let upto = want0.iter().position(|&t| t == stop).unwrap_or(0) + 1;
+                let mut req = greedy(prompt0, want0.len() as u32);
+                req.parameters.as_mut().unwrap().stop_token_ids = vec![stop];
+                (req, want0[..upto].to_vec())
+            });
+            let runs = cases
+                .iter()
+                .map(|(p, w)| (greedy(p, w.len() as u32), w.clone()))
+                .chain(stopped);
+            for (req, want) in runs {
                 let before = server.metric("neox_batch_size_count");
-                let r = c
-                    .generate(greedy(prompt, want.len() as u32))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert_eq!(&r.token_ids, want, "{args:?}: {prompt:?} differs from HF");
+                let r = c.generate(req).await.unwrap().into_inner();
+                assert_eq!(r.token_ids, want, "{args:?}: differs from HF");
                 steps += server.metric("neox_batch_size_count") - before;
                 tokens += want.len() as f64;
             }
@@ -74,35 +83,60 @@ fn speculative_greedy_output_is_hfs_in_fewer_steps() {
     }
 }
 
-/// Requests of every kind: greedy with logprobs and alternatives, seeded sampling with every
-/// filter and penalty, stop sequences, limits shorter than a draft.
-fn mixed_requests() -> Vec<pb::GenerateRequest> {
-    let mut reqs = Vec::new();
-    for (i, p) in prompts(8).iter().enumerate() {
-        let mut g = greedy(p, 48);
-        if let Some(params) = g.parameters.as_mut() {
-            params.logprobs = true;
-            params.top_n_tokens = 2;
+/// Requests of every kind, in groups: greedy with logprobs and alternatives; seeded sampling
+/// with every filter and penalty; low-temperature sampling (which often agrees with a loop);
+/// greedy under penalties (every row's penalties must see the drafts before it); and one-offs:
+/// a stop sequence, eos left on, prompt logprobs, limits shorter than a draft.
+fn mixed_requests() -> Vec<Vec<pb::GenerateRequest>> {
+    let ps = prompts(8);
+    let with = |mut r: pb::GenerateRequest, f: &dyn Fn(&mut pb::GenerationParameters)| {
+        if let Some(params) = r.parameters.as_mut() {
+            f(params);
         }
-        reqs.push(g);
-        reqs.push(sampled(p, i as u64));
-        let mut loose = sampled(p, 100 + i as u64);
-        if let Some(params) = loose.parameters.as_mut() {
-            // Few filters and a low temperature: the sampler often agrees with a loop.
-            params.temperature = Some(0.3);
-            params.repetition_penalty = None;
-            params.presence_penalty = 0.0;
-            params.max_new_tokens = 40;
-        }
-        reqs.push(loose);
-    }
-    let mut stopped = greedy("ROMEO:\n", 40);
-    stopped.parameters.as_mut().unwrap().stop_sequences = vec!["SCENE III.".into()];
-    reqs.push(stopped);
+        r
+    };
+    let greedy_lp = ps
+        .iter()
+        .map(|p| {
+            with(greedy(p, 48), &|g| {
+                g.logprobs = true;
+                g.top_n_tokens = 2;
+            })
+        })
+        .collect();
+    let sampled_all = ps.iter().enumerate().map(|(i, p)| sampled(p, i as u64)).collect();
+    let loose = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            with(sampled(p, 100 + i as u64), &|g| {
+                g.temperature = Some(0.3);
+                g.repetition_penalty = None;
+                g.presence_penalty = 0.0;
+                g.max_new_tokens = 40;
+            })
+        })
+        .collect();
+    let penalised = ps
+        .iter()
+        .map(|p| {
+            with(greedy(p, 48), &|g| {
+                g.repetition_penalty = Some(1.05);
+                g.frequency_penalty = 0.3;
+            })
+        })
+        .collect();
+    let mut one_offs = vec![
+        with(greedy("ROMEO:\n", 40), &|g| {
+            g.stop_sequences = vec!["SCENE III.".into()]
+        }),
+        with(greedy("KING LEAR:\nBlow, winds,", 100), &|g| g.ignore_eos = false),
+        with(greedy("To be, or not to be", 24), &|g| g.prompt_logprobs = true),
+    ];
     for n in 1..=3 {
-        reqs.push(greedy("To be, or not to be", n));
+        one_offs.push(greedy("To be, or not to be", n));
     }
-    reqs
+    vec![greedy_lp, sampled_all, loose, penalised, one_offs]
 }
 
 async fn run(server: &Server, reqs: &[pb::GenerateRequest], concurrent: bool) -> Vec<pb::GenerateResponse> {
@@ -133,7 +167,10 @@ fn assert_same(got: &[pb::GenerateResponse], want: &[pb::GenerateResponse], what
         assert_eq!(g.token_ids, w.token_ids, "{what}: request {i}");
         assert_eq!(g.text, w.text, "{what}: request {i}");
         assert_eq!(g.finish_reason, w.finish_reason, "{what}: request {i}");
-        for (a, b) in g.tokens.iter().zip(&w.tokens) {
+        let prompt_ids = |r: &pb::GenerateResponse| r.prompt_tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(prompt_ids(g), prompt_ids(w), "{what}: request {i}: prompt tokens");
+        let pairs = g.tokens.iter().zip(&w.tokens);
+        for (a, b) in pairs.chain(g.prompt_tokens.iter().zip(&w.prompt_tokens)) {
             if let (Some(x), Some(y)) = (a.logprob, b.logprob) {
                 assert!((x - y).abs() < 1e-4, "{what}: request {i}: logprob {x} vs {y}");
             }
@@ -145,42 +182,76 @@ fn assert_same(got: &[pb::GenerateResponse], want: &[pb::GenerateResponse], what
 
 #[test]
 fn speculation_changes_no_output_of_any_request() {
-    let reqs = mixed_requests();
+    let groups = mixed_requests();
+    let reqs: Vec<_> = groups.concat();
     let off = start(&[]);
     let want = rt().block_on(run(&off, &reqs, false));
     assert_eq!(off.metric("neox_spec_decode_draft_tokens_total"), 0.0);
     drop(off);
-    assert_eq!(
-        want[want.len() - 4].finish_reason,
-        pb::FinishReason::StopSequence as i32
-    );
+    // Where each group's answers are in `want`.
+    let mut at = Vec::new();
+    let mut i = 0;
+    for g in &groups {
+        at.push(i..i + g.len());
+        i += g.len();
+    }
+    let one_offs = &want[at[4].clone()];
     // Generation stopped inside the text (the stop text is left out).
-    let stopped = &want[want.len() - 4];
-    assert!(stopped.token_ids.len() < 40 && !stopped.text.contains("SCENE III."));
+    assert_eq!(one_offs[0].finish_reason, pb::FinishReason::StopSequence as i32);
+    assert!(one_offs[0].token_ids.len() < 40 && !one_offs[0].text.contains("SCENE III."));
+    assert!(one_offs[2].prompt_tokens.len() > 4);
 
-    for args in [
-        &["--speculative-tokens", "4"][..],
-        &[
-            "--speculative-tokens",
-            "4",
-            "--sampling",
-            "device",
-            "--kv-layout",
-            "paged",
-        ],
+    for (args, pressure) in [
+        (&["--speculative-tokens", "4"][..], false),
+        // TP=2 with the GPU's layout and sampler: the follower verifies the same drafts.
+        (
+            &[
+                "--speculative-tokens",
+                "4",
+                "--sampling",
+                "device",
+                "--kv-layout",
+                "paged",
+                "--tp",
+                "2",
+            ],
+            false,
+        ),
+        // Room for 128 tokens and small steps: drafts compete with prefill chunks, cached
+        // prefixes and preemption.
+        (
+            &[
+                "--speculative-tokens",
+                "4",
+                "--kv-cache-mib",
+                "1",
+                "--kv-block-size",
+                "32",
+                "--max-batch-size",
+                "4",
+                "--max-tokens-per-step",
+                "24",
+            ],
+            true,
+        ),
     ] {
         let on = start(args);
-        // The low-temperature sampled requests alone first: drafts must have been kept for
-        // them, or seeded rows after a kept draft were never tested.
-        let loose: Vec<_> = reqs.iter().skip(2).step_by(3).cloned().collect();
-        let loose_want: Vec<_> = want.iter().skip(2).step_by(3).cloned().collect();
-        assert_same(&rt().block_on(run(&on, &loose, false)), &loose_want, "sampled");
-        let kept = on.metric("neox_spec_decode_accepted_tokens_total");
-        assert!(kept > 0.0, "{args:?}: no draft was kept for a sampled request");
+        // Drafts must have been kept for the low-temperature sampled and the penalised
+        // requests, or their rows after a kept draft were never tested.
+        for (g, what) in [(2, "sampled"), (3, "penalised")] {
+            let kept = on.metric("neox_spec_decode_accepted_tokens_total");
+            assert_same(&rt().block_on(run(&on, &groups[g], false)), &want[at[g].clone()], what);
+            let kept = on.metric("neox_spec_decode_accepted_tokens_total") - kept;
+            assert!(kept > 0.0, "{args:?}: no draft was kept for a {what} request");
+        }
         assert_same(&rt().block_on(run(&on, &reqs, false)), &want, "sequential");
         // Batched: up to 4 decoding sequences speculate, more decode plainly.
         assert_same(&rt().block_on(run(&on, &reqs, true)), &want, "concurrent");
         assert_same(&rt().block_on(run(&on, &reqs[..4], true)), &want[..4], "four at once");
+        if pressure {
+            assert!(on.metric("neox_preemptions_total") > 0.0, "{args:?}: no preemption");
+            continue;
+        }
         // The KV a verification kept (and the rejected drafts it overwrote) is exact: a
         // prompt that is an earlier prompt plus its output starts from that cache.
         let follow: Vec<_> = rt().block_on(async {

@@ -205,19 +205,29 @@ impl Engine {
         }
     }
 
-    /// Grows `running[i]`'s blocks towards `tokens` tokens from free blocks only (nothing is
-    /// evicted or preempted); returns how many tokens its blocks now hold.
-    pub(super) fn take_free_blocks_for(&mut self, i: usize, tokens: usize) -> usize {
-        let held = self.running[i].hold.len();
-        let more = self
-            .blocks
-            .blocks_for(tokens)
-            .saturating_sub(held)
-            .min(self.blocks.free());
-        if more > 0 && self.blocks.try_take(more) {
-            self.running[i].hold.own += more;
+    /// Grows `running[i]`'s blocks towards `tokens` tokens for draft tokens: from free blocks,
+    /// evicting cached prefixes (least recently used first) when none are free, as its own
+    /// next tokens would, but never preempting a running sequence. Returns how many tokens its
+    /// blocks now hold.
+    pub(super) fn blocks_for_drafts(&mut self, i: usize, tokens: usize) -> Result<usize, ModelError> {
+        loop {
+            let more = self
+                .blocks
+                .blocks_for(tokens)
+                .saturating_sub(self.running[i].hold.len());
+            if more == 0 || self.blocks.try_take(more) {
+                self.running[i].hold.own += more;
+                break;
+            }
+            if !self.evict_prefix(None)? {
+                let free = self.blocks.free();
+                if self.blocks.try_take(free) {
+                    self.running[i].hold.own += free;
+                }
+                break;
+            }
         }
-        self.running[i].hold.len() * self.blocks.block_size()
+        Ok(self.running[i].hold.len() * self.blocks.block_size())
     }
 
     pub(super) fn ensure_blocks_by_id(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {

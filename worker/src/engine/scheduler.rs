@@ -401,14 +401,7 @@ impl Engine {
             }
             i += 1;
         }
-        // Then drafts for those, from what the budget and free blocks leave.
-        let spec = self.config.speculation;
-        if spec.enabled() && !plan.is_empty() && plan.len() <= spec.max_batch {
-            for (id, _, drafts) in plan.iter_mut() {
-                *drafts = self.draft(*id, budget, &spec)?;
-                budget -= drafts.len();
-            }
-        }
+        let decoding = plan.len();
         // Then prefill chunks in admission order.
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         for id in ids {
@@ -426,6 +419,15 @@ impl Engine {
             if self.ensure_blocks_by_id(id, end + usize::from(end == s.tokens.len()))? {
                 plan.push((id, chunk, Vec::new()));
                 budget -= chunk;
+            }
+        }
+        // Then drafts for the decoding sequences, from what the budget leaves: prompts waiting
+        // for their first token come first.
+        let spec = self.config.speculation;
+        if spec.enabled() && decoding > 0 && decoding <= spec.max_batch {
+            for (id, _, drafts) in plan[..decoding].iter_mut() {
+                *drafts = self.draft(*id, budget, &spec)?;
+                budget -= drafts.len();
             }
         }
         if plan.is_empty() {
@@ -479,7 +481,9 @@ impl Engine {
             // Every sampled token but the last is a draft the model agreed with: its KV is
             // already cached.
             let last = sampled.len() - 1;
+            let mut emitted = 0;
             for (j, t) in sampled.into_iter().enumerate() {
+                emitted += 1;
                 if let Some(label) = self.emit(idx, t)? {
                     finished.push((id, label));
                     break;
@@ -489,8 +493,9 @@ impl Engine {
                 }
             }
             if drafted > 0 {
+                // The step's own token came for free; the others each saved a step.
                 self.metrics.spec_draft_tokens.inc_by(drafted as u64);
-                self.metrics.spec_accepted_tokens.inc_by(last as u64);
+                self.metrics.spec_accepted_tokens.inc_by(emitted as u64 - 1);
                 self.running[idx].draft_len.record(drafted, last, spec.max_tokens);
             }
         }
@@ -505,8 +510,8 @@ impl Engine {
     }
 
     /// Draft tokens for decoding sequence `id` this step (at most `budget`): what prompt lookup
-    /// proposes, within its remaining `max_new_tokens` and the KV blocks it holds or can take
-    /// from the free ones (drafts never evict or preempt anything).
+    /// proposes, within its remaining `max_new_tokens` and the KV blocks it holds or can get
+    /// without preempting anything (see `blocks_for_drafts`).
     fn draft(&mut self, id: u64, budget: usize, spec: &SpeculationConfig) -> Result<Vec<u32>, ModelError> {
         let Some(i) = self.running.iter().position(|s| s.id == id) else {
             return Ok(Vec::new());
@@ -518,7 +523,7 @@ impl Engine {
         let mut drafts = speculation::propose(&s.tokens, spec, max);
         if !drafts.is_empty() {
             let len = s.tokens.len();
-            let room = self.take_free_blocks_for(i, len + drafts.len());
+            let room = self.blocks_for_drafts(i, len + drafts.len())?;
             drafts.truncate(room.saturating_sub(len));
         }
         Ok(drafts)

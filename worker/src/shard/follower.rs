@@ -149,10 +149,10 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
                 let mut plan = Vec::with_capacity(f.sequences.len());
                 for s in f.sequences {
                     let have = runner.cached_len(s.id);
-                    if have < s.start_pos as usize {
+                    if have != s.cached as usize {
                         return Err(ModelError::Internal(format!(
-                            "step {}: sequence {} starts at {} on the leader but {have} here",
-                            f.step, s.id, s.start_pos
+                            "step {}: sequence {} has {} tokens cached on the leader but {have} here",
+                            f.step, s.id, s.cached
                         )));
                     }
                     let logits = match pb::Logits::try_from(s.logits) {

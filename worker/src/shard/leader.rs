@@ -268,6 +268,7 @@ impl StepRunner for LeaderRunner {
                 id: p.id,
                 tokens: p.tokens.clone(),
                 start_pos: p.start as u32,
+                cached: self.local.cached_len(p.id) as u32,
                 logits: logits_pb(p.logits),
                 reserve: p.reserve as u32,
             })
