@@ -29,15 +29,21 @@ echo "gpu tp2: $gpu_ids"
 echo "cpu:     $cpu_ids"
 [ "$gpu_ids" = "$cpu_ids" ] || { echo "gpu-run: TP=2 on the GPU differs from the CPU" >&2; exit 1; }
 echo "== serve on the GPU (fp32, paged KV): 8 concurrent greedy requests equal HF's golden ids"
-"$BIN/neox-worker" serve --device cuda --dtype fp32 --grpc-addr 127.0.0.1:50091 --metrics-addr 127.0.0.1:9491 \
-  >/tmp/neox-gpu-serve.log 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 240); do
-  "$BIN/neox" --addr http://127.0.0.1:50091 health >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { cat /tmp/neox-gpu-serve.log >&2; echo "gpu-run: the server exited" >&2; exit 1; }
-  sleep 0.5
-done
+# serve GRPC_PORT METRICS_PORT [FLAGS...]: a fp32 server on the GPU, SERVING before it returns.
+serve() {
+  local grpc=$1 metrics=$2
+  shift 2
+  "$BIN/neox-worker" serve --device cuda --dtype fp32 --grpc-addr "127.0.0.1:$grpc" \
+    --metrics-addr "127.0.0.1:$metrics" "$@" >"/tmp/neox-gpu-serve-$grpc.log" 2>&1 &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true' EXIT
+  for _ in $(seq 1 240); do
+    "$BIN/neox" --addr "http://127.0.0.1:$grpc" health >/dev/null 2>&1 && return 0
+    kill -0 $SERVER 2>/dev/null || { cat "/tmp/neox-gpu-serve-$grpc.log" >&2; echo "gpu-run: the server exited" >&2; exit 1; }
+    sleep 0.5
+  done
+}
+serve 50091 9491
 want=$(python3 -c "import json; print(json.load(open('worker/assets/shakespeare-neox/golden.json'))['prompts'][0]['output_ids'])")
 clients=()
 for i in $(seq 1 8); do
@@ -76,15 +82,7 @@ echo "cached prompt tokens: $hits"
 "$BIN/neox" --addr http://127.0.0.1:50091 info
 kill $SERVER; trap - EXIT
 echo "== speculative decoding on the GPU: the same greedy and seeded ids, drafts kept"
-"$BIN/neox-worker" serve --device cuda --dtype fp32 --speculative-tokens 4 --grpc-addr 127.0.0.1:50092 \
-  --metrics-addr 127.0.0.1:9492 >/tmp/neox-gpu-spec.log 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 240); do
-  "$BIN/neox" --addr http://127.0.0.1:50092 health >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { cat /tmp/neox-gpu-spec.log >&2; echo "gpu-run: the server exited" >&2; exit 1; }
-  sleep 0.5
-done
+serve 50092 9492 --speculative-tokens 4
 got=$("$BIN/neox" --addr http://127.0.0.1:50092 generate $'ROMEO:\n' --max-new-tokens 40 --json |
   python3 -c "import json,sys; print(json.load(sys.stdin)['token_ids'])")
 [ "$got" = "$want" ] || { echo "gpu-run: speculative greedy differs from HF: $got" >&2; exit 1; }

@@ -22,6 +22,14 @@ fn paged(blocks: usize, block_size: usize) -> neox_worker::model::GptNeoX {
     m
 }
 
+/// The fixture with per-sequence caches, or paged ones in blocks of 3.
+fn in_layout(layout: &str) -> neox_worker::model::GptNeoX {
+    match layout {
+        "paged" => paged(64, 3),
+        _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
+    }
+}
+
 #[test]
 fn paged_prefill_logits_match_hf() {
     let g = Goldens::load();
@@ -103,10 +111,7 @@ fn a_forked_cache_continues_like_the_original_in_both_layouts() {
     let boundary = ids.len() / 2 / 3 * 3;
     assert!(boundary >= 3 && boundary < ids.len());
     for (layout, split) in [("per-sequence", inside), ("paged", inside), ("paged", boundary)] {
-        let m = match layout {
-            "paged" => paged(64, 3),
-            _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
-        };
+        let m = in_layout(layout);
         let pool_free = || m.kv_pool().map(|p| p.free_blocks());
         let free = pool_free();
         let mut original = m.new_cache(1);
@@ -151,10 +156,7 @@ fn a_rewound_cache_forgets_rejected_tokens_in_both_layouts() {
     let (ids, want) = g.longest_case();
     let split = ids.len() / 2;
     for layout in ["per-sequence", "paged"] {
-        let m = match layout {
-            "paged" => paged(64, 3),
-            _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
-        };
+        let m = in_layout(layout);
         let mut cache = m.new_cache(ids.len());
         let mut got = feed(&m, &mut cache, &ids[..split]);
         // Drafts that cross a block boundary, then are rejected, keeping none of them.
@@ -176,10 +178,7 @@ fn a_step_plan_rewinds_to_its_start_and_refuses_to_start_past_the_cache() {
     let (ids, want) = g.longest_case();
     let split = ids.len() / 2;
     for layout in ["per-sequence", "paged"] {
-        let m = match layout {
-            "paged" => paged(64, 3),
-            _ => load_model(&fixture_dir().display().to_string(), DType::F32).model,
-        };
+        let m = in_layout(layout);
         let mut runner = LocalRunner::new(m);
         let plan = |start: usize, tokens: &[u32]| SeqPlan {
             id: 1,

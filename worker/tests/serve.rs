@@ -9,14 +9,6 @@ use std::time::Duration;
 use neox_proto::neox::v1 as pb;
 use serving::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Runs `n` greedy prompts one by one, then all at once, and checks each concurrent stream
 /// against its own sequential run.
 async fn sequential_then_concurrent(server: &Server, n: usize, tokens: u32, what: &str) {

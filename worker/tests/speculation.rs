@@ -9,14 +9,6 @@ mod serving;
 use neox_proto::neox::v1 as pb;
 use serving::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn speculative_greedy_output_is_hfs_in_fewer_steps() {
     let gold: serde_json::Value =

@@ -23,6 +23,15 @@ impl Drop for Server {
     }
 }
 
+/// A runtime for a test's client calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Starts `neox-worker serve ARGS` and waits until it serves.
 pub fn start(args: &[&str]) -> Server {
     start_env(args, &[])
