@@ -164,9 +164,9 @@ impl Engine {
         Ok(Some(want))
     }
 
-    /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
-    /// admitted other sequences if needed. False if it cannot be done.
-    fn ensure_blocks(&mut self, mut i: usize, tokens: usize) -> Result<bool, ModelError> {
+    /// Takes blocks for `running[i]` to hold `tokens` tokens, evicting cached prefixes (least
+    /// recently used first) while that is not enough. False once none is left to evict.
+    fn grow_evicting(&mut self, i: usize, tokens: usize) -> Result<bool, ModelError> {
         loop {
             let need = self
                 .blocks
@@ -176,10 +176,17 @@ impl Engine {
                 self.running[i].hold.own += need;
                 return Ok(true);
             }
-            // Cached prefixes go before any running sequence does.
-            if self.evict_prefix(None)? {
-                continue;
+            if !self.evict_prefix(None)? {
+                return Ok(false);
             }
+        }
+    }
+
+    /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
+    /// admitted other sequences if needed (cached prefixes go first). False if it cannot be
+    /// done.
+    fn ensure_blocks(&mut self, mut i: usize, tokens: usize) -> Result<bool, ModelError> {
+        while !self.grow_evicting(i, tokens)? {
             // Preempt the youngest other sequence.
             let victim = (0..self.running.len())
                 .filter(|&j| j != i)
@@ -203,28 +210,18 @@ impl Engine {
                 i -= 1;
             }
         }
+        Ok(true)
     }
 
-    /// Grows `running[i]`'s blocks towards `tokens` tokens for draft tokens: from free blocks,
-    /// evicting cached prefixes (least recently used first) when none are free, as its own
-    /// next tokens would, but never preempting a running sequence. Returns how many tokens its
+    /// Grows `running[i]`'s blocks towards `tokens` tokens for draft tokens, as its own next
+    /// tokens would (free blocks, then cached prefixes), but never preempting a running
+    /// sequence: what is free when nothing is left to evict. Returns how many tokens its
     /// blocks now hold.
     pub(super) fn blocks_for_drafts(&mut self, i: usize, tokens: usize) -> Result<usize, ModelError> {
-        loop {
-            let more = self
-                .blocks
-                .blocks_for(tokens)
-                .saturating_sub(self.running[i].hold.len());
-            if more == 0 || self.blocks.try_take(more) {
-                self.running[i].hold.own += more;
-                break;
-            }
-            if !self.evict_prefix(None)? {
-                let free = self.blocks.free();
-                if self.blocks.try_take(free) {
-                    self.running[i].hold.own += free;
-                }
-                break;
+        if !self.grow_evicting(i, tokens)? {
+            let free = self.blocks.free();
+            if self.blocks.try_take(free) {
+                self.running[i].hold.own += free;
             }
         }
         Ok(self.running[i].hold.len() * self.blocks.block_size())

@@ -542,27 +542,35 @@ impl Engine {
             let Some(s) = self.running.iter().find(|s| s.id == due.id) else {
                 continue;
             };
-            if due.drafts.is_empty() {
-                rows.push(RowSource {
-                    due: d,
-                    logits: due.logits.clone(),
-                    sampler: s.sampler.clone(),
-                    context: Cow::Borrowed(&s.tokens),
-                    generated: Cow::Borrowed(&s.generated),
-                    want_logprob: s.req.logprobs,
-                });
-                continue;
+            // The step's last rows: one per draft plus the one after them (just the last row
+            // for a sequence without drafts, whose step may have returned more).
+            let first = due
+                .logits
+                .dim(0)?
+                .checked_sub(due.drafts.len() + 1)
+                .ok_or_else(|| ModelError::Internal(format!("sequence {} returned too few logits rows", due.id)))?;
+            // Row j's generator has made the draws of the j rows before it.
+            let mut samplers = vec![s.sampler.clone()];
+            for _ in &due.drafts {
+                let next = samplers[samplers.len() - 1].successor();
+                samplers.push(next);
             }
-            let mut sampler = s.sampler.clone();
-            for j in 0..=due.drafts.len() {
+            for (j, sampler) in samplers.into_iter().enumerate() {
                 let ahead = &due.drafts[..j];
-                let next = sampler.successor();
+                let (context, generated) = if j == 0 {
+                    (Cow::Borrowed(&s.tokens[..]), Cow::Borrowed(&s.generated[..]))
+                } else {
+                    (
+                        Cow::Owned([&s.tokens[..], ahead].concat()),
+                        Cow::Owned([&s.generated[..], ahead].concat()),
+                    )
+                };
                 rows.push(RowSource {
                     due: d,
-                    logits: due.logits.narrow(0, j, 1)?,
-                    sampler: std::mem::replace(&mut sampler, next),
-                    context: Cow::Owned([&s.tokens[..], ahead].concat()),
-                    generated: Cow::Owned([&s.generated[..], ahead].concat()),
+                    logits: due.logits.narrow(0, first + j, 1)?,
+                    sampler,
+                    context,
+                    generated,
                     want_logprob: s.req.logprobs,
                 });
             }

@@ -25,21 +25,8 @@ pub struct SpeculationConfig {
 }
 
 impl SpeculationConfig {
-    pub const OFF: Self = Self {
-        max_tokens: 0,
-        max_ngram: 3,
-        min_ngram: 2,
-        max_batch: 0,
-    };
-
     pub fn enabled(&self) -> bool {
         self.max_tokens > 0 && self.max_batch > 0
-    }
-}
-
-impl Default for SpeculationConfig {
-    fn default() -> Self {
-        Self::OFF
     }
 }
 
