@@ -32,6 +32,8 @@ pub const LAST_RESTART_ANNOTATION: &str = "serving.neox.dev/last-restart";
 
 pub const GRPC_PORT: i32 = 50051;
 pub const METRICS_PORT: i32 = 9400;
+/// The OpenAI-compatible HTTP API.
+pub const HTTP_PORT: i32 = 8000;
 pub const GROUP_PORT: i32 = 50052;
 pub const COLLECTIVE_PORT: i32 = 50053;
 const MODEL_MOUNT: &str = "/model";
@@ -207,6 +209,10 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         field_env("NEOX_ADVERTISE_HOST", "status.podIP"),
         env("NEOX_GRPC_ADDR", format!("0.0.0.0:{GRPC_PORT}")),
         env("NEOX_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
+        env("NEOX_HTTP_ADDR", format!("0.0.0.0:{HTTP_PORT}")),
+        // OpenAI API requests name the model as clients know it: the NeoXDeployment (as KServe
+        // names an InferenceService's model), not the path it is mounted at.
+        env("NEOX_SERVED_MODEL_NAME", d.name_any()),
         env("NEOX_COLLECTIVE_PORT", COLLECTIVE_PORT.to_string()),
         env("NEOX_MODEL", model_arg),
         env("NEOX_LOG", "info"),
@@ -267,6 +273,7 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         env: Some(envs),
         ports: Some(vec![
             port("grpc", GRPC_PORT),
+            port("http", HTTP_PORT),
             port("metrics", METRICS_PORT),
             port("group", GROUP_PORT),
             port("collective", COLLECTIVE_PORT),
@@ -441,7 +448,11 @@ pub fn client_service(d: &NeoXDeployment) -> Service {
                 (DEPLOYMENT_LABEL.to_owned(), d.name_any()),
                 (POD_INDEX_LABEL.to_owned(), "0".to_owned()),
             ])),
-            ports: Some(vec![svc_port("grpc", GRPC_PORT), svc_port("metrics", METRICS_PORT)]),
+            ports: Some(vec![
+                svc_port("grpc", GRPC_PORT),
+                svc_port("http", HTTP_PORT),
+                svc_port("metrics", METRICS_PORT),
+            ]),
             ..Default::default()
         }),
         ..Default::default()

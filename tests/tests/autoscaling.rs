@@ -30,7 +30,15 @@ fn queue_depth_in_prometheus_drives_the_scale_decision() {
     // One sequence at a time, so load turns into a queue.
     let (grpc, metrics) = (free_port(), free_port());
     let mut worker = Command::new(binary("neox-worker"))
-        .args(["serve", "--max-batch-size", "1", "--max-waiting-requests", "64"])
+        .args([
+            "serve",
+            "--max-batch-size",
+            "1",
+            "--max-waiting-requests",
+            "64",
+            "--http-addr",
+            "off",
+        ])
         .args([
             "--grpc-addr",
             &format!("127.0.0.1:{grpc}"),

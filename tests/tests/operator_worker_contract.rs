@@ -1,7 +1,8 @@
 //! The operator's pod template runs the real worker: every rank is started exactly as the
 //! StatefulSet describes it (args, NEOX_* environment, downward-API rank and pod IP), with
 //! only cluster addresses mapped onto loopback ports. The group must form, every rank must
-//! report SERVING (the probes), and the leader must serve the demo model's golden text.
+//! report SERVING (the probes), and the leader must serve the demo model's golden text over
+//! gRPC and over the OpenAI-compatible HTTP API, under the NeoXDeployment's name.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use neox_operator::crd::NeoXDeployment;
 use neox_operator::resources;
-use neox_tests::{binary, free_port, Killed};
+use neox_tests::{binary, free_port, post_json, Killed};
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)).unwrap()
@@ -25,6 +26,7 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
     let args = c.args.clone().unwrap_or_default();
     let group_port = free_port();
     let grpc: Vec<u16> = (0..tp).map(|_| free_port()).collect();
+    let http = free_port();
     let mut ranks = Vec::new();
     for r in 0..tp {
         let mut env: HashMap<String, String> = HashMap::new();
@@ -50,6 +52,8 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
         assert_eq!(env["NEOX_GRPC_ADDR"], format!("0.0.0.0:{}", resources::GRPC_PORT));
         env.insert("NEOX_GRPC_ADDR".into(), format!("127.0.0.1:{}", grpc[r as usize]));
         env.insert("NEOX_METRICS_ADDR".into(), "127.0.0.1:0".into());
+        assert_eq!(env["NEOX_HTTP_ADDR"], format!("0.0.0.0:{}", resources::HTTP_PORT));
+        env.insert("NEOX_HTTP_ADDR".into(), format!("127.0.0.1:{http}"));
         env.insert("NEOX_COLLECTIVE_PORT".into(), free_port().to_string());
         let child = Command::new(binary("neox-worker"))
             .args(&args)
@@ -97,6 +101,19 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
         String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'),
         p["full_text"].as_str().unwrap()
     );
+    // The HTTP port the client Service exposes answers OpenAI requests for the
+    // NeoXDeployment's name.
+    let body = serde_json::json!({
+        "model": d.metadata.name.clone().unwrap(),
+        "prompt": p["prompt"],
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": true,
+    });
+    let (status, reply) = post_json(&format!("127.0.0.1:{http}"), "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["choices"][0]["text"], p["output_text"]);
     // The engine settings reached the leader.
     let info = String::from_utf8_lossy(&neox(grpc[0], &["info"]).stdout).into_owned();
     let spec = d.spec.engine.speculative_tokens.unwrap();

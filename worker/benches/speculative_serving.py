@@ -38,7 +38,7 @@ def metric(url, name):
 
 def serve(worker, neox, model, k, extra):
     grpc, metrics = free_port(), free_port()
-    args = [worker, "serve", "--grpc-addr", f"127.0.0.1:{grpc}", "--metrics-addr", f"127.0.0.1:{metrics}",
+    args = [worker, "serve", "--grpc-addr", f"127.0.0.1:{grpc}", "--metrics-addr", f"127.0.0.1:{metrics}", "--http-addr", "off",
             "--speculative-tokens", str(k)] + extra
     if model:
         args += ["--model", model]

@@ -34,7 +34,7 @@ serve() {
   local grpc=$1 metrics=$2
   shift 2
   "$BIN/neox-worker" serve --device cuda --dtype fp32 --grpc-addr "127.0.0.1:$grpc" \
-    --metrics-addr "127.0.0.1:$metrics" "$@" >"/tmp/neox-gpu-serve-$grpc.log" 2>&1 &
+    --metrics-addr "127.0.0.1:$metrics" --http-addr off "$@" >"/tmp/neox-gpu-serve-$grpc.log" 2>&1 &
   SERVER=$!
   trap 'kill $SERVER 2>/dev/null || true' EXIT
   for _ in $(seq 1 240); do

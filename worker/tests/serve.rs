@@ -581,7 +581,15 @@ fn a_stalled_log_pipe_never_stalls_serving() {
     // Info logs to a stderr pipe that nobody reads once the server is up: the pipe fills after
     // a few hundred request lines, and serving must go on.
     let mut child = common::worker()
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "off",
+        ])
         .env("NEOX_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -332,6 +332,8 @@ fn every_rank_runs_serve_from_env_and_answers_health() {
                 &format!("127.0.0.1:{api}"),
                 "--metrics-addr",
                 "127.0.0.1:0",
+                "--http-addr",
+                "off",
             ])
             .env("NEOX_RANK", rank)
             .env("NEOX_WORLD_SIZE", "2")

@@ -29,6 +29,14 @@ pub struct ServeArgs {
     /// Prometheus /metrics listen address.
     #[arg(long, env = "NEOX_METRICS_ADDR", default_value = "127.0.0.1:9400")]
     metrics_addr: SocketAddr,
+    /// OpenAI-compatible HTTP API (POST /v1/completions, GET /v1/models) listen address, or
+    /// `off`.
+    #[arg(long, env = "NEOX_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    http_addr: Listen,
+    /// The model's name in ModelInfo and the name OpenAI API requests give as `model`
+    /// (default: the --model argument).
+    #[arg(long, env = "NEOX_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
     /// Sequences in the running batch, at most.
     #[arg(long, env = "NEOX_MAX_BATCH_SIZE", default_value_t = 32)]
     max_batch_size: usize,
@@ -92,6 +100,23 @@ pub struct ServeArgs {
     shutdown_grace: f64,
 }
 
+/// A listen address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Listen(None));
+        }
+        s.parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|e| format!("{e} (expected HOST:PORT or off)"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvLayout {
     Auto,
@@ -147,6 +172,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             a.speculative_ngram_max
         );
     }
+    if a.served_model_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        bail!("--served-model-name must not be empty");
+    }
     if !(a.shutdown_grace >= 0.0 && a.shutdown_grace.is_finite()) {
         bail!("--shutdown-grace must be a non-negative number of seconds");
     }
@@ -174,7 +202,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let info = pb::ModelInfoResponse {
-        model: group.name.clone(),
+        model: a.served_model_name.clone().unwrap_or_else(|| group.name.clone()),
         architecture: "GPTNeoXForCausalLM".into(),
         vocab_size: model.sampleable_vocab() as u32,
         hidden_size: cfg.hidden_size as u32,
@@ -235,6 +263,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let opts = ServerOptions {
         grpc_addr: a.grpc_addr,
         metrics_addr: a.metrics_addr,
+        http_addr: a.http_addr.0,
         max_message_bytes: a.max_prompt_bytes + 64 * 1024,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
     };

@@ -23,7 +23,7 @@ use crate::shard::{SeqPlan, StepRunner};
 use super::blocks::{held_blocks, BlockManager, Holding};
 use super::prefix_cache::PrefixCache;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
-use super::sampling::{sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
+use super::sampling::{sample_batch, token_logprobs, top_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
 use super::speculation::{self, DraftLength, SpeculationConfig};
 use super::stop::{StopMatcher, StopOutcome};
 
@@ -637,6 +637,19 @@ impl Engine {
             // Row j predicts token start + j + 1.
             let targets = &s.tokens[start + 1..(start + fed + 1).min(s.prompt_len())];
             let logprobs = token_logprobs(&logits, vocab, targets)?;
+            // The alternatives, when asked for: each row's top tokens (copied to the host;
+            // prompt details are for evaluation, not the hot path).
+            let n = s.req.sampling.top_n_tokens;
+            let tops: Vec<Vec<(u32, f32)>> = if n > 0 && !targets.is_empty() {
+                let rows = logits
+                    .narrow(0, 0, targets.len())?
+                    .narrow(1, 0, vocab)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec2::<f32>()?;
+                rows.iter().map(|r| top_logprobs(r, n)).collect()
+            } else {
+                Vec::new()
+            };
             if start == 0 {
                 let first = s.tokens[0];
                 s.prompt_lp.push(TokenInfo {
@@ -646,12 +659,19 @@ impl Engine {
                     top: Vec::new(),
                 });
             }
-            for (&id, lp) in targets.iter().zip(logprobs) {
+            for (j, (&id, lp)) in targets.iter().zip(logprobs).enumerate() {
+                let top = match tops.get(j) {
+                    Some(row) => row
+                        .iter()
+                        .map(|&(t, l)| Ok((t, tok.decode(&[t])?, l)))
+                        .collect::<Result<_, ModelError>>()?,
+                    None => Vec::new(),
+                };
                 s.prompt_lp.push(TokenInfo {
                     id,
                     text: tok.decode(&[id])?,
                     logprob: Some(lp),
-                    top: Vec::new(),
+                    top,
                 });
             }
         }

@@ -1,20 +1,25 @@
-//! The public gRPC server of a group's leader: `neox.v1.TextGeneration`, standard health and
-//! reflection, and Prometheus metrics on a separate HTTP port.
+//! The public servers of a group's leader: gRPC (`neox.v1.TextGeneration`, standard health and
+//! reflection), an OpenAI-compatible HTTP API, and Prometheus metrics on a separate HTTP port.
 
 mod http;
+mod openai;
 mod service;
+mod submit;
 mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
+
 use neox_proto::neox::v1 as pb;
 use pb::text_generation_server::TextGenerationServer;
 use tonic_health::ServingStatus;
 
+pub use openai::OpenAiApi;
 pub use service::GenerationService;
-pub use validate::{validate, Limits, Validated};
+pub use validate::{validate, Invalid, Limits, Validated};
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
@@ -24,6 +29,8 @@ use crate::model::NeoXTokenizer;
 pub struct ServerOptions {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The OpenAI-compatible HTTP API's address; `None`: not served.
+    pub http_addr: Option<SocketAddr>,
     /// Largest gRPC message accepted (request size limit).
     pub max_message_bytes: usize,
     /// How long in-flight requests may run after SIGTERM before the server exits.
@@ -59,6 +66,13 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let openai = OpenAiApi {
+        engine: engine.clone(),
+        tokenizer: tokenizer.clone(),
+        limits: limits.clone(),
+        model: info.model.clone(),
+        max_body_bytes: opts.max_message_bytes,
+    };
     let svc = GenerationService {
         engine: engine.clone(),
         tokenizer,
@@ -71,12 +85,39 @@ pub async fn serve(
 
     let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr).await?;
     let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_addr).await?;
+    let http_listener = match opts.http_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(grpc = %grpc_listener.local_addr()?, metrics = %metrics_listener.local_addr()?, "serving");
     eprintln!(
         "neox-worker: serving gRPC on {} (metrics on http://{}/metrics)",
         grpc_listener.local_addr()?,
         metrics_listener.local_addr()?
     );
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_server = match http_listener {
+        Some(listener) => {
+            eprintln!(
+                "neox-worker: serving the OpenAI-compatible HTTP API on http://{}/v1",
+                listener.local_addr()?
+            );
+            // No Nagle: a stream's small events must not wait for delayed ACKs.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let app = openai::router(openai);
+            Some(tokio::spawn(async move {
+                let stopped = async {
+                    let _ = http_stop_rx.await;
+                };
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+                    tracing::error!("HTTP API server: {e}");
+                }
+            }))
+        }
+        None => None,
+    };
     let app = http::router(metrics, engine.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(metrics_listener, app).await {
@@ -124,7 +165,11 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let _ = stop_tx.send(());
+    let _ = http_stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if let Some(h) = http_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
     Ok(exit)
 }
 

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use neox_proto::neox::v1 as pb;
 use pb::text_generation_server::TextGeneration;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::submit::submit;
 use super::validate::{deadline, request_id, validate, Limits};
 use crate::engine::{self, EngineHandle, Event, Failure, SubmitError};
 use crate::model::NeoXTokenizer;
@@ -60,23 +61,13 @@ impl GenerationService {
     fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
         let now = Instant::now();
         let dl = deadline(req.metadata(), now);
-        let id = request_id(&req.get_ref().request_id, req.metadata())
+        let header = req.metadata().get("x-request-id").and_then(|v| v.to_str().ok());
+        let id = request_id(&req.get_ref().request_id, header)
+            .map_err(Status::from)
             .inspect_err(|e| tracing::info!(error = e.message(), "request rejected"))?;
-        let v = validate(req.get_ref(), &self.tokenizer, &self.limits).map_err(|e| turned_away(e, &id, "rejected"))?;
-        let (tx, rx) = unbounded_channel();
-        let r = engine::Request {
-            id: id.clone(),
-            prompt_ids: v.prompt_ids,
-            sampling: v.sampling,
-            stop: v.stop,
-            logprobs: v.logprobs,
-            prompt_logprobs: v.prompt_logprobs,
-            deadline: dl,
-            received: now,
-            events: tx,
-        };
-        self.engine
-            .submit(r)
+        let v = validate(req.get_ref(), &self.tokenizer, &self.limits)
+            .map_err(|e| turned_away(e.into(), &id, "rejected"))?;
+        let rx = submit(&self.engine, v, id.clone(), dl, now)
             .map_err(|e| match e {
                 SubmitError::QueueFull(n) => {
                     Status::resource_exhausted(format!("the waiting queue is full ({n} requests); retry later"))

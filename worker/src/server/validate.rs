@@ -35,11 +35,28 @@ pub struct Validated {
     pub prompt_logprobs: bool,
 }
 
-fn bad(field: &str, msg: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {msg}"))
+/// A request field that fails validation: which one (as the gRPC API names it, e.g.
+/// `parameters.top_p` or `stop_sequences[2]`) and why. Each API turns it into its own error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
 }
 
-fn unit_interval(field: &str, v: Option<f32>) -> Result<f32, Status> {
+impl From<Invalid> for Status {
+    fn from(e: Invalid) -> Status {
+        Status::invalid_argument(format!("{}: {}", e.field, e.message))
+    }
+}
+
+fn bad(field: &str, msg: impl std::fmt::Display) -> Invalid {
+    Invalid {
+        field: field.to_owned(),
+        message: msg.to_string(),
+    }
+}
+
+fn unit_interval(field: &str, v: Option<f32>) -> Result<f32, Invalid> {
     match v {
         None => Ok(1.0),
         Some(x) if x > 0.0 && x <= 1.0 => Ok(x),
@@ -47,7 +64,7 @@ fn unit_interval(field: &str, v: Option<f32>) -> Result<f32, Status> {
     }
 }
 
-pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) -> Result<Validated, Status> {
+pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) -> Result<Validated, Invalid> {
     let mut ids = match (req.prompt.is_empty(), req.prompt_ids.is_empty()) {
         (true, true) => return Err(bad("prompt", "must not be empty (set prompt or prompt_ids)")),
         (false, false) => return Err(bad("prompt_ids", "set either prompt or prompt_ids, not both")),
@@ -219,10 +236,10 @@ pub fn deadline(meta: &tonic::metadata::MetadataMap, now: Instant) -> Option<Ins
 const MAX_REQUEST_ID: usize = 128;
 
 /// The request's id: the `request_id` field (printable ASCII without spaces, at most 128
-/// bytes, else INVALID_ARGUMENT), else the `x-request-id` header when it is such an id (a
-/// proxy's header is never a reason to fail a request), else a made-up one. So an id can never
-/// forge or break a log line.
-pub fn request_id(field: &str, meta: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+/// bytes, else invalid), else the `x-request-id` header when it is such an id (a proxy's
+/// header is never a reason to fail a request), else a made-up one. So an id can never forge
+/// or break a log line.
+pub fn request_id(field: &str, header: Option<&str>) -> Result<String, Invalid> {
     let valid = |id: &str| !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic());
     if !field.is_empty() {
         if !valid(field) {
@@ -233,7 +250,7 @@ pub fn request_id(field: &str, meta: &tonic::metadata::MetadataMap) -> Result<St
         }
         return Ok(field.to_owned());
     }
-    match meta.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    match header {
         Some(h) if valid(h) => Ok(h.to_owned()),
         _ => Ok(format!("{:016x}", rand::random::<u64>())),
     }
@@ -242,25 +259,22 @@ pub fn request_id(field: &str, meta: &tonic::metadata::MetadataMap) -> Result<St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::metadata::MetadataMap;
 
     #[test]
     fn request_ids_come_from_the_field_the_header_or_are_made_up() {
-        let mut meta = MetadataMap::new();
-        assert_eq!(request_id("order-42/a", &meta).unwrap(), "order-42/a");
-        let made_up = request_id("", &meta).unwrap();
+        assert_eq!(request_id("order-42/a", None).unwrap(), "order-42/a");
+        let made_up = request_id("", None).unwrap();
         assert_eq!(made_up.len(), 16);
-        assert_ne!(made_up, request_id("", &meta).unwrap());
-        meta.insert("x-request-id", "from-header".parse().unwrap());
-        assert_eq!(request_id("", &meta).unwrap(), "from-header");
-        assert_eq!(request_id("field-wins", &meta).unwrap(), "field-wins");
+        assert_ne!(made_up, request_id("", None).unwrap());
+        let header = Some("from-header");
+        assert_eq!(request_id("", header).unwrap(), "from-header");
+        assert_eq!(request_id("field-wins", header).unwrap(), "field-wins");
         for bad in ["a b", "line\nbreak", "ünï", &"x".repeat(129)] {
-            let e = request_id(bad, &meta).unwrap_err();
+            let e = Status::from(request_id(bad, header).unwrap_err());
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().starts_with("request_id: "), "{}", e.message());
         }
         // A header that is no valid id is ignored, not a failure.
-        meta.insert("x-request-id", "has space".parse().unwrap());
-        assert_eq!(request_id("", &meta).unwrap().len(), 16);
+        assert_eq!(request_id("", Some("has space")).unwrap().len(), 16);
     }
 }

@@ -13,6 +13,8 @@ pub struct Server {
     pub child: Child,
     pub grpc: String,
     pub metrics: String,
+    /// The OpenAI-compatible HTTP API's host:port.
+    pub http: String,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -40,7 +42,14 @@ pub fn start(args: &[&str]) -> Server {
 pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut cmd = super::common::worker();
     cmd.arg("serve")
-        .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -49,15 +58,27 @@ pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let mut line = String::new();
-    let (grpc, metrics) = loop {
+    let mut next_line = |line: &mut String| {
         line.clear();
-        if err.read_line(&mut line).unwrap() == 0 {
+        if err.read_line(line).unwrap() == 0 {
             panic!("server exited before serving: {}", log.lock().unwrap());
         }
-        log.lock().unwrap().push_str(&line);
+        log.lock().unwrap().push_str(line);
+    };
+    let (grpc, metrics) = loop {
+        next_line(&mut line);
         if let Some(rest) = line.trim().strip_prefix("neox-worker: serving gRPC on ") {
             let (g, m) = rest.split_once(" (metrics on http://").unwrap();
             break (g.to_owned(), m.trim_end_matches("/metrics)").to_owned());
+        }
+    };
+    let http = loop {
+        next_line(&mut line);
+        if let Some(rest) = line
+            .trim()
+            .strip_prefix("neox-worker: serving the OpenAI-compatible HTTP API on http://")
+        {
+            break rest.trim_end_matches("/v1").to_owned();
         }
     };
     let sink = log.clone();
@@ -72,6 +93,7 @@ pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         child,
         grpc,
         metrics,
+        http,
         stderr: log,
     }
 }
@@ -96,13 +118,12 @@ impl Server {
     }
 
     pub fn metrics_text(&self) -> String {
-        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default()
+        http_request(&self.metrics, "GET", "/metrics", &[], "").body
+    }
+
+    /// A request to the OpenAI-compatible HTTP API.
+    pub fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> HttpReply {
+        http_request(&self.http, method, path, headers, body)
     }
 
     /// Waits until no KV block is in use (cached prefixes aside): a stream's last message
@@ -207,4 +228,65 @@ pub fn prompts(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| format!("{}{}", base[i % base.len()], " my lord".repeat(i / base.len())))
         .collect()
+}
+
+/// An HTTP response, read to the end of the connection.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Header lines, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// A stream's `data:` payloads, in order.
+    pub fn sse_data(&self) -> Vec<String> {
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// HTTP/1.0, so the body (a stream's too) ends with the connection and is never chunked.
+pub fn http_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> HttpReply {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .unwrap();
+    for (k, v) in headers {
+        write!(s, "{k}: {v}\r\n").unwrap();
+    }
+    write!(s, "\r\n{body}").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpReply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
 }

@@ -89,6 +89,14 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
+/// A row's `n` most likely tokens and their log-probabilities, most likely first (a prompt
+/// token's alternatives).
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let ids = top_n(logits, n);
+    let lps = log_softmax_at(logits, ids.iter().copied());
+    ids.into_iter().zip(lps).collect()
+}
+
 fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let n = n.min(idx.len());

@@ -1,0 +1,338 @@
+//! An OpenAI completions request as the gRPC API's requests (one per choice), so both APIs
+//! share one validation; and the gRPC API's field names as OpenAI's in error messages.
+
+use neox_proto::neox::v1 as pb;
+
+use super::error::ApiError;
+use super::schema::{CompletionRequest, OnePrompt};
+
+/// OpenAI's default `max_tokens` for completions.
+const DEFAULT_MAX_TOKENS: u32 = 16;
+/// Choices per prompt (`n`), at most.
+pub const MAX_N: u32 = 16;
+/// Prompts in one request, at most.
+pub const MAX_PROMPTS: usize = 64;
+
+/// What a completions request asks for, as engine-ready pieces.
+#[derive(Debug)]
+pub struct Plan {
+    pub choices: Vec<ChoicePlan>,
+    pub prompts: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Top log-probabilities per token, when logprobs were asked for.
+    pub logprobs: Option<u32>,
+    /// `max_tokens: 0`: the prompt is only scored (with echo) and the one token the engine
+    /// generates is dropped.
+    pub score_only: bool,
+}
+
+#[derive(Debug)]
+pub struct ChoicePlan {
+    /// `index` of the choice in the response: prompt × n + j.
+    pub index: usize,
+    pub prompt_index: usize,
+    /// The first choice of its prompt counts the prompt's tokens in `usage`.
+    pub counts_prompt: bool,
+    /// `echo`: the prompt (as the model saw it, after truncation) comes before the completion.
+    pub echo: bool,
+    pub request: pb::GenerateRequest,
+}
+
+fn unsupported(param: &str, why: &str) -> ApiError {
+    ApiError::invalid(param, format!("{param}: {why}"))
+}
+
+/// The request's choices, or the first parameter OpenAI's API would reject (the ones the
+/// gRPC API shares are checked by `validate` afterwards).
+pub fn plan(req: CompletionRequest, max_new_tokens: usize) -> Result<Plan, ApiError> {
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported(
+            "suffix",
+            "not supported (GPT-NeoX is not trained to fill in text)",
+        ));
+    }
+    if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(unsupported("logit_bias", "not supported"));
+    }
+    let n = req.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid("n", format!("n: must be in [1, {MAX_N}], got {n}")));
+    }
+    if let Some(b) = req.best_of {
+        if b != n {
+            return Err(unsupported("best_of", "only best_of equal to n is supported"));
+        }
+    }
+    let stream = req.stream.unwrap_or(false);
+    if req.stream_options.is_some() && !stream {
+        return Err(unsupported("stream_options", "only allowed when stream is true"));
+    }
+    let top_k = match req.top_k {
+        None | Some(0) | Some(-1) => 0,
+        Some(k) if k > 0 => k as u32,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k: must be -1 (off) or positive, got {k}"),
+            ))
+        }
+    };
+    let prompts = req.prompt.into_list();
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "prompt: must not be empty"));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("prompt: {} prompts given, at most {MAX_PROMPTS}", prompts.len()),
+        ));
+    }
+    let score_only = req.max_tokens == Some(0);
+    let echo = req.echo.unwrap_or(false);
+    if score_only && !echo {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens: 0 generates nothing; it is only allowed with echo (to score the prompt)",
+        ));
+    }
+    let max_tokens = match req.max_tokens {
+        None => DEFAULT_MAX_TOKENS.min(max_new_tokens.max(1) as u32),
+        Some(0) => 1,
+        Some(m) => m,
+    };
+    let parameters = pb::GenerationParameters {
+        max_new_tokens: max_tokens,
+        // OpenAI samples at temperature 1 unless told otherwise.
+        temperature: Some(req.temperature.unwrap_or(1.0)),
+        top_k,
+        top_p: req.top_p,
+        typical_p: req.typical_p,
+        repetition_penalty: req.repetition_penalty,
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        seed: req.seed,
+        stop_sequences: req.stop.map(|s| s.into_vec()).unwrap_or_default(),
+        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+        logprobs: req.logprobs.is_some(),
+        top_n_tokens: req.logprobs.unwrap_or(0),
+        prompt_logprobs: echo && req.logprobs.is_some(),
+        truncate: req.truncate_prompt_tokens.unwrap_or(0),
+    };
+    let mut choices = Vec::with_capacity(prompts.len() * n as usize);
+    for (p, prompt) in prompts.iter().enumerate() {
+        for j in 0..n {
+            let mut parameters = parameters.clone();
+            // n different samples of one seeded request, each reproducible.
+            parameters.seed = parameters.seed.map(|s| s.wrapping_add(j as u64));
+            let (text, ids) = match prompt {
+                OnePrompt::Text(t) => (t.clone(), Vec::new()),
+                OnePrompt::Ids(ids) => (String::new(), ids.clone()),
+            };
+            choices.push(ChoicePlan {
+                index: p * n as usize + j as usize,
+                prompt_index: p,
+                counts_prompt: j == 0,
+                echo,
+                request: pb::GenerateRequest {
+                    prompt: text,
+                    prompt_ids: ids,
+                    parameters: Some(parameters),
+                    request_id: String::new(),
+                },
+            });
+        }
+    }
+    Ok(Plan {
+        choices,
+        prompts: prompts.len(),
+        stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        logprobs: req.logprobs,
+        score_only,
+    })
+}
+
+/// A gRPC field path (`parameters.stop_sequences[1]`) as OpenAI names the parameter (`stop`)
+/// and as the message shows it (`stop[1]`).
+pub fn openai_field(field: &str) -> (String, String) {
+    let f = field.strip_prefix("parameters.").unwrap_or(field);
+    let (base, index) = match f.find('[') {
+        Some(i) => f.split_at(i),
+        None => (f, ""),
+    };
+    let name = match base {
+        "max_new_tokens" => "max_tokens",
+        "top_n_tokens" => "logprobs",
+        "stop_sequences" => "stop",
+        "truncate" => "truncate_prompt_tokens",
+        "prompt_ids" => "prompt",
+        other => other,
+    };
+    (name.to_owned(), format!("{name}{index}"))
+}
+
+/// A validation message with the gRPC API's names in its text replaced by OpenAI's.
+pub fn openai_message(message: &str) -> String {
+    message
+        .replace("max_new_tokens", "max_tokens")
+        .replace("set truncate", "set truncate_prompt_tokens")
+        .replace("set prompt or prompt_ids", "set prompt")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: serde_json::Value) -> CompletionRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn plan_of(json: serde_json::Value) -> Result<Plan, ApiError> {
+        plan(request(json), 1024)
+    }
+
+    #[test]
+    fn every_prompt_shape_becomes_n_choices_each() {
+        let cases = [
+            (serde_json::json!("ROMEO:"), 1),
+            (serde_json::json!(["ROMEO:", "JULIET:"]), 2),
+            (serde_json::json!([1, 2, 3]), 1),
+            (serde_json::json!([[1, 2], [3]]), 2),
+        ];
+        for (prompt, prompts) in cases {
+            let p = plan_of(serde_json::json!({"model": "m", "prompt": prompt, "n": 3, "seed": 7})).unwrap();
+            assert_eq!(p.prompts, prompts);
+            assert_eq!(p.choices.len(), prompts * 3);
+            for (i, c) in p.choices.iter().enumerate() {
+                assert_eq!(c.index, i);
+                assert_eq!(c.prompt_index, i / 3);
+                assert_eq!(c.counts_prompt, i % 3 == 0);
+                let params = c.request.parameters.as_ref().unwrap();
+                assert_eq!(
+                    params.seed,
+                    Some(7 + (i % 3) as u64),
+                    "each of n samples has its own seed"
+                );
+            }
+        }
+        let ids = plan_of(serde_json::json!({"model": "m", "prompt": [[5, 6]]})).unwrap();
+        assert_eq!(ids.choices[0].request.prompt_ids, vec![5, 6]);
+        assert!(ids.choices[0].request.prompt.is_empty());
+    }
+
+    #[test]
+    fn openai_defaults_apply() {
+        let p = plan_of(serde_json::json!({"model": "m", "prompt": "x"})).unwrap();
+        let params = p.choices[0].request.parameters.clone().unwrap();
+        assert_eq!(params.max_new_tokens, 16);
+        assert_eq!(params.temperature, Some(1.0), "OpenAI samples unless temperature is 0");
+        assert_eq!(params.seed, None);
+        assert!(!p.stream && p.logprobs.is_none() && !p.choices[0].echo);
+        // A server capped below 16 tokens still answers a request that sets no max_tokens.
+        let capped = plan(request(serde_json::json!({"model": "m", "prompt": "x"})), 4).unwrap();
+        assert_eq!(capped.choices[0].request.parameters.as_ref().unwrap().max_new_tokens, 4);
+    }
+
+    #[test]
+    fn extensions_and_logprobs_map_to_the_grpc_parameters() {
+        let p = plan_of(serde_json::json!({
+            "model": "m", "prompt": "x", "max_tokens": 5, "temperature": 0, "top_k": 40, "top_p": 0.9,
+            "typical_p": 0.8, "repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": -0.5,
+            "stop": "\n", "stop_token_ids": [0], "ignore_eos": true, "logprobs": 2, "echo": true,
+            "truncate_prompt_tokens": 8, "stream": true, "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        let params = p.choices[0].request.parameters.clone().unwrap();
+        assert_eq!(
+            params,
+            pb::GenerationParameters {
+                max_new_tokens: 5,
+                temperature: Some(0.0),
+                top_k: 40,
+                top_p: Some(0.9),
+                typical_p: Some(0.8),
+                repetition_penalty: Some(1.2),
+                frequency_penalty: 0.5,
+                presence_penalty: -0.5,
+                seed: None,
+                stop_sequences: vec!["\n".into()],
+                stop_token_ids: vec![0],
+                ignore_eos: true,
+                logprobs: true,
+                top_n_tokens: 2,
+                prompt_logprobs: true,
+                truncate: 8,
+            }
+        );
+        assert!(p.stream && p.include_usage);
+        assert!(p.choices[0].echo);
+        let off = plan_of(serde_json::json!({"model": "m", "prompt": "x", "top_k": -1})).unwrap();
+        assert_eq!(off.choices[0].request.parameters.as_ref().unwrap().top_k, 0);
+    }
+
+    #[test]
+    fn max_tokens_zero_scores_the_prompt_with_echo_only() {
+        let p = plan_of(serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 0, "echo": true, "logprobs": 0}))
+            .unwrap();
+        assert!(p.score_only);
+        assert_eq!(p.choices[0].request.parameters.as_ref().unwrap().max_new_tokens, 1);
+        let e = plan_of(serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 0})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+    }
+
+    #[test]
+    fn what_is_not_supported_is_refused_by_name() {
+        for (json, param) in [
+            (serde_json::json!({"suffix": "end"}), "suffix"),
+            (serde_json::json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+            (serde_json::json!({"n": 0}), "n"),
+            (serde_json::json!({"n": 17}), "n"),
+            (serde_json::json!({"n": 2, "best_of": 3}), "best_of"),
+            (
+                serde_json::json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (serde_json::json!({"top_k": -2}), "top_k"),
+            (serde_json::json!({"prompt": []}), "prompt"),
+            (serde_json::json!({"prompt": vec!["a"; MAX_PROMPTS + 1]}), "prompt"),
+        ] {
+            let mut req = serde_json::json!({"model": "m", "prompt": "x"});
+            for (k, v) in json.as_object().unwrap() {
+                req[k] = v.clone();
+            }
+            let e = plan_of(req).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{json}");
+            assert!(e.message.starts_with(param), "{}", e.message);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+        // Empty suffix and logit_bias, and best_of == n, are what OpenAI's clients send by default.
+        plan_of(serde_json::json!({"model": "m", "prompt": "x", "suffix": "", "logit_bias": {}, "n": 2, "best_of": 2}))
+            .unwrap();
+    }
+
+    #[test]
+    fn grpc_field_names_become_openai_parameters() {
+        for (grpc, param, shown) in [
+            ("parameters.max_new_tokens", "max_tokens", "max_tokens"),
+            ("parameters.top_n_tokens", "logprobs", "logprobs"),
+            ("parameters.stop_sequences[1]", "stop", "stop[1]"),
+            ("parameters.stop_token_ids[0]", "stop_token_ids", "stop_token_ids[0]"),
+            ("parameters.temperature", "temperature", "temperature"),
+            (
+                "parameters.truncate",
+                "truncate_prompt_tokens",
+                "truncate_prompt_tokens",
+            ),
+            ("prompt_ids[3]", "prompt", "prompt[3]"),
+            ("prompt", "prompt", "prompt"),
+        ] {
+            assert_eq!(openai_field(grpc), (param.to_owned(), shown.to_owned()));
+        }
+        assert_eq!(
+            openai_message("prompt (9 tokens) + max_new_tokens (8) exceeds the context; set truncate"),
+            "prompt (9 tokens) + max_tokens (8) exceeds the context; set truncate_prompt_tokens"
+        );
+    }
+}

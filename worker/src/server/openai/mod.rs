@@ -1,0 +1,373 @@
+//! An OpenAI-compatible HTTP API beside the gRPC one: `POST /v1/completions` (unary and
+//! server-sent events), `GET /v1/models` and `GET /health`, so OpenAI's SDKs and the tools
+//! built on them (evaluation harnesses, LangChain, load generators) work unchanged. Requests
+//! become the gRPC API's requests and go through the same validation, engine and metrics.
+
+mod assemble;
+mod convert;
+mod error;
+mod schema;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::{StreamExt, StreamMap};
+
+use self::assemble::{finish_reason, Assembler, Piece};
+use self::convert::{openai_field, openai_message, plan, Plan};
+use self::error::ApiError;
+use self::schema::{Choice, Completion, CompletionRequest, ModelCard, ModelList, Usage};
+use super::submit::submit;
+use super::validate::{request_id, validate, Limits};
+use crate::engine::{EngineHandle, Event};
+use crate::model::NeoXTokenizer;
+
+/// What the HTTP API needs.
+#[derive(Clone)]
+pub struct OpenAiApi {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<NeoXTokenizer>,
+    pub limits: Limits,
+    /// The name requests must give as `model`.
+    pub model: String,
+    /// Request bodies larger than this are refused (413).
+    pub max_body_bytes: usize,
+}
+
+pub fn router(api: OpenAiApi) -> Router {
+    let limit = api.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(|method: Method, uri: Uri| async move { ApiError::no_route(method.as_str(), uri.path()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(Arc::new(api))
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(b) => (status, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn health(State(api): State<Arc<OpenAiApi>>) -> Response {
+    if api.engine.is_healthy() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "worker group unhealthy").into_response()
+    }
+}
+
+async fn models(State(api): State<Arc<OpenAiApi>>) -> Response {
+    json(
+        StatusCode::OK,
+        &ModelList {
+            object: "list",
+            data: vec![ModelCard {
+                id: api.model.clone(),
+                object: "model",
+                created: now_secs(),
+                owned_by: "neox-serve",
+                max_model_len: api.limits.max_total_tokens,
+            }],
+        },
+    )
+}
+
+async fn completions(
+    State(api): State<Arc<OpenAiApi>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let received = Instant::now();
+    let header = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+    let id = request_id("", header).unwrap_or_else(|_| format!("{:016x}", rand::random::<u64>()));
+    let mut response = match api.start(&id, body, received) {
+        Err(e) => {
+            tracing::info!(request_id = %id, error = %e.message, "request rejected");
+            e.into_response()
+        }
+        Ok(run) if run.plan.stream => run.stream(),
+        Ok(run) => match run.whole().await {
+            Ok(c) => json(StatusCode::OK, &c),
+            Err(e) => e.into_response(),
+        },
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// The parameter a JSON error names: the path's first segment, or the field in a root-level
+/// message such as "unknown field `max_token`" or "missing field `model`".
+fn json_error_param(path: &str, message: &str) -> Option<String> {
+    if path != "." {
+        let end = path.find(['.', '[']).unwrap_or(path.len());
+        return Some(path[..end].to_owned());
+    }
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+fn parse(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let req: CompletionRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let param = json_error_param(&path, &message);
+        let shown = if path == "." {
+            message
+        } else {
+            format!("{path}: {message}")
+        };
+        ApiError::malformed(param, format!("invalid request body: {shown}"))
+    })?;
+    de.end()
+        .map_err(|e| ApiError::malformed(None, format!("invalid request body: {e}")))?;
+    Ok(req)
+}
+
+/// A request in the engine: its choices' events, merged.
+struct Run {
+    id: String,
+    model: String,
+    plan: Plan,
+    events: StreamMap<usize, UnboundedReceiverStream<Event>>,
+    choices: Vec<Assembler>,
+}
+
+impl OpenAiApi {
+    /// Parses, validates and queues every choice of a request.
+    fn start(&self, id: &str, body: Result<Bytes, BytesRejection>, received: Instant) -> Result<Run, ApiError> {
+        let body = body.map_err(|rej| match rej.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(self.max_body_bytes),
+            _ => ApiError::malformed(None, format!("cannot read the request body: {rej}")),
+        })?;
+        let req = parse(&body)?;
+        if req.model != self.model {
+            return Err(ApiError::model_not_found(&req.model, &self.model));
+        }
+        let plan = plan(req, self.limits.max_new_tokens)?;
+        let mut events = StreamMap::new();
+        let mut choices = Vec::with_capacity(plan.choices.len());
+        for c in &plan.choices {
+            let v = validate(&c.request, &self.tokenizer, &self.limits).map_err(|e| {
+                let (param, shown) = openai_field(&e.field);
+                let mut message = format!("{shown}: {}", openai_message(&e.message));
+                if plan.score_only && param == "max_tokens" {
+                    message.push_str(" (a scored prompt needs room for the one token the engine computes after it)");
+                }
+                if plan.prompts > 1 {
+                    message.push_str(&format!(" (prompt {})", c.prompt_index));
+                }
+                ApiError::invalid(&param, message)
+            })?;
+            let echo = c.echo.then(|| {
+                self.tokenizer
+                    .decode(&v.prompt_ids)
+                    .unwrap_or_else(|_| c.request.prompt.clone())
+            });
+            choices.push(Assembler::new(echo, plan.logprobs.is_some(), !plan.score_only));
+            let sub_id = if plan.choices.len() > 1 {
+                format!("{id}/{}", c.index)
+            } else {
+                id.to_owned()
+            };
+            let rx = submit(&self.engine, v, sub_id, None, received)?;
+            events.insert(c.index, UnboundedReceiverStream::new(rx));
+        }
+        Ok(Run {
+            id: format!("cmpl-{id}"),
+            model: self.model.clone(),
+            plan,
+            events,
+            choices,
+        })
+    }
+}
+
+/// What one engine event adds to a choice.
+enum Step {
+    Piece(usize, Piece),
+    Finished(usize, &'static str),
+}
+
+impl Run {
+    /// The next event as a step; `None` once every choice finished.
+    async fn next(&mut self, usage: &mut Usage) -> Option<Result<Step, ApiError>> {
+        let (i, ev) = self.events.next().await?;
+        let asm = &mut self.choices[i];
+        Some(Ok(match ev {
+            Event::PromptTokens(t) => Step::Piece(i, asm.prompt_tokens(&t)),
+            Event::Token { token, delta } => Step::Piece(i, asm.token(&token, &delta)),
+            Event::Finished(f) => {
+                self.events.remove(&i);
+                if self.plan.choices[i].counts_prompt {
+                    usage.prompt_tokens += f.prompt_tokens;
+                }
+                usage.completion_tokens += asm.completion_tokens;
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+                return Some(Ok(Step::Finished(i, finish_reason(f.reason, self.plan.score_only))));
+            }
+            Event::Failed(f) => return Some(Err(f.into())),
+        }))
+    }
+
+    fn completion(&self, choices: Vec<Choice>, usage: Option<Usage>, created: u64) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    /// Every choice gathered into one response.
+    async fn whole(mut self) -> Result<Completion, ApiError> {
+        let created = now_secs();
+        let mut pieces = vec![Piece::default(); self.choices.len()];
+        let mut finish = vec![None; self.choices.len()];
+        let mut usage = Usage::default();
+        while let Some(step) = self.next(&mut usage).await {
+            match step? {
+                Step::Piece(i, p) => pieces[i].extend(p),
+                Step::Finished(i, reason) => {
+                    pieces[i].extend(self.choices[i].finish());
+                    finish[i] = Some(reason);
+                }
+            }
+        }
+        if finish.iter().any(Option::is_none) {
+            tracing::warn!(request_id = %self.id, "the engine stopped before the request finished");
+            return Err(ApiError::engine_stopped());
+        }
+        let choices = pieces
+            .into_iter()
+            .zip(finish)
+            .enumerate()
+            .map(|(index, (p, finish_reason))| Choice {
+                index,
+                text: p.text,
+                logprobs: p.logprobs,
+                finish_reason,
+            })
+            .collect();
+        Ok(self.completion(choices, Some(usage), created))
+    }
+
+    /// Server-sent events: a chunk per piece of text, one with each choice's finish reason,
+    /// usage when asked for, then `[DONE]`. A client that goes away cancels every choice.
+    fn stream(self) -> Response {
+        let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.pump(&tx) => {}
+                _ = tx.closed() => {}
+            }
+        });
+        let events = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
+        Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    }
+
+    async fn pump(mut self, tx: &tokio::sync::mpsc::Sender<SseEvent>) {
+        let created = now_secs();
+        let mut usage = Usage::default();
+        let mut finished = 0;
+        while let Some(step) = self.next(&mut usage).await {
+            let (index, piece, finish_reason) = match step {
+                Ok(Step::Piece(_, p)) if p.is_empty() => continue,
+                Ok(Step::Piece(i, p)) => (i, p, None),
+                Ok(Step::Finished(i, reason)) => {
+                    finished += 1;
+                    (i, self.choices[i].finish(), Some(reason))
+                }
+                Err(e) => {
+                    let _ = tx.send(data(&e.body())).await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+            };
+            let choice = Choice {
+                index,
+                text: piece.text,
+                logprobs: piece.logprobs,
+                finish_reason,
+            };
+            if tx
+                .send(data(&self.completion(vec![choice], None, created)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if finished < self.choices.len() {
+            tracing::warn!(request_id = %self.id, "the engine stopped before the request finished");
+            let _ = tx.send(data(&ApiError::engine_stopped().body())).await;
+        } else if self.plan.include_usage {
+            let _ = tx.send(data(&self.completion(Vec::new(), Some(usage), created))).await;
+        }
+        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+    }
+}
+
+fn data(v: &impl Serialize) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(v).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_name_the_parameter() {
+        let e = parse(br#"{"model": "m", "prompt": "x", "max_token": 3}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_token"));
+        assert!(e.message.contains("unknown field `max_token`"), "{}", e.message);
+        let e = parse(br#"{"prompt": "x"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = parse(br#"{"model": "m", "prompt": "x", "temperature": "hot"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        assert!(
+            e.message.starts_with("invalid request body: temperature: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = parse(br#"{"model": "m", "prompt": {"text": "x"}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        assert!(e.message.contains("an array of arrays of token ids"), "{}", e.message);
+        let e = parse(br#"{"model": "m", "prompt": "x", "stream_options": {"include_usage": 1}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream_options"));
+        let e = parse(br#"{"model": "m", "prompt": "x", "seed": -1}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("seed"));
+        for body in [&b"{"[..], b"[]", b"{\"model\": \"m\", \"prompt\": \"x\"} trailing", b""] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        }
+        parse(br#"{"model": "m", "prompt": "x", "temperature": null, "stop": ["a", "b"]}"#).unwrap();
+    }
+}

@@ -1,0 +1,312 @@
+//! The OpenAI-compatible HTTP API over real sockets: HF goldens unary, streamed, batched and
+//! from token ids; prompt scoring equal to the gRPC API's prompt logprobs; seeded samples
+//! equal to gRPC's; errors that name the parameter; a client that leaves mid-stream.
+
+mod common;
+mod serving;
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::Duration;
+
+use neox_proto::neox::v1 as pb;
+use serde_json::{json, Value};
+use serving::{rt, Server};
+
+const MODEL: &str = "builtin:shakespeare";
+
+fn golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(common::shakespeare_dir().join("golden.json")).unwrap()).unwrap()
+}
+
+fn server() -> Server {
+    serving::start(&["--max-prompt-bytes", "4096"])
+}
+
+fn complete(s: &Server, body: Value) -> Value {
+    let r = s.http("POST", "/v1/completions", &[], &body.to_string());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    r.json()
+}
+
+fn greedy(prompt: Value, max_tokens: u64) -> Value {
+    json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+#[test]
+fn greedy_completions_equal_hf_goldens_whole_streamed_batched_and_from_ids() {
+    let s = server();
+    let gold = golden();
+    let prompts = gold["prompts"].as_array().unwrap();
+    for p in prompts {
+        let want = p["output_text"].as_str().unwrap();
+        let c = complete(&s, greedy(p["prompt"].clone(), 40));
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["model"], MODEL);
+        assert_eq!(c["choices"][0]["text"], want);
+        assert_eq!(c["choices"][0]["finish_reason"], "length");
+        let prompt_len = p["input_ids"].as_array().unwrap().len();
+        assert_eq!(
+            c["usage"],
+            json!({"prompt_tokens": prompt_len, "completion_tokens": 40, "total_tokens": prompt_len + 40})
+        );
+        // The same from token ids.
+        let c = complete(&s, greedy(p["input_ids"].clone(), 40));
+        assert_eq!(c["choices"][0]["text"], want);
+
+        // Streamed: text pieces, a chunk with the finish reason, usage, then [DONE].
+        let mut body = greedy(p["prompt"].clone(), 40);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let r = s.http(
+            "POST",
+            "/v1/completions",
+            &[("x-request-id", "stream-1")],
+            &body.to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        assert_eq!(r.header("x-request-id"), Some("stream-1"));
+        let data = r.sse_data();
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let (usage, chunks) = chunks.split_last().unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["completion_tokens"], 40);
+        assert!(chunks.iter().all(|c| c["id"] == "cmpl-stream-1"));
+        let text: String = chunks
+            .iter()
+            .map(|c| c["choices"][0]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, want);
+        let finishes: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).collect();
+        assert_eq!(finishes.last().unwrap().as_str(), Some("length"));
+        assert!(finishes[..finishes.len() - 1].iter().all(|f| f.is_null()));
+    }
+    // Every golden prompt in one request: one choice each, in order, prompt tokens counted once.
+    let batch: Vec<Value> = prompts.iter().map(|p| p["prompt"].clone()).collect();
+    let c = complete(&s, greedy(json!(batch), 40));
+    let choices = c["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), prompts.len());
+    for (i, (choice, p)) in choices.iter().zip(prompts).enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["text"], p["output_text"]);
+    }
+    let prompt_tokens: usize = prompts.iter().map(|p| p["input_ids"].as_array().unwrap().len()).sum();
+    assert_eq!(c["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(c["usage"]["completion_tokens"], 40 * prompts.len());
+}
+
+#[test]
+fn stop_sequences_end_the_text_before_them() {
+    let s = server();
+    let gold = golden();
+    let p = &gold["prompts"][0];
+    let want = p["output_text"].as_str().unwrap();
+    let mut body = greedy(p["prompt"].clone(), 40);
+    body["stop"] = json!(["\n\n", "never"]);
+    let c = complete(&s, body);
+    assert_eq!(c["choices"][0]["text"], want.split("\n\n").next().unwrap());
+    assert_eq!(c["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
+    let s = server();
+    let prompt = "ROMEO:\nWhat light through yonder window breaks?";
+    let c = complete(
+        &s,
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2}),
+    );
+    let choice = &c["choices"][0];
+    assert_eq!(choice["text"], prompt);
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(c["usage"]["completion_tokens"], 0);
+    let lp = &choice["logprobs"];
+    let got: Vec<Option<f64>> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Value::as_f64)
+        .collect();
+
+    let want = rt().block_on(async {
+        let mut client = s.client().await;
+        let req = pb::GenerateRequest {
+            prompt: prompt.into(),
+            parameters: Some(pb::GenerationParameters {
+                max_new_tokens: 1,
+                prompt_logprobs: true,
+                top_n_tokens: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        client.generate(req).await.unwrap().into_inner().prompt_tokens
+    });
+    assert_eq!(got.len(), want.len());
+    assert_eq!(c["usage"]["prompt_tokens"], want.len());
+    assert_eq!(got[0], None, "the first token has no context");
+    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(lp["tokens"][j], w.text.as_str());
+        if j > 0 {
+            assert!((g.unwrap() - w.logprob.unwrap() as f64).abs() < 1e-6, "token {j}");
+            // The top 2 alternatives and the token itself, each at its own log-probability.
+            let top = lp["top_logprobs"][j].as_object().unwrap();
+            assert_eq!(w.top_tokens.len(), 2);
+            let among = w.top_tokens.iter().any(|t| t.id == w.id);
+            assert_eq!(top.len(), if among { 2 } else { 3 }, "token {j}: {top:?}");
+            for t in &w.top_tokens {
+                assert!((top[&t.text].as_f64().unwrap() - t.logprob as f64).abs() < 1e-6);
+            }
+        }
+    }
+    // Offsets point into the returned text.
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    let chars: Vec<char> = prompt.chars().collect();
+    for (j, &o) in offsets.iter().enumerate() {
+        let token = lp["tokens"][j].as_str().unwrap();
+        let at: String = chars[o as usize..].iter().take(token.chars().count()).collect();
+        assert_eq!(at, token, "token {j} at offset {o}");
+    }
+}
+
+#[test]
+fn seeded_samples_equal_the_grpc_apis_and_n_gives_one_seed_each() {
+    let s = server();
+    let body = json!({"model": MODEL, "prompt": "JULIET:\n", "max_tokens": 24, "n": 3, "seed": 11,
+                      "temperature": 0.9, "top_p": 0.95, "ignore_eos": true});
+    let a = complete(&s, body.clone());
+    let b = complete(&s, body);
+    assert_eq!(a["choices"], b["choices"], "seeded requests repeat");
+    let texts: Vec<&str> = a["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "n samples share a seed: {texts:?}"
+    );
+    rt().block_on(async {
+        let mut client = s.client().await;
+        for (j, text) in texts.iter().enumerate() {
+            let req = pb::GenerateRequest {
+                prompt: "JULIET:\n".into(),
+                parameters: Some(pb::GenerationParameters {
+                    max_new_tokens: 24,
+                    temperature: Some(0.9),
+                    top_p: Some(0.95),
+                    seed: Some(11 + j as u64),
+                    ignore_eos: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            assert_eq!(
+                client.generate(req).await.unwrap().into_inner().text,
+                *text,
+                "choice {j}"
+            );
+        }
+    });
+}
+
+#[test]
+fn bad_requests_get_openai_errors_naming_the_parameter_and_lose_nothing() {
+    let s = server();
+    let base = json!({"model": MODEL, "prompt": "ROMEO:", "max_tokens": 4});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b.to_string()
+    };
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        (with("temperature", json!(-1)), 400, Some("temperature")),
+        (with("top_p", json!(1.5)), 400, Some("top_p")),
+        (with("max_tokens", json!(100_000)), 400, Some("max_tokens")),
+        (with("logprobs", json!(9)), 400, Some("logprobs")),
+        (with("stop", json!(vec!["x"; 9])), 400, Some("stop")),
+        (with("stop_token_ids", json!([99_999])), 400, Some("stop_token_ids")),
+        (with("prompt", json!([[1, 99_999]])), 400, Some("prompt")),
+        (with("prompt", json!("x".repeat(5000))), 400, Some("prompt")),
+        (with("n", json!(0)), 400, Some("n")),
+        (with("max_token", json!(4)), 400, Some("max_token")),
+        (with("temperature", json!("hot")), 400, Some("temperature")),
+        (with("model", json!("gpt-4")), 404, Some("model")),
+        ("not json".into(), 400, None),
+        ("{\"model\": ".into(), 400, Some("model")),
+        (
+            format!("{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}", "y".repeat(80_000)),
+            413,
+            None,
+        ),
+    ];
+    for (body, status, param) in cases {
+        let r = s.http("POST", "/v1/completions", &[("x-request-id", "bad-1")], &body);
+        let shown = &body[..body.len().min(80)];
+        assert_eq!(r.status, status, "{shown}: {}", r.body);
+        assert_eq!(r.header("x-request-id"), Some("bad-1"));
+        let e = &r.json()["error"];
+        assert_eq!(e["param"].as_str(), param, "{shown}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(!message.is_empty());
+        if let Some(p) = param {
+            assert!(message.contains(p), "{shown}: {message}");
+        }
+    }
+    let r = s.http("POST", "/v1/chat/completions", &[], &base.to_string());
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/completions"));
+    // Nothing was lost: the server still answers.
+    let models = s.http("GET", "/v1/models", &[], "").json();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    assert_eq!(models["data"][0]["max_model_len"], 512);
+    assert_eq!(s.http("GET", "/health", &[], "").status, 200);
+    complete(&s, base);
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_its_kv() {
+    let s = server();
+    let body = json!({"model": MODEL, "prompt": "ROMEO:\n", "max_tokens": 500, "temperature": 0,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    let mut conn = std::net::TcpStream::connect(&s.http).unwrap();
+    write!(
+        conn,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "stream ended early");
+    }
+    assert!(s.metric("neox_kv_cache_usage_ratio") > 0.0);
+    drop(reader);
+    drop(conn);
+    s.wait_metrics(Duration::from_secs(10), "the request retired", |s| {
+        s.metric("neox_requests_running") == 0.0
+    });
+    s.wait_kv_freed();
+    assert!(
+        s.metric("neox_generation_tokens_total") < 500.0,
+        "the request ran to its end"
+    );
+}
