@@ -516,10 +516,10 @@ impl Engine {
         let Some(i) = self.running.iter().position(|s| s.id == id) else {
             return Ok(Vec::new());
         };
-        let s = &self.running[i];
+        let s = &mut self.running[i];
         // The step's own sampled token comes on top of the accepted drafts.
         let left = s.req.stop.max_new_tokens.saturating_sub(s.generated.len() + 1);
-        let max = s.draft_len.get().min(left).min(budget);
+        let max = s.draft_len.take().min(left).min(budget);
         let mut drafts = speculation::propose(&s.tokens, spec, max);
         if !drafts.is_empty() {
             let len = s.tokens.len();

@@ -55,20 +55,42 @@ pub fn propose(tokens: &[u32], cfg: &SpeculationConfig, max: usize) -> Vec<u32> 
     Vec::new()
 }
 
+/// Verifications in a row that keep no draft before a sequence stops drafting for a while.
+const MISSES_BEFORE_PAUSE: u32 = 3;
+/// The longest pause, in steps: a sequence whose text starts to repeat is looked at again soon.
+const MAX_PAUSE: u32 = 64;
+
 /// A sequence's draft length, adapted to how its drafts fare (as HF's assisted generation
-/// does): two more after a draft accepted whole, one fewer after a rejection, so a sequence
-/// whose guesses keep failing costs one extra row a step, not `max`.
+/// does): two more after a draft accepted whole, one fewer after a rejection. A sequence whose
+/// drafts keep failing outright (text whose word pairs recur with other continuations) pauses
+/// drafting for 4 steps, then 8, 16, … up to 64 while it keeps failing, since each rejected
+/// row costs compute; any kept draft ends the back-off.
 #[derive(Debug, Clone, Copy)]
 pub struct DraftLength {
     current: usize,
+    /// Verifications in a row that kept nothing.
+    misses: u32,
+    /// Steps left without drafts, and the next pause's length.
+    paused: u32,
+    next_pause: u32,
 }
 
 impl DraftLength {
     pub fn new(max: usize) -> Self {
-        Self { current: max }
+        Self {
+            current: max,
+            misses: 0,
+            paused: 0,
+            next_pause: MISSES_BEFORE_PAUSE + 1,
+        }
     }
 
-    pub fn get(&self) -> usize {
+    /// The most drafts to propose this step (0 while paused); called once per decode step.
+    pub fn take(&mut self) -> usize {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return 0;
+        }
         self.current
     }
 
@@ -79,6 +101,17 @@ impl DraftLength {
         } else {
             self.current.saturating_sub(1).max(1)
         };
+        if accepted > 0 {
+            self.misses = 0;
+            self.next_pause = MISSES_BEFORE_PAUSE + 1;
+            return;
+        }
+        self.misses += 1;
+        if self.misses >= MISSES_BEFORE_PAUSE {
+            self.misses = 0;
+            self.paused = self.next_pause;
+            self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
+        }
     }
 }
 
@@ -134,16 +167,54 @@ mod tests {
     #[test]
     fn draft_length_grows_on_success_and_shrinks_on_failure() {
         let mut d = DraftLength::new(5);
+        assert_eq!(d.take(), 5);
         d.record(5, 2, 5);
-        assert_eq!(d.get(), 4);
-        for _ in 0..10 {
-            d.record(4, 0, 5);
-        }
-        assert_eq!(d.get(), 1);
+        assert_eq!(d.take(), 4);
+        d.record(4, 1, 5);
+        d.record(3, 1, 5);
+        d.record(2, 1, 5);
+        assert_eq!(d.take(), 1, "partial matches shrink it, never below 1");
         d.record(1, 1, 5);
-        assert_eq!(d.get(), 3);
+        assert_eq!(d.take(), 3);
         d.record(3, 3, 5);
         d.record(5, 5, 5);
-        assert_eq!(d.get(), 5);
+        assert_eq!(d.take(), 5);
+    }
+
+    /// Steps until the next draft (0: drafts this step), taking a step each time.
+    fn steps_paused(d: &mut DraftLength) -> usize {
+        (0..).find(|_| d.take() > 0).unwrap()
+    }
+
+    #[test]
+    fn drafts_that_keep_failing_pause_drafting_for_longer_and_longer() {
+        let mut d = DraftLength::new(4);
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            for _ in 0..MISSES_BEFORE_PAUSE {
+                assert!(d.take() > 0);
+                d.record(1, 0, 4);
+            }
+            pauses.push(steps_paused(&mut d));
+            d.record(1, 0, 4); // that draft failed too: the count starts again
+            d.record(1, 0, 4);
+            d.record(1, 0, 4);
+            pauses.push(steps_paused(&mut d));
+        }
+        assert_eq!(&pauses[..5], &[4, 8, 16, 32, 64]);
+        assert!(pauses[5..].iter().all(|&p| p == 64), "{pauses:?}");
+        // Any kept draft ends the back-off.
+        d.record(1, 1, 4);
+        for _ in 0..MISSES_BEFORE_PAUSE {
+            d.record(1, 0, 4);
+        }
+        assert_eq!(steps_paused(&mut d), 4);
+        // Misses that are not in a row never pause.
+        let mut d = DraftLength::new(4);
+        for _ in 0..20 {
+            d.record(2, 0, 4);
+            d.record(2, 1, 4);
+            assert!(d.take() > 0);
+        }
     }
 }
