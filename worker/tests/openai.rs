@@ -180,7 +180,55 @@ fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
 }
 
 #[test]
-fn seeded_samples_equal_the_grpc_apis_and_n_gives_one_seed_each() {
+fn several_choices_stream_each_with_its_own_index_and_finish_and_count_each_prompt_once() {
+    let s = server();
+    let gold = golden();
+    let prompts: Vec<Value> = gold["prompts"].as_array().unwrap()[..2].to_vec();
+    let body = json!({"model": MODEL, "prompt": [prompts[0]["prompt"], prompts[1]["prompt"]], "n": 2,
+                      "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let whole = complete(&s, body.clone());
+    let prompt_tokens: usize = prompts.iter().map(|p| p["input_ids"].as_array().unwrap().len()).sum();
+    assert_eq!(
+        whole["usage"],
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 48, "total_tokens": prompt_tokens + 48}),
+        "each prompt counted once, each choice's tokens"
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = s.http("POST", "/v1/completions", &[], &streamed.to_string());
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = vec![String::new(); 4];
+    let mut finishes = vec![0; 4];
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        let choices = c["choices"].as_array().unwrap();
+        assert_eq!(
+            choices.len(),
+            1,
+            "one choice per chunk, and no usage chunk unless asked: {d}"
+        );
+        assert!(c.get("usage").is_none(), "{d}");
+        let i = choices[0]["index"].as_u64().unwrap() as usize;
+        assert_eq!(finishes[i], 0, "choice {i} went on after its finish");
+        texts[i].push_str(choices[0]["text"].as_str().unwrap());
+        if !choices[0]["finish_reason"].is_null() {
+            finishes[i] += 1;
+        }
+    }
+    assert_eq!(finishes, [1, 1, 1, 1]);
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(whole["choices"][i]["text"], text.as_str(), "choice {i}");
+        let golden = prompts[i / 2]["output_text"].as_str().unwrap();
+        assert!(
+            golden.starts_with(text.as_str()),
+            "choice {i}: greedy, so the golden text"
+        );
+    }
+}
+
+#[test]
+fn seeded_samples_repeat_and_choice_0_equals_the_grpc_apis() {
     let s = server();
     let body = json!({"model": MODEL, "prompt": "JULIET:\n", "max_tokens": 24, "n": 3, "seed": 11,
                       "temperature": 0.9, "top_p": 0.95, "ignore_eos": true});
@@ -198,27 +246,22 @@ fn seeded_samples_equal_the_grpc_apis_and_n_gives_one_seed_each() {
         texts[0] != texts[1] || texts[1] != texts[2],
         "n samples share a seed: {texts:?}"
     );
+    // Choice 0 uses the seed itself, as the gRPC API does.
     rt().block_on(async {
         let mut client = s.client().await;
-        for (j, text) in texts.iter().enumerate() {
-            let req = pb::GenerateRequest {
-                prompt: "JULIET:\n".into(),
-                parameters: Some(pb::GenerationParameters {
-                    max_new_tokens: 24,
-                    temperature: Some(0.9),
-                    top_p: Some(0.95),
-                    seed: Some(11 + j as u64),
-                    ignore_eos: true,
-                    ..Default::default()
-                }),
+        let req = pb::GenerateRequest {
+            prompt: "JULIET:\n".into(),
+            parameters: Some(pb::GenerationParameters {
+                max_new_tokens: 24,
+                temperature: Some(0.9),
+                top_p: Some(0.95),
+                seed: Some(11),
+                ignore_eos: true,
                 ..Default::default()
-            };
-            assert_eq!(
-                client.generate(req).await.unwrap().into_inner().text,
-                *text,
-                "choice {j}"
-            );
-        }
+            }),
+            ..Default::default()
+        };
+        assert_eq!(client.generate(req).await.unwrap().into_inner().text, texts[0]);
     });
 }
 
@@ -247,7 +290,7 @@ fn bad_requests_get_openai_errors_naming_the_parameter_and_lose_nothing() {
         ("not json".into(), 400, None),
         ("{\"model\": ".into(), 400, Some("model")),
         (
-            format!("{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}", "y".repeat(80_000)),
+            format!("{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}", "y".repeat(300_000)),
             413,
             None,
         ),
@@ -271,6 +314,9 @@ fn bad_requests_get_openai_errors_naming_the_parameter_and_lose_nothing() {
         .as_str()
         .unwrap()
         .contains("/v1/completions"));
+    let r = s.http("GET", "/v1/completions", &[], "");
+    assert_eq!(r.status, 405);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("GET"));
     // Nothing was lost: the server still answers.
     let models = s.http("GET", "/v1/models", &[], "").json();
     assert_eq!(models["data"][0]["id"], MODEL);

@@ -229,6 +229,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_prompt_bytes: a.max_prompt_bytes,
         max_stop_sequences: 8,
         max_stop_sequence_chars: 256,
+        max_stop_token_ids: 64,
         max_top_n_tokens: 5,
         vocab_size: model.sampleable_vocab(),
     };

@@ -663,8 +663,10 @@ impl Engine {
                 let top = match tops.get(j) {
                     Some(row) => row
                         .iter()
-                        .map(|&(t, l)| Ok((t, tok.decode(&[t])?, l)))
-                        .collect::<Result<_, ModelError>>()?,
+                        // A token that does not decode on its own reads as empty, never
+                        // failing the step.
+                        .map(|&(t, l)| (t, tok.decode(&[t]).unwrap_or_default(), l))
+                        .collect(),
                     None => Vec::new(),
                 };
                 s.prompt_lp.push(TokenInfo {

@@ -71,7 +71,8 @@ pub async fn serve(
         tokenizer: tokenizer.clone(),
         limits: limits.clone(),
         model: info.model.clone(),
-        max_body_bytes: opts.max_message_bytes,
+        // Room for a batch of prompts (as token ids, too), not just one.
+        max_body_bytes: opts.max_message_bytes * 4,
     };
     let svc = GenerationService {
         engine: engine.clone(),

@@ -20,6 +20,7 @@ pub struct Limits {
     pub max_prompt_bytes: usize,
     pub max_stop_sequences: usize,
     pub max_stop_sequence_chars: usize,
+    pub max_stop_token_ids: usize,
     pub max_top_n_tokens: u32,
     /// Rows of the vocabulary a token id may name.
     pub vocab_size: usize,
@@ -172,6 +173,12 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
                 format!("must have 1 to {} characters", lim.max_stop_sequence_chars),
             ));
         }
+    }
+    if p.stop_token_ids.len() > lim.max_stop_token_ids {
+        return Err(bad(
+            "parameters.stop_token_ids",
+            format!("{} given, at most {}", p.stop_token_ids.len(), lim.max_stop_token_ids),
+        ));
     }
     for (i, &id) in p.stop_token_ids.iter().enumerate() {
         if id as usize >= lim.vocab_size {

@@ -1,9 +1,7 @@
 //! A choice's text and log-probabilities, built from the engine's events one piece at a time:
 //! a stream sends each piece as a chunk, a whole response is their concatenation.
 
-use std::collections::BTreeMap;
-
-use super::schema::Logprobs;
+use super::schema::{Logprobs, TopLogprobs};
 use crate::engine::{FinishReason, TokenInfo};
 
 /// Text and log-probabilities to append to a choice.
@@ -60,17 +58,15 @@ impl Assembler {
         self.chars += text.chars().count();
     }
 
-    /// The prompt's tokens with their log-probabilities (only asked for with echo): the echoed
-    /// prompt and its log-probabilities.
-    pub fn prompt_tokens(&mut self, tokens: &[TokenInfo]) -> Piece {
+    /// The prompt's tokens with their log-probabilities (only asked for with echo), and where
+    /// each token's text starts in the prompt: the echoed prompt and its log-probabilities.
+    pub fn prompt_tokens(&mut self, tokens: &[TokenInfo], offsets: &[usize]) -> Piece {
         let mut p = Piece::default();
         let Some(echo) = self.echo.take() else { return p };
         if self.logprobs {
-            let mut offset = self.chars;
             let lp = p.logprobs.get_or_insert_with(Logprobs::default);
-            for t in tokens {
-                push_token(lp, t, offset);
-                offset += t.text.chars().count();
+            for (t, &offset) in tokens.iter().zip(offsets) {
+                push_token(lp, t, self.chars + offset);
             }
         }
         self.append(&mut p, &echo);
@@ -101,15 +97,21 @@ impl Assembler {
     }
 }
 
-/// A token in the column layout. Its top alternatives always include the token itself, as
-/// OpenAI's do (so `logprobs: 0` gives just the chosen token).
+/// A token in the column layout. Its alternatives, most likely first, always include the
+/// token itself, as OpenAI's do (so `logprobs: 0` gives just the chosen token); of tokens that
+/// read the same, the likelier one stands for them.
 fn push_token(lp: &mut Logprobs, t: &TokenInfo, offset: usize) {
     lp.tokens.push(t.text.clone());
     lp.token_logprobs.push(t.logprob);
     lp.top_logprobs.push(t.logprob.map(|chosen| {
-        let mut top: BTreeMap<String, f32> = t.top.iter().map(|(_, text, l)| (text.clone(), *l)).collect();
-        top.entry(t.text.clone()).or_insert(chosen);
-        top
+        let mut top: Vec<(String, f32)> = Vec::with_capacity(t.top.len() + 1);
+        let alternatives = t.top.iter().map(|(_, text, l)| (text, *l));
+        for (text, l) in alternatives.chain(std::iter::once((&t.text, chosen))) {
+            if !top.iter().any(|(seen, _)| seen == text) {
+                top.push((text.clone(), l));
+            }
+        }
+        TopLogprobs(top)
     }));
     lp.text_offset.push(offset);
 }
@@ -140,7 +142,8 @@ mod tests {
     #[test]
     fn pieces_concatenate_into_the_whole_choice_with_offsets_into_its_text() {
         let mut a = Assembler::new(Some("Hé said".into()), true, true);
-        let mut whole = a.prompt_tokens(&[tok(1, "Hé", None, &[]), tok(2, " said", Some(-2.0), &[(" said", -2.0)])]);
+        let prompt = [tok(1, "Hé", None, &[]), tok(2, " said", Some(-2.0), &[(" said", -2.0)])];
+        let mut whole = a.prompt_tokens(&prompt, &[0, 2]);
         let first = a.token(&tok(3, " no", Some(-0.5), &[(" yes", -0.4)]), " no");
         assert_eq!(first.text, " no");
         whole.extend(first);
@@ -153,9 +156,12 @@ mod tests {
         assert_eq!(lp.text_offset, [0, 2, 7, 10], "offsets count characters, not bytes");
         assert_eq!(lp.top_logprobs[0], None, "the first prompt token has no context");
         let top = lp.top_logprobs[2].clone().unwrap();
-        assert_eq!(top.len(), 2, "the chosen token is among its alternatives");
-        assert_eq!(top[" yes"], -0.4);
-        assert_eq!(top[" no"], -0.5);
+        assert_eq!(
+            top.0,
+            [(" yes".to_owned(), -0.4), (" no".to_owned(), -0.5)],
+            "most likely first, the chosen token among them"
+        );
+        assert_eq!(lp.top_logprobs[1].clone().unwrap().0, [(" said".to_owned(), -2.0)]);
         assert_eq!(a.completion_tokens, 2);
     }
 
@@ -173,7 +179,7 @@ mod tests {
         assert!(a.finish().is_empty());
 
         let mut score = Assembler::new(Some("ROMEO:".into()), true, false);
-        let p = score.prompt_tokens(&[tok(1, "ROMEO", None, &[]), tok(2, ":", Some(-3.0), &[])]);
+        let p = score.prompt_tokens(&[tok(1, "ROMEO", None, &[]), tok(2, ":", Some(-3.0), &[])], &[0, 5]);
         assert_eq!(p.text, "ROMEO:");
         assert!(score.token(&tok(9, "x", Some(-1.0), &[]), "x").is_empty());
         assert_eq!(score.completion_tokens, 0);

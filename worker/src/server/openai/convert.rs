@@ -5,6 +5,7 @@ use neox_proto::neox::v1 as pb;
 
 use super::error::ApiError;
 use super::schema::{CompletionRequest, OnePrompt};
+use crate::server::validate::Limits;
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -13,39 +14,37 @@ pub const MAX_N: u32 = 16;
 /// Prompts in one request, at most.
 pub const MAX_PROMPTS: usize = 64;
 
-/// What a completions request asks for, as engine-ready pieces.
+/// What a completions request asks for: one gRPC request per prompt (validated once each),
+/// run `n` times.
 #[derive(Debug)]
 pub struct Plan {
-    pub choices: Vec<ChoicePlan>,
-    pub prompts: usize,
+    pub prompts: Vec<pb::GenerateRequest>,
+    pub n: usize,
+    /// The prompt (as the model saw it, after truncation) comes before each completion.
+    pub echo: bool,
     pub stream: bool,
     pub include_usage: bool,
-    /// Top log-probabilities per token, when logprobs were asked for.
-    pub logprobs: Option<u32>,
+    pub logprobs: bool,
     /// `max_tokens: 0`: the prompt is only scored (with echo) and the one token the engine
     /// generates is dropped.
     pub score_only: bool,
 }
 
-#[derive(Debug)]
-pub struct ChoicePlan {
-    /// `index` of the choice in the response: prompt × n + j.
-    pub index: usize,
-    pub prompt_index: usize,
-    /// The first choice of its prompt counts the prompt's tokens in `usage`.
-    pub counts_prompt: bool,
-    /// `echo`: the prompt (as the model saw it, after truncation) comes before the completion.
-    pub echo: bool,
-    pub request: pb::GenerateRequest,
+impl Plan {
+    pub fn choices(&self) -> usize {
+        self.prompts.len() * self.n
+    }
 }
 
 fn unsupported(param: &str, why: &str) -> ApiError {
     ApiError::invalid(param, format!("{param}: {why}"))
 }
 
-/// The request's choices, or the first parameter OpenAI's API would reject (the ones the
-/// gRPC API shares are checked by `validate` afterwards).
-pub fn plan(req: CompletionRequest, max_new_tokens: usize) -> Result<Plan, ApiError> {
+/// The request's plan, or the first parameter OpenAI's API would reject (the ones the gRPC
+/// API shares are checked by `validate` afterwards). Lists are counted before anything is
+/// copied per prompt, and a request never asks for more choices than the engine can hold
+/// (`max_choices`), so no request can make the server allocate much beyond its body.
+pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<Plan, ApiError> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(unsupported(
             "suffix",
@@ -78,6 +77,19 @@ pub fn plan(req: CompletionRequest, max_new_tokens: usize) -> Result<Plan, ApiEr
             ))
         }
     };
+    let stop = req.stop.map(|s| s.into_vec()).unwrap_or_default();
+    let stop_token_ids = req.stop_token_ids.unwrap_or_default();
+    for (param, given, most) in [
+        ("stop", stop.len(), lim.max_stop_sequences),
+        ("stop_token_ids", stop_token_ids.len(), lim.max_stop_token_ids),
+    ] {
+        if given > most {
+            return Err(ApiError::invalid(
+                param,
+                format!("{param}: {given} given, at most {most}"),
+            ));
+        }
+    }
     let prompts = req.prompt.into_list();
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "prompt: must not be empty"));
@@ -86,6 +98,16 @@ pub fn plan(req: CompletionRequest, max_new_tokens: usize) -> Result<Plan, ApiEr
         return Err(ApiError::invalid(
             "prompt",
             format!("prompt: {} prompts given, at most {MAX_PROMPTS}", prompts.len()),
+        ));
+    }
+    let choices = prompts.len() * n as usize;
+    if choices > max_choices {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "n: {} prompts x n {n} = {choices} choices, more than this server holds at once ({max_choices})",
+                prompts.len()
+            ),
         ));
     }
     let score_only = req.max_tokens == Some(0);
@@ -97,7 +119,7 @@ pub fn plan(req: CompletionRequest, max_new_tokens: usize) -> Result<Plan, ApiEr
         ));
     }
     let max_tokens = match req.max_tokens {
-        None => DEFAULT_MAX_TOKENS.min(max_new_tokens.max(1) as u32),
+        None => DEFAULT_MAX_TOKENS.min(lim.max_new_tokens.max(1) as u32),
         Some(0) => 1,
         Some(m) => m,
     };
@@ -112,46 +134,51 @@ pub fn plan(req: CompletionRequest, max_new_tokens: usize) -> Result<Plan, ApiEr
         frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         presence_penalty: req.presence_penalty.unwrap_or(0.0),
         seed: req.seed,
-        stop_sequences: req.stop.map(|s| s.into_vec()).unwrap_or_default(),
-        stop_token_ids: req.stop_token_ids.unwrap_or_default(),
+        stop_sequences: stop,
+        stop_token_ids,
         ignore_eos: req.ignore_eos.unwrap_or(false),
         logprobs: req.logprobs.is_some(),
         top_n_tokens: req.logprobs.unwrap_or(0),
         prompt_logprobs: echo && req.logprobs.is_some(),
         truncate: req.truncate_prompt_tokens.unwrap_or(0),
     };
-    let mut choices = Vec::with_capacity(prompts.len() * n as usize);
-    for (p, prompt) in prompts.iter().enumerate() {
-        for j in 0..n {
-            let mut parameters = parameters.clone();
-            // n different samples of one seeded request, each reproducible.
-            parameters.seed = parameters.seed.map(|s| s.wrapping_add(j as u64));
+    let prompts = prompts
+        .into_iter()
+        .map(|prompt| {
             let (text, ids) = match prompt {
-                OnePrompt::Text(t) => (t.clone(), Vec::new()),
-                OnePrompt::Ids(ids) => (String::new(), ids.clone()),
+                OnePrompt::Text(t) => (t, Vec::new()),
+                OnePrompt::Ids(ids) => (String::new(), ids),
             };
-            choices.push(ChoicePlan {
-                index: p * n as usize + j as usize,
-                prompt_index: p,
-                counts_prompt: j == 0,
-                echo,
-                request: pb::GenerateRequest {
-                    prompt: text,
-                    prompt_ids: ids,
-                    parameters: Some(parameters),
-                    request_id: String::new(),
-                },
-            });
-        }
-    }
+            pb::GenerateRequest {
+                prompt: text,
+                prompt_ids: ids,
+                parameters: Some(parameters.clone()),
+                request_id: String::new(),
+            }
+        })
+        .collect();
     Ok(Plan {
-        choices,
-        prompts: prompts.len(),
+        prompts,
+        n: n as usize,
+        echo,
         stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        logprobs: req.logprobs,
+        logprobs: req.logprobs.is_some(),
         score_only,
     })
+}
+
+/// The seed of choice `j` of a request seeded `seed`: choice 0 has the seed itself (as the
+/// gRPC API would use it), the others a splitmix64 mix of both, so the n samples of one seed
+/// share nothing with those of a neighbouring seed.
+pub fn choice_seed(seed: u64, j: usize) -> u64 {
+    if j == 0 {
+        return seed;
+    }
+    let mut z = seed.wrapping_add((j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// A gRPC field path (`parameters.stop_sequences[1]`) as OpenAI names the parameter (`stop`)
@@ -185,16 +212,30 @@ pub fn openai_message(message: &str) -> String {
 mod tests {
     use super::*;
 
-    fn request(json: serde_json::Value) -> CompletionRequest {
-        serde_json::from_value(json).unwrap()
+    fn limits() -> Limits {
+        Limits {
+            max_total_tokens: 512,
+            max_new_tokens: 1024,
+            default_max_new_tokens: 64,
+            max_prompt_bytes: 4096,
+            max_stop_sequences: 8,
+            max_stop_sequence_chars: 256,
+            max_stop_token_ids: 64,
+            max_top_n_tokens: 5,
+            vocab_size: 2048,
+        }
     }
 
     fn plan_of(json: serde_json::Value) -> Result<Plan, ApiError> {
-        plan(request(json), 1024)
+        plan(serde_json::from_value(json).unwrap(), &limits(), 160)
+    }
+
+    fn params(p: &Plan) -> pb::GenerationParameters {
+        p.prompts[0].parameters.clone().unwrap()
     }
 
     #[test]
-    fn every_prompt_shape_becomes_n_choices_each() {
+    fn every_prompt_shape_becomes_one_request_each() {
         let cases = [
             (serde_json::json!("ROMEO:"), 1),
             (serde_json::json!(["ROMEO:", "JULIET:"]), 2),
@@ -202,37 +243,47 @@ mod tests {
             (serde_json::json!([[1, 2], [3]]), 2),
         ];
         for (prompt, prompts) in cases {
-            let p = plan_of(serde_json::json!({"model": "m", "prompt": prompt, "n": 3, "seed": 7})).unwrap();
-            assert_eq!(p.prompts, prompts);
-            assert_eq!(p.choices.len(), prompts * 3);
-            for (i, c) in p.choices.iter().enumerate() {
-                assert_eq!(c.index, i);
-                assert_eq!(c.prompt_index, i / 3);
-                assert_eq!(c.counts_prompt, i % 3 == 0);
-                let params = c.request.parameters.as_ref().unwrap();
-                assert_eq!(
-                    params.seed,
-                    Some(7 + (i % 3) as u64),
-                    "each of n samples has its own seed"
-                );
-            }
+            let p = plan_of(serde_json::json!({"model": "m", "prompt": prompt, "n": 3})).unwrap();
+            assert_eq!(p.prompts.len(), prompts);
+            assert_eq!((p.n, p.choices()), (3, prompts * 3));
         }
         let ids = plan_of(serde_json::json!({"model": "m", "prompt": [[5, 6]]})).unwrap();
-        assert_eq!(ids.choices[0].request.prompt_ids, vec![5, 6]);
-        assert!(ids.choices[0].request.prompt.is_empty());
+        assert_eq!(ids.prompts[0].prompt_ids, vec![5, 6]);
+        assert!(ids.prompts[0].prompt.is_empty());
+    }
+
+    #[test]
+    fn choice_seeds_are_the_seed_then_mixed() {
+        assert_eq!(choice_seed(11, 0), 11);
+        let seeds: std::collections::HashSet<u64> = (0..4u64)
+            .flat_map(|s| (0..16).map(move |j| choice_seed(10 + s, j)))
+            .collect();
+        assert_eq!(
+            seeds.len(),
+            64,
+            "no two (seed, choice) pairs of neighbouring seeds share a seed"
+        );
     }
 
     #[test]
     fn openai_defaults_apply() {
         let p = plan_of(serde_json::json!({"model": "m", "prompt": "x"})).unwrap();
-        let params = p.choices[0].request.parameters.clone().unwrap();
-        assert_eq!(params.max_new_tokens, 16);
-        assert_eq!(params.temperature, Some(1.0), "OpenAI samples unless temperature is 0");
-        assert_eq!(params.seed, None);
-        assert!(!p.stream && p.logprobs.is_none() && !p.choices[0].echo);
+        let g = params(&p);
+        assert_eq!(g.max_new_tokens, 16);
+        assert_eq!(g.temperature, Some(1.0), "OpenAI samples unless temperature is 0");
+        assert_eq!(g.seed, None);
+        assert!(!p.stream && !p.logprobs && !p.echo && p.n == 1);
         // A server capped below 16 tokens still answers a request that sets no max_tokens.
-        let capped = plan(request(serde_json::json!({"model": "m", "prompt": "x"})), 4).unwrap();
-        assert_eq!(capped.choices[0].request.parameters.as_ref().unwrap().max_new_tokens, 4);
+        let lim = Limits {
+            max_new_tokens: 4,
+            ..limits()
+        };
+        let capped = plan(
+            serde_json::from_value(serde_json::json!({"model": "m", "prompt": "x"})).unwrap(),
+            &lim,
+            1,
+        );
+        assert_eq!(params(&capped.unwrap()).max_new_tokens, 4);
     }
 
     #[test]
@@ -241,12 +292,11 @@ mod tests {
             "model": "m", "prompt": "x", "max_tokens": 5, "temperature": 0, "top_k": 40, "top_p": 0.9,
             "typical_p": 0.8, "repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": -0.5,
             "stop": "\n", "stop_token_ids": [0], "ignore_eos": true, "logprobs": 2, "echo": true,
-            "truncate_prompt_tokens": 8, "stream": true, "stream_options": {"include_usage": true}
+            "truncate_prompt_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "seed": 3
         }))
         .unwrap();
-        let params = p.choices[0].request.parameters.clone().unwrap();
         assert_eq!(
-            params,
+            params(&p),
             pb::GenerationParameters {
                 max_new_tokens: 5,
                 temperature: Some(0.0),
@@ -256,7 +306,7 @@ mod tests {
                 repetition_penalty: Some(1.2),
                 frequency_penalty: 0.5,
                 presence_penalty: -0.5,
-                seed: None,
+                seed: Some(3),
                 stop_sequences: vec!["\n".into()],
                 stop_token_ids: vec![0],
                 ignore_eos: true,
@@ -266,10 +316,9 @@ mod tests {
                 truncate: 8,
             }
         );
-        assert!(p.stream && p.include_usage);
-        assert!(p.choices[0].echo);
+        assert!(p.stream && p.include_usage && p.echo && p.logprobs);
         let off = plan_of(serde_json::json!({"model": "m", "prompt": "x", "top_k": -1})).unwrap();
-        assert_eq!(off.choices[0].request.parameters.as_ref().unwrap().top_k, 0);
+        assert_eq!(params(&off).top_k, 0);
     }
 
     #[test]
@@ -277,13 +326,13 @@ mod tests {
         let p = plan_of(serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 0, "echo": true, "logprobs": 0}))
             .unwrap();
         assert!(p.score_only);
-        assert_eq!(p.choices[0].request.parameters.as_ref().unwrap().max_new_tokens, 1);
+        assert_eq!(params(&p).max_new_tokens, 1);
         let e = plan_of(serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 0})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
     }
 
     #[test]
-    fn what_is_not_supported_is_refused_by_name() {
+    fn what_is_not_supported_or_too_much_is_refused_by_name() {
         for (json, param) in [
             (serde_json::json!({"suffix": "end"}), "suffix"),
             (serde_json::json!({"logit_bias": {"50256": -100}}), "logit_bias"),
@@ -297,6 +346,10 @@ mod tests {
             (serde_json::json!({"top_k": -2}), "top_k"),
             (serde_json::json!({"prompt": []}), "prompt"),
             (serde_json::json!({"prompt": vec!["a"; MAX_PROMPTS + 1]}), "prompt"),
+            // More choices than the engine holds at once (160 here).
+            (serde_json::json!({"prompt": vec!["a"; 11], "n": 16}), "n"),
+            (serde_json::json!({"stop": vec!["a"; 9]}), "stop"),
+            (serde_json::json!({"stop_token_ids": vec![1; 65]}), "stop_token_ids"),
         ] {
             let mut req = serde_json::json!({"model": "m", "prompt": "x"});
             for (k, v) in json.as_object().unwrap() {

@@ -74,6 +74,14 @@ impl ApiError {
         )
     }
 
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("{path} does not take {method}"),
+        )
+    }
+
     pub fn engine_stopped() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

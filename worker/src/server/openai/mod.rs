@@ -25,13 +25,13 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::{StreamExt, StreamMap};
 
 use self::assemble::{finish_reason, Assembler, Piece};
-use self::convert::{openai_field, openai_message, plan, Plan};
+use self::convert::{choice_seed, openai_field, openai_message, plan, Plan};
 use self::error::ApiError;
-use self::schema::{Choice, Completion, CompletionRequest, ModelCard, ModelList, Usage};
+use self::schema::{Completion, CompletionRequest, ModelCard, ModelList, Usage};
 use super::submit::submit;
 use super::validate::{request_id, validate, Limits};
-use crate::engine::{EngineHandle, Event};
-use crate::model::NeoXTokenizer;
+use crate::engine::{EngineHandle, Event, TokenInfo};
+use crate::model::{IncrementalDecoder, NeoXTokenizer};
 
 /// What the HTTP API needs.
 #[derive(Clone)]
@@ -52,6 +52,9 @@ pub fn router(api: OpenAiApi) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(|method: Method, uri: Uri| async move { ApiError::no_route(method.as_str(), uri.path()) })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::method_not_allowed(method.as_str(), uri.path())
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(Arc::new(api))
 }
@@ -70,9 +73,13 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Ready for requests: 503 once the group broke or the server drains, so a load balancer
+/// probing it stops sending work.
 async fn health(State(api): State<Arc<OpenAiApi>>) -> Response {
-    if api.engine.is_healthy() {
+    if api.engine.is_serving() {
         (StatusCode::OK, "ok").into_response()
+    } else if api.engine.is_healthy() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "worker group unhealthy").into_response()
     }
@@ -104,7 +111,9 @@ async fn completions(
     let id = request_id("", header).unwrap_or_else(|_| format!("{:016x}", rand::random::<u64>()));
     let mut response = match api.start(&id, body, received) {
         Err(e) => {
-            tracing::info!(request_id = %id, error = %e.message, "request rejected");
+            // Debug-quoted: the message may quote the client's JSON keys, which must not be able
+            // to forge log lines.
+            tracing::info!(request_id = %id, error = ?e.message, "request rejected");
             e.into_response()
         }
         Ok(run) if run.plan.stream => run.stream(),
@@ -117,6 +126,22 @@ async fn completions(
         response.headers_mut().insert("x-request-id", v);
     }
     response
+}
+
+/// Where each prompt token's text starts in the decoded prompt, in characters: decoded
+/// incrementally, as the echoed text is, so a character split over tokens does not shift the
+/// offsets after it.
+fn prompt_offsets(tok: &NeoXTokenizer, tokens: &[TokenInfo]) -> Vec<usize> {
+    let mut decoder = IncrementalDecoder::new();
+    let mut chars = 0;
+    tokens
+        .iter()
+        .map(|t| {
+            let at = chars;
+            chars += decoder.push(tok, t.id).map(|s| s.chars().count()).unwrap_or(0);
+            at
+        })
+        .collect()
 }
 
 /// The parameter a JSON error names: the path's first segment, or the field in a root-level
@@ -153,13 +178,15 @@ fn parse(body: &[u8]) -> Result<CompletionRequest, ApiError> {
 struct Run {
     id: String,
     model: String,
+    tokenizer: Arc<NeoXTokenizer>,
     plan: Plan,
     events: StreamMap<usize, UnboundedReceiverStream<Event>>,
-    choices: Vec<Assembler>,
+    choices: Vec<Choice>,
 }
 
 impl OpenAiApi {
-    /// Parses, validates and queues every choice of a request.
+    /// Parses and validates a request, then queues every choice: nothing is queued unless
+    /// every prompt is valid.
     fn start(&self, id: &str, body: Result<Bytes, BytesRejection>, received: Instant) -> Result<Run, ApiError> {
         let body = body.map_err(|rej| match rej.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(self.max_body_bytes),
@@ -169,43 +196,64 @@ impl OpenAiApi {
         if req.model != self.model {
             return Err(ApiError::model_not_found(&req.model, &self.model));
         }
-        let plan = plan(req, self.limits.max_new_tokens)?;
-        let mut events = StreamMap::new();
-        let mut choices = Vec::with_capacity(plan.choices.len());
-        for c in &plan.choices {
-            let v = validate(&c.request, &self.tokenizer, &self.limits).map_err(|e| {
+        let engine = self.engine.config();
+        let plan = plan(req, &self.limits, engine.max_waiting_requests + engine.max_batch_size)?;
+        let mut validated = Vec::with_capacity(plan.prompts.len());
+        for (p, r) in plan.prompts.iter().enumerate() {
+            validated.push(validate(r, &self.tokenizer, &self.limits).map_err(|e| {
                 let (param, shown) = openai_field(&e.field);
                 let mut message = format!("{shown}: {}", openai_message(&e.message));
                 if plan.score_only && param == "max_tokens" {
                     message.push_str(" (a scored prompt needs room for the one token the engine computes after it)");
                 }
-                if plan.prompts > 1 {
-                    message.push_str(&format!(" (prompt {})", c.prompt_index));
+                if plan.prompts.len() > 1 {
+                    message.push_str(&format!(" (prompt {p})"));
                 }
                 ApiError::invalid(&param, message)
-            })?;
-            let echo = c.echo.then(|| {
+            })?);
+        }
+        let mut events = StreamMap::new();
+        let mut choices = Vec::with_capacity(plan.choices());
+        for (p, v) in validated.into_iter().enumerate() {
+            let echo = plan.echo.then(|| {
                 self.tokenizer
                     .decode(&v.prompt_ids)
-                    .unwrap_or_else(|_| c.request.prompt.clone())
+                    .unwrap_or_else(|_| plan.prompts[p].prompt.clone())
             });
-            choices.push(Assembler::new(echo, plan.logprobs.is_some(), !plan.score_only));
-            let sub_id = if plan.choices.len() > 1 {
-                format!("{id}/{}", c.index)
-            } else {
-                id.to_owned()
-            };
-            let rx = submit(&self.engine, v, sub_id, None, received)?;
-            events.insert(c.index, UnboundedReceiverStream::new(rx));
+            for j in 0..plan.n {
+                let index = p * plan.n + j;
+                let mut v = v.clone();
+                v.sampling.seed = choice_seed(v.sampling.seed, j);
+                choices.push(Choice {
+                    asm: Assembler::new(echo.clone(), plan.logprobs, !plan.score_only),
+                    counts_prompt: j == 0,
+                });
+                let sub_id = if plan.choices() > 1 {
+                    format!("{id}/{index}")
+                } else {
+                    id.to_owned()
+                };
+                // A refusal drops the choices queued so far, which cancels them.
+                let rx = submit(&self.engine, v, sub_id, None, received)?;
+                events.insert(index, UnboundedReceiverStream::new(rx));
+            }
         }
         Ok(Run {
             id: format!("cmpl-{id}"),
             model: self.model.clone(),
+            tokenizer: self.tokenizer.clone(),
             plan,
             events,
             choices,
         })
     }
+}
+
+/// One choice's state.
+struct Choice {
+    asm: Assembler,
+    /// The first choice of its prompt counts the prompt's tokens in `usage`.
+    counts_prompt: bool,
 }
 
 /// What one engine event adds to a choice.
@@ -218,13 +266,14 @@ impl Run {
     /// The next event as a step; `None` once every choice finished.
     async fn next(&mut self, usage: &mut Usage) -> Option<Result<Step, ApiError>> {
         let (i, ev) = self.events.next().await?;
-        let asm = &mut self.choices[i];
+        let choice = &mut self.choices[i];
+        let asm = &mut choice.asm;
         Some(Ok(match ev {
-            Event::PromptTokens(t) => Step::Piece(i, asm.prompt_tokens(&t)),
+            Event::PromptTokens(t) => Step::Piece(i, asm.prompt_tokens(&t, &prompt_offsets(&self.tokenizer, &t))),
             Event::Token { token, delta } => Step::Piece(i, asm.token(&token, &delta)),
             Event::Finished(f) => {
                 self.events.remove(&i);
-                if self.plan.choices[i].counts_prompt {
+                if choice.counts_prompt {
                     usage.prompt_tokens += f.prompt_tokens;
                 }
                 usage.completion_tokens += asm.completion_tokens;
@@ -235,7 +284,7 @@ impl Run {
         }))
     }
 
-    fn completion(&self, choices: Vec<Choice>, usage: Option<Usage>, created: u64) -> Completion {
+    fn completion(&self, choices: Vec<schema::Choice>, usage: Option<Usage>, created: u64) -> Completion {
         Completion {
             id: self.id.clone(),
             object: "text_completion",
@@ -256,7 +305,7 @@ impl Run {
             match step? {
                 Step::Piece(i, p) => pieces[i].extend(p),
                 Step::Finished(i, reason) => {
-                    pieces[i].extend(self.choices[i].finish());
+                    pieces[i].extend(self.choices[i].asm.finish());
                     finish[i] = Some(reason);
                 }
             }
@@ -269,7 +318,7 @@ impl Run {
             .into_iter()
             .zip(finish)
             .enumerate()
-            .map(|(index, (p, finish_reason))| Choice {
+            .map(|(index, (p, finish_reason))| schema::Choice {
                 index,
                 text: p.text,
                 logprobs: p.logprobs,
@@ -303,7 +352,7 @@ impl Run {
                 Ok(Step::Piece(i, p)) => (i, p, None),
                 Ok(Step::Finished(i, reason)) => {
                     finished += 1;
-                    (i, self.choices[i].finish(), Some(reason))
+                    (i, self.choices[i].asm.finish(), Some(reason))
                 }
                 Err(e) => {
                     let _ = tx.send(data(&e.body())).await;
@@ -311,7 +360,7 @@ impl Run {
                     return;
                 }
             };
-            let choice = Choice {
+            let choice = schema::Choice {
                 index,
                 text: piece.text,
                 logprobs: piece.logprobs,

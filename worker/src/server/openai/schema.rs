@@ -120,9 +120,25 @@ pub struct Logprobs {
     pub tokens: Vec<String>,
     /// Null for a prompt's first token, which has no context to be predicted from.
     pub token_logprobs: Vec<Option<f32>>,
-    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    pub top_logprobs: Vec<Option<TopLogprobs>>,
     /// Where each token's text starts in the choice's `text`, in characters.
     pub text_offset: Vec<usize>,
+}
+
+/// A token's most likely alternatives as a JSON object, most likely first (objects keep their
+/// order in JavaScript and Python clients).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobs(pub Vec<(String, f32)>);
+
+impl Serialize for TopLogprobs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
