@@ -72,14 +72,20 @@ pub struct Finish {
     pub total_secs: f64,
 }
 
-/// Why a request ended without finishing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a request ended without finishing; its message is the one every API shows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
+    #[error("the request's deadline passed before it finished")]
     DeadlineExceeded,
     /// The group can no longer run steps (a rank died, a collective timed out).
+    #[error("worker group unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
     Internal(String),
 }
+
+/// What every API answers when a request's events end without a last word.
+pub const ENGINE_STOPPED: &str = "the engine stopped before the request finished";
 
 #[derive(Debug, Clone)]
 pub enum Event {

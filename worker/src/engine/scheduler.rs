@@ -57,12 +57,15 @@ pub struct EngineConfig {
     pub speculation: SpeculationConfig,
 }
 
-/// Why a request was not accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a request was not accepted; its message is the one every API shows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
+    #[error("the waiting queue is full ({0} requests); retry later")]
     QueueFull(usize),
+    #[error("{0}")]
     Unavailable(String),
     /// The request can never fit (more KV than the whole budget).
+    #[error("{0}")]
     TooLarge(String),
 }
 

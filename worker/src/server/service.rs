@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::submit::submit;
 use super::validate::{deadline, request_id, validate, Limits};
-use crate::engine::{self, EngineHandle, Event, Failure, SubmitError};
+use crate::engine::{self, EngineHandle, Event, Failure, SubmitError, ENGINE_STOPPED};
 use crate::model::NeoXTokenizer;
 
 pub struct GenerationService {
@@ -49,10 +49,11 @@ fn token_pb(t: &engine::TokenInfo) -> pb::Token {
 }
 
 fn failure_status(f: Failure) -> Status {
+    let message = f.to_string();
     match f {
-        Failure::DeadlineExceeded => Status::deadline_exceeded("the request's deadline passed before it finished"),
-        Failure::Unavailable(m) => Status::unavailable(format!("worker group unavailable: {m}")),
-        Failure::Internal(m) => Status::internal(m),
+        Failure::DeadlineExceeded => Status::deadline_exceeded(message),
+        Failure::Unavailable(_) => Status::unavailable(message),
+        Failure::Internal(_) => Status::internal(message),
     }
 }
 
@@ -69,11 +70,9 @@ impl GenerationService {
             .map_err(|e| turned_away(e.into(), &id, "rejected"))?;
         let rx = submit(&self.engine, v, id.clone(), dl, now)
             .map_err(|e| match e {
-                SubmitError::QueueFull(n) => {
-                    Status::resource_exhausted(format!("the waiting queue is full ({n} requests); retry later"))
-                }
-                SubmitError::Unavailable(m) => Status::unavailable(m),
-                SubmitError::TooLarge(m) => Status::invalid_argument(format!("parameters.max_new_tokens: {m}")),
+                SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+                SubmitError::Unavailable(_) => Status::unavailable(e.to_string()),
+                SubmitError::TooLarge(_) => Status::invalid_argument(format!("parameters.max_new_tokens: {e}")),
             })
             .map_err(|e| turned_away(e, &id, "refused"))?;
         Ok((rx, dl, id))
@@ -81,7 +80,7 @@ impl GenerationService {
 }
 
 fn engine_stopped() -> Status {
-    Status::unavailable("the engine stopped before the request finished")
+    Status::unavailable(ENGINE_STOPPED)
 }
 
 type Submitted = (UnboundedReceiver<Event>, Option<Instant>, String);
@@ -135,7 +134,7 @@ async fn collect(
             Event::Failed(f) => return Err(failure_status(f)),
         }
     }
-    tracing::warn!(request_id = %out.request_id, "the engine stopped before the request finished");
+    tracing::warn!(request_id = %out.request_id, "{ENGINE_STOPPED}");
     Err(engine_stopped())
 }
 

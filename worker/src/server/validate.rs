@@ -247,9 +247,8 @@ const MAX_REQUEST_ID: usize = 128;
 /// header is never a reason to fail a request), else a made-up one. So an id can never forge
 /// or break a log line.
 pub fn request_id(field: &str, header: Option<&str>) -> Result<String, Invalid> {
-    let valid = |id: &str| !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic());
     if !field.is_empty() {
-        if !valid(field) {
+        if !valid_request_id(field) {
             return Err(bad(
                 "request_id",
                 format!("must be at most {MAX_REQUEST_ID} printable ASCII characters without spaces"),
@@ -257,10 +256,20 @@ pub fn request_id(field: &str, header: Option<&str>) -> Result<String, Invalid> 
         }
         return Ok(field.to_owned());
     }
+    Ok(header_request_id(header))
+}
+
+/// The `x-request-id` header when it is a valid id (a proxy's header is never a reason to fail
+/// a request), else a made-up one.
+pub fn header_request_id(header: Option<&str>) -> String {
     match header {
-        Some(h) if valid(h) => Ok(h.to_owned()),
-        _ => Ok(format!("{:016x}", rand::random::<u64>())),
+        Some(h) if valid_request_id(h) => h.to_owned(),
+        _ => format!("{:016x}", rand::random::<u64>()),
     }
+}
+
+fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::schema::{ErrorBody, ErrorDetail};
-use crate::engine::{Failure, SubmitError};
+use crate::engine::{Failure, SubmitError, ENGINE_STOPPED};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -83,45 +83,31 @@ impl ApiError {
     }
 
     pub fn engine_stopped() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "the engine stopped before the request finished",
-        )
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", ENGINE_STOPPED)
     }
 }
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
+        let message = e.to_string();
         match e {
-            SubmitError::QueueFull(n) => ApiError {
+            SubmitError::QueueFull(_) => ApiError {
                 code: Some("queue_full"),
-                ..Self::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    format!("the waiting queue is full ({n} requests); retry later"),
-                )
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             },
-            SubmitError::Unavailable(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", m),
-            SubmitError::TooLarge(m) => Self::invalid("max_tokens", format!("max_tokens: {m}")),
+            SubmitError::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message),
+            SubmitError::TooLarge(_) => Self::invalid("max_tokens", format!("max_tokens: {message}")),
         }
     }
 }
 
 impl From<Failure> for ApiError {
     fn from(f: Failure) -> Self {
+        let message = f.to_string();
         match f {
-            Failure::DeadlineExceeded => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "the request's deadline passed before it finished",
-            ),
-            Failure::Unavailable(m) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                format!("worker group unavailable: {m}"),
-            ),
-            Failure::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", m),
+            Failure::DeadlineExceeded => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message),
+            Failure::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message),
+            Failure::Internal(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
         }
     }
 }

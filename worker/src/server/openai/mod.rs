@@ -29,8 +29,8 @@ use self::convert::{choice_seed, openai_field, openai_message, plan, Plan};
 use self::error::ApiError;
 use self::schema::{Completion, CompletionRequest, ModelCard, ModelList, Usage};
 use super::submit::submit;
-use super::validate::{request_id, validate, Limits};
-use crate::engine::{EngineHandle, Event, TokenInfo};
+use super::validate::{header_request_id, validate, Limits};
+use crate::engine::{EngineHandle, Event, TokenInfo, ENGINE_STOPPED};
 use crate::model::{IncrementalDecoder, NeoXTokenizer};
 
 /// What the HTTP API needs.
@@ -108,7 +108,7 @@ async fn completions(
 ) -> Response {
     let received = Instant::now();
     let header = headers.get("x-request-id").and_then(|v| v.to_str().ok());
-    let id = request_id("", header).unwrap_or_else(|_| format!("{:016x}", rand::random::<u64>()));
+    let id = header_request_id(header);
     let mut response = match api.start(&id, body, received) {
         Err(e) => {
             // Debug-quoted: the message may quote the client's JSON keys, which must not be able
@@ -311,7 +311,7 @@ impl Run {
             }
         }
         if finish.iter().any(Option::is_none) {
-            tracing::warn!(request_id = %self.id, "the engine stopped before the request finished");
+            tracing::warn!(request_id = %self.id, "{ENGINE_STOPPED}");
             return Err(ApiError::engine_stopped());
         }
         let choices = pieces
@@ -375,7 +375,7 @@ impl Run {
             }
         }
         if finished < self.choices.len() {
-            tracing::warn!(request_id = %self.id, "the engine stopped before the request finished");
+            tracing::warn!(request_id = %self.id, "{ENGINE_STOPPED}");
             let _ = tx.send(data(&ApiError::engine_stopped().body())).await;
         } else if self.plan.include_usage {
             let _ = tx.send(data(&self.completion(Vec::new(), Some(usage), created))).await;
