@@ -77,6 +77,8 @@ fn greedy_completions_equal_hf_goldens_whole_streamed_batched_and_from_ids() {
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"]["completion_tokens"], 40);
         assert!(chunks.iter().all(|c| c["id"] == "cmpl-stream-1"));
+        // As OpenAI does: the chunks before the usage chunk carry `usage: null`.
+        assert!(chunks.iter().all(|c| c.get("usage") == Some(&Value::Null)), "{chunks:?}");
         let text: String = chunks
             .iter()
             .map(|c| c["choices"][0]["text"].as_str().unwrap())

@@ -284,7 +284,7 @@ impl Run {
         }))
     }
 
-    fn completion(&self, choices: Vec<schema::Choice>, usage: Option<Usage>, created: u64) -> Completion {
+    fn completion(&self, choices: Vec<schema::Choice>, usage: Option<Option<Usage>>, created: u64) -> Completion {
         Completion {
             id: self.id.clone(),
             object: "text_completion",
@@ -325,7 +325,7 @@ impl Run {
                 finish_reason,
             })
             .collect();
-        Ok(self.completion(choices, Some(usage), created))
+        Ok(self.completion(choices, Some(Some(usage)), created))
     }
 
     /// Server-sent events: a chunk per piece of text, one with each choice's finish reason,
@@ -346,6 +346,8 @@ impl Run {
         let created = now_secs();
         let mut usage = Usage::default();
         let mut finished = 0;
+        // With usage asked for, every chunk before the usage chunk carries `usage: null`.
+        let chunk_usage = self.plan.include_usage.then_some(None);
         while let Some(step) = self.next(&mut usage).await {
             let (index, piece, finish_reason) = match step {
                 Ok(Step::Piece(_, p)) if p.is_empty() => continue,
@@ -367,7 +369,7 @@ impl Run {
                 finish_reason,
             };
             if tx
-                .send(data(&self.completion(vec![choice], None, created)))
+                .send(data(&self.completion(vec![choice], chunk_usage, created)))
                 .await
                 .is_err()
             {
@@ -378,7 +380,7 @@ impl Run {
             tracing::warn!(request_id = %self.id, "{ENGINE_STOPPED}");
             let _ = tx.send(data(&ApiError::engine_stopped().body())).await;
         } else if self.plan.include_usage {
-            let _ = tx.send(data(&self.completion(Vec::new(), Some(usage), created))).await;
+            let _ = tx.send(data(&self.completion(Vec::new(), Some(Some(usage)), created))).await;
         }
         let _ = tx.send(SseEvent::default().data("[DONE]")).await;
     }

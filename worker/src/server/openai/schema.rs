@@ -101,8 +101,10 @@ pub struct Completion {
     pub created: u64,
     pub model: String,
     pub choices: Vec<Choice>,
+    /// Absent (`None`), `null` (`Some(None)`: the chunks before the usage chunk of a stream
+    /// that asked for usage, as OpenAI sends them) or counted.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
+    pub usage: Option<Option<Usage>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
