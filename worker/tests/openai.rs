@@ -46,10 +46,10 @@ fn greedy_completions_equal_hf_goldens_whole_streamed_batched_and_from_ids() {
         assert_eq!(c["choices"][0]["text"], want);
         assert_eq!(c["choices"][0]["finish_reason"], "length");
         let prompt_len = p["input_ids"].as_array().unwrap().len();
-        assert_eq!(
-            c["usage"],
-            json!({"prompt_tokens": prompt_len, "completion_tokens": 40, "total_tokens": prompt_len + 40})
-        );
+        let usage = &c["usage"];
+        assert_eq!(usage["prompt_tokens"], prompt_len);
+        assert_eq!(usage["completion_tokens"], 40);
+        assert_eq!(usage["total_tokens"], prompt_len + 40);
         // The same from token ids.
         let c = complete(&s, greedy(p["input_ids"].clone(), 40));
         assert_eq!(c["choices"][0]["text"], want);
@@ -100,6 +100,22 @@ fn greedy_completions_equal_hf_goldens_whole_streamed_batched_and_from_ids() {
     let prompt_tokens: usize = prompts.iter().map(|p| p["input_ids"].as_array().unwrap().len()).sum();
     assert_eq!(c["usage"]["prompt_tokens"], prompt_tokens);
     assert_eq!(c["usage"]["completion_tokens"], 40 * prompts.len());
+}
+
+#[test]
+fn usage_counts_the_prompt_tokens_that_came_from_the_prefix_cache() {
+    let s = server();
+    let prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer";
+    let first = complete(&s, greedy(json!(prompt), 4));
+    let len = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(len > 16, "the prompt is {len} tokens, too short to be cached");
+    assert_eq!(first["usage"]["prompt_tokens_details"], json!({"cached_tokens": 0}));
+    // The same prompt again starts from the cache: all of it but what the first new token needs
+    // computed (whole blocks, by the layout).
+    let again = complete(&s, greedy(json!(prompt), 4));
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= 16 && cached < len, "{cached} of {len} prompt tokens from the cache");
+    assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
 }
 
 #[test]
@@ -190,9 +206,10 @@ fn several_choices_stream_each_with_its_own_index_and_finish_and_count_each_prom
                       "max_tokens": 12, "temperature": 0, "ignore_eos": true});
     let whole = complete(&s, body.clone());
     let prompt_tokens: usize = prompts.iter().map(|p| p["input_ids"].as_array().unwrap().len()).sum();
+    let usage = &whole["usage"];
     assert_eq!(
-        whole["usage"],
-        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 48, "total_tokens": prompt_tokens + 48}),
+        (&usage["prompt_tokens"], &usage["completion_tokens"], &usage["total_tokens"]),
+        (&json!(prompt_tokens), &json!(48), &json!(prompt_tokens + 48)),
         "each prompt counted once, each choice's tokens"
     );
     let mut streamed = body;

@@ -275,6 +275,7 @@ impl Run {
                 self.events.remove(&i);
                 if choice.counts_prompt {
                     usage.prompt_tokens += f.prompt_tokens;
+                    usage.prompt_tokens_details.cached_tokens += f.cached_prompt_tokens;
                 }
                 usage.completion_tokens += asm.completion_tokens;
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;

@@ -148,6 +148,13 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache rather than being computed.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
