@@ -78,7 +78,10 @@ fn greedy_completions_equal_hf_goldens_whole_streamed_batched_and_from_ids() {
         assert_eq!(usage["usage"]["completion_tokens"], 40);
         assert!(chunks.iter().all(|c| c["id"] == "cmpl-stream-1"));
         // As OpenAI does: the chunks before the usage chunk carry `usage: null`.
-        assert!(chunks.iter().all(|c| c.get("usage") == Some(&Value::Null)), "{chunks:?}");
+        assert!(
+            chunks.iter().all(|c| c.get("usage") == Some(&Value::Null)),
+            "{chunks:?}"
+        );
         let text: String = chunks
             .iter()
             .map(|c| c["choices"][0]["text"].as_str().unwrap())
@@ -113,8 +116,13 @@ fn usage_counts_the_prompt_tokens_that_came_from_the_prefix_cache() {
     // The same prompt again starts from the cache: all of it but what the first new token needs
     // computed (whole blocks, by the layout).
     let again = complete(&s, greedy(json!(prompt), 4));
-    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
-    assert!(cached >= 16 && cached < len, "{cached} of {len} prompt tokens from the cache");
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= 16 && cached < len,
+        "{cached} of {len} prompt tokens from the cache"
+    );
     assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
 }
 
@@ -208,7 +216,11 @@ fn several_choices_stream_each_with_its_own_index_and_finish_and_count_each_prom
     let prompt_tokens: usize = prompts.iter().map(|p| p["input_ids"].as_array().unwrap().len()).sum();
     let usage = &whole["usage"];
     assert_eq!(
-        (&usage["prompt_tokens"], &usage["completion_tokens"], &usage["total_tokens"]),
+        (
+            &usage["prompt_tokens"],
+            &usage["completion_tokens"],
+            &usage["total_tokens"]
+        ),
         (&json!(prompt_tokens), &json!(48), &json!(prompt_tokens + 48)),
         "each prompt counted once, each choice's tokens"
     );
@@ -373,5 +385,59 @@ fn a_client_that_leaves_mid_stream_frees_its_kv() {
     assert!(
         s.metric("neox_generation_tokens_total") < 500.0,
         "the request ran to its end"
+    );
+}
+
+/// `neox bench` with `--api openai` and `--api grpc` on the same server: the same requests
+/// count the same tokens, prompt tokens and prefix-cache hits through either API.
+#[test]
+fn neox_bench_loads_the_http_api_as_it_loads_grpc() {
+    let s = server();
+    let bench = |api: &str, addr: &str, extra: &[&str]| -> Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_neox"))
+            .args(["--addr", addr, "bench", "--api", api, "--json", "--concurrency", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let long = "HAMLET:\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind";
+    let args = [
+        "--prompt",
+        long,
+        "--distinct",
+        "--requests",
+        "6",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ];
+    let http = bench("openai", &format!("http://{}", s.http), &args);
+    let grpc = bench("grpc", &format!("http://{}", s.grpc), &args);
+    for b in [&http, &grpc] {
+        assert_eq!(
+            (&b["requests"], &b["errors"], &b["generated_tokens"]),
+            (&json!(6), &json!(0), &json!(48)),
+            "{b}"
+        );
+        assert!(b["ttft_ms"]["p50"].as_f64().unwrap() > 0.0, "{b}");
+        assert!(b["tpot_ms"]["p50"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    assert_eq!(http["api"], "OpenAI");
+    assert_eq!(http["prompt_tokens"], grpc["prompt_tokens"]);
+    // The HTTP run filled the cache with the shared beginning; both report what it saved.
+    let cached = |b: &Value| b["cached_prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&http) >= 16 && cached(&grpc) >= cached(&http), "{http} {grpc}");
+    // A request the server refuses is counted with the server's message, not a panic.
+    let refused = bench(
+        "openai",
+        &format!("http://{}", s.http),
+        &["--requests", "2", "--max-new-tokens", "100000"],
+    );
+    assert_eq!((&refused["requests"], &refused["errors"]), (&json!(0), &json!(2)));
+    assert!(
+        refused["first_error"].as_str().unwrap().contains("max_tokens"),
+        "{refused}"
     );
 }

@@ -1,19 +1,48 @@
 //! `neox bench`: a closed-loop load generator. C workers each send requests back to back
 //! (streaming, so time to first token and time per output token are measured at the client)
-//! until N requests are done.
+//! until N requests are done, over the gRPC API or the OpenAI-compatible HTTP API.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use neox_proto::neox::v1::text_generation_client::TextGenerationClient;
+use tonic::transport::Channel;
 
+use super::openai::OpenAiClient;
 use super::{connect, SamplingArgs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Api {
+    /// `neox.v1.TextGeneration/GenerateStream`.
+    Grpc,
+    /// `POST /v1/completions` with `stream: true` (server-sent events).
+    Openai,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Api::Grpc => "gRPC",
+            Api::Openai => "OpenAI",
+        }
+    }
+}
+
+/// A failed request: what the report counts it as, and what it said.
+struct Failed {
+    kind: String,
+    message: String,
+}
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// Which API to load (`--addr` defaults to its port: 50051 for grpc, 8000 for openai).
+    #[arg(long, value_enum, default_value_t = Api::Grpc)]
+    pub api: Api,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -36,10 +65,112 @@ pub struct BenchArgs {
 #[derive(Default)]
 struct Sample {
     ttft: f64,
+    /// Gaps between tokens (gRPC) or between streamed chunks of text (OpenAI; a chunk is a
+    /// token unless it ends inside a UTF-8 character).
     tpot: Vec<f64>,
     tokens: usize,
     prompt_tokens: u64,
     cached_prompt_tokens: u64,
+}
+
+/// Timing of one streamed request.
+struct Clock {
+    start: Instant,
+    last: Instant,
+    arrivals: usize,
+}
+
+impl Clock {
+    fn start() -> Self {
+        let now = Instant::now();
+        Clock {
+            start: now,
+            last: now,
+            arrivals: 0,
+        }
+    }
+
+    /// Something generated arrived: the first sets time to first token, the rest the gaps.
+    fn arrived(&mut self, s: &mut Sample) {
+        let now = Instant::now();
+        if self.arrivals == 0 {
+            s.ttft = (now - self.start).as_secs_f64();
+        } else {
+            s.tpot.push((now - self.last).as_secs_f64());
+        }
+        self.last = now;
+        self.arrivals += 1;
+    }
+}
+
+/// Where the requests go.
+#[derive(Clone)]
+enum Target {
+    Grpc(TextGenerationClient<Channel>),
+    OpenAi(OpenAiClient),
+}
+
+impl Target {
+    async fn connect(api: Api, addr: &str) -> Result<Self> {
+        Ok(match api {
+            Api::Grpc => Target::Grpc(connect(addr).await?),
+            Api::Openai => Target::OpenAi(OpenAiClient::connect(addr).await?),
+        })
+    }
+
+    /// One streamed request.
+    async fn one(&mut self, prompt: &str, sampling: &SamplingArgs) -> Result<Sample, Failed> {
+        let mut s = Sample::default();
+        let mut clock = Clock::start();
+        match self {
+            Target::Grpc(c) => {
+                let res: Result<(), tonic::Status> = async {
+                    let mut stream = c.generate_stream(sampling.request(prompt)).await?.into_inner();
+                    while let Some(m) = stream.message().await? {
+                        if let Some(u) = &m.usage {
+                            s.prompt_tokens = u64::from(u.prompt_tokens);
+                            s.cached_prompt_tokens = u64::from(u.cached_prompt_tokens);
+                        }
+                        if m.token.is_some() {
+                            clock.arrived(&mut s);
+                            s.tokens += 1;
+                        }
+                    }
+                    Ok(())
+                }
+                .await;
+                res.map_err(|e| Failed {
+                    kind: format!("{:?}", e.code()),
+                    message: e.message().to_owned(),
+                })?;
+            }
+            Target::OpenAi(c) => {
+                let body = c.completion(prompt, sampling);
+                c.stream(&body, |v| {
+                    let text = v["choices"][0]["text"].as_str().unwrap_or("");
+                    if !text.is_empty() {
+                        clock.arrived(&mut s);
+                    }
+                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                        let count = |k: &str| u[k].as_u64().unwrap_or(0);
+                        s.tokens = count("completion_tokens") as usize;
+                        s.prompt_tokens = count("prompt_tokens");
+                        s.cached_prompt_tokens = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+                    }
+                })
+                .await
+                .map_err(|e| {
+                    // "HTTP 429: ..." counts as "HTTP 429"; other errors by their first words.
+                    let message = format!("{e:#}");
+                    Failed {
+                        kind: message.split(':').next().unwrap_or(&message).to_owned(),
+                        message,
+                    }
+                })?;
+            }
+        }
+        Ok(s)
+    }
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -55,7 +186,7 @@ pub async fn run(addr: &str, a: BenchArgs) -> Result<()> {
     if a.concurrency == 0 || a.requests == 0 {
         bail!("--concurrency and --requests must be at least 1");
     }
-    let client = connect(addr).await?;
+    let target = Target::connect(a.api, addr).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let bar = if a.json {
         ProgressBar::hidden()
@@ -66,54 +197,30 @@ pub async fn run(addr: &str, a: BenchArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let a = Arc::new(a);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
-        let mut c = client.clone();
+        let mut target = target.clone();
         let next = next.clone();
         let bar = bar.clone();
-        let req = a.sampling.request(&a.prompt);
-        let distinct = a.distinct;
-        let total = a.requests;
+        let a = a.clone();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            let mut errors: Vec<String> = Vec::new();
+            let mut errors: Vec<Failed> = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= total {
+                if i >= a.requests {
                     break;
                 }
-                let mut req = req.clone();
-                if distinct {
-                    req.prompt.push_str(&format!(" {i}"));
-                }
-                let start = Instant::now();
-                let mut s = Sample::default();
-                let mut last = start;
-                let res: Result<(), tonic::Status> = async {
-                    let mut stream = c.generate_stream(req).await?.into_inner();
-                    while let Some(m) = stream.message().await? {
-                        if let Some(u) = &m.usage {
-                            s.prompt_tokens = u64::from(u.prompt_tokens);
-                            s.cached_prompt_tokens = u64::from(u.cached_prompt_tokens);
-                        }
-                        if m.token.is_some() {
-                            let now = Instant::now();
-                            if s.tokens == 0 {
-                                s.ttft = (now - start).as_secs_f64();
-                            } else {
-                                s.tpot.push((now - last).as_secs_f64());
-                            }
-                            last = now;
-                            s.tokens += 1;
-                        }
-                    }
-                    Ok(())
-                }
-                .await;
-                match res {
-                    Ok(()) => samples.push(s),
-                    Err(e) => errors.push(format!("{:?}", e.code())),
+                let prompt = if a.distinct {
+                    format!("{} {i}", a.prompt)
+                } else {
+                    a.prompt.clone()
+                };
+                match target.one(&prompt, &a.sampling).await {
+                    Ok(s) => samples.push(s),
+                    Err(e) => errors.push(e),
                 }
                 bar.inc(1);
             }
@@ -133,7 +240,7 @@ pub async fn run(addr: &str, a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Duration) {
+fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<Failed>, wall: Duration) {
     let tokens: usize = samples.iter().map(|s| s.tokens).sum();
     let mut ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
     let mut tpot: Vec<f64> = samples.iter().flat_map(|s| s.tpot.iter().copied()).collect();
@@ -146,7 +253,9 @@ fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Durati
         println!(
             "{}",
             serde_json::json!({
+                "api": a.api.name(),
                 "concurrency": a.concurrency, "requests": samples.len(), "errors": errors.len(),
+                "first_error": errors.first().map(|e| &e.message),
                 "generated_tokens": tokens, "seconds": wall.as_secs_f64(), "tokens_per_second": tps,
                 "prompt_tokens": prompt, "cached_prompt_tokens": cached,
                 "ttft_ms": {"p50": t50 * 1e3, "p90": t90 * 1e3, "p99": t99 * 1e3},
@@ -156,7 +265,8 @@ fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Durati
         return;
     }
     println!(
-        "concurrency {}, {} requests ok, {} errors, {:.1} s",
+        "{} API, concurrency {}, {} requests ok, {} errors, {:.1} s",
+        a.api.name(),
         a.concurrency,
         samples.len(),
         errors.len(),
@@ -181,10 +291,11 @@ fn report(a: &BenchArgs, samples: Vec<Sample>, errors: Vec<String>, wall: Durati
         p90 * 1e3,
         p99 * 1e3
     );
-    if !errors.is_empty() {
-        let mut counts = std::collections::BTreeMap::<String, usize>::new();
-        for e in errors {
-            *counts.entry(e).or_default() += 1;
+    if let Some(first) = errors.first() {
+        println!("first error {}", first.message);
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for e in &errors {
+            *counts.entry(&e.kind).or_default() += 1;
         }
         println!("errors      {counts:?}");
     }

@@ -1,6 +1,8 @@
-//! `neox`: command-line client of a NeoX Serve worker (gRPC).
+//! `neox`: command-line client of a NeoX Serve worker (gRPC; `bench` also loads the
+//! OpenAI-compatible HTTP API).
 
 mod bench;
+mod openai;
 
 use std::io::Write;
 
@@ -13,9 +15,10 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(name = "neox", version, about = "Client of a NeoX Serve worker")]
 struct Cli {
-    /// Server address.
-    #[arg(long, global = true, env = "NEOX_ADDR", default_value = "http://127.0.0.1:50051")]
-    addr: String,
+    /// Server address [default: http://127.0.0.1:50051, or http://127.0.0.1:8000 for
+    /// `bench --api openai`].
+    #[arg(long, global = true, env = "NEOX_ADDR")]
+    addr: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -119,10 +122,14 @@ fn reason(code: i32) -> &'static str {
     }
 }
 
+const GRPC_ADDR: &str = "http://127.0.0.1:50051";
+const HTTP_ADDR: &str = "http://127.0.0.1:8000";
+
 async fn run(cli: Cli) -> Result<()> {
+    let addr = cli.addr.as_deref().unwrap_or(GRPC_ADDR);
     match cli.command {
         Command::Generate(a) => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(addr).await?;
             let req = a.sampling.request(&a.prompt);
             if a.stream {
                 let mut s = c.generate_stream(req).await.map_err(status)?.into_inner();
@@ -160,7 +167,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Tokenize { text } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(addr).await?;
             let r = c
                 .tokenize(pb::TokenizeRequest { text })
                 .await
@@ -169,7 +176,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({ "ids": r.ids, "tokens": r.tokens }));
         }
         Command::Info => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(addr).await?;
             let i = c
                 .model_info(pb::ModelInfoRequest {})
                 .await
@@ -202,10 +209,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Health { service } => {
-            let ch = Channel::from_shared(cli.addr.clone())?
+            let ch = Channel::from_shared(addr.to_owned())?
                 .connect()
                 .await
-                .with_context(|| format!("cannot connect to {}", cli.addr))?;
+                .with_context(|| format!("cannot connect to {addr}"))?;
             let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
             let r = h
                 .check(tonic_health::pb::HealthCheckRequest { service })
@@ -218,7 +225,13 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("the server is not serving");
             }
         }
-        Command::Bench(a) => bench::run(&cli.addr, a).await?,
+        Command::Bench(a) => {
+            let default = match a.api {
+                bench::Api::Grpc => GRPC_ADDR,
+                bench::Api::Openai => HTTP_ADDR,
+            };
+            bench::run(cli.addr.as_deref().unwrap_or(default), a).await?
+        }
     }
     Ok(())
 }

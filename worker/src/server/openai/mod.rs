@@ -381,7 +381,9 @@ impl Run {
             tracing::warn!(request_id = %self.id, "{ENGINE_STOPPED}");
             let _ = tx.send(data(&ApiError::engine_stopped().body())).await;
         } else if self.plan.include_usage {
-            let _ = tx.send(data(&self.completion(Vec::new(), Some(Some(usage)), created))).await;
+            let _ = tx
+                .send(data(&self.completion(Vec::new(), Some(Some(usage)), created)))
+                .await;
         }
         let _ = tx.send(SseEvent::default().data("[DONE]")).await;
     }
