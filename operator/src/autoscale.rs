@@ -110,7 +110,12 @@ pub fn stabilize(
     a: &AutoscalingSpec,
 ) -> (i32, Vec<Recommendation>) {
     let keep_for = i64::from(a.scale_up_stabilization_seconds.max(a.scale_down_stabilization_seconds));
-    let mut recs: Vec<Recommendation> = history.iter().filter(|r| now - r.time <= keep_for).cloned().collect();
+    // One recommendation a second at most: the newest look stands for its second.
+    let mut recs: Vec<Recommendation> = history
+        .iter()
+        .filter(|r| now - r.time <= keep_for && r.time != now)
+        .cloned()
+        .collect();
     recs.push(Recommendation {
         time: now,
         replicas: fresh,
@@ -181,6 +186,29 @@ mod tests {
                 time: 1000,
                 replicas: 2
             }]
+        );
+    }
+
+    #[test]
+    fn a_second_keeps_one_recommendation() {
+        let a = spec();
+        let hist = vec![
+            Recommendation { time: 990, replicas: 3 },
+            Recommendation {
+                time: 1000,
+                replicas: 4,
+            },
+        ];
+        let (_, kept) = stabilize(3, 5, &hist, 1000, &a);
+        assert_eq!(
+            kept,
+            vec![
+                Recommendation { time: 990, replicas: 3 },
+                Recommendation {
+                    time: 1000,
+                    replicas: 5
+                }
+            ]
         );
     }
 

@@ -269,7 +269,14 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     // Autoscaling first: the groups below follow the replicas it settles on.
     let mut replicas = d.spec.replicas;
     let mut scaled = None;
+    let mut autoscale_wait = None;
     if let Some(a) = &d.spec.autoscaling {
+        let wait = autoscale_due_in(d, now);
+        if wait > 0 {
+            autoscale_wait = Some(wait);
+        }
+    }
+    if let Some(a) = d.spec.autoscaling.as_ref().filter(|_| autoscale_wait.is_none()) {
         let (desired, decision, recs) = autoscale_step(d, a, now).await;
         if desired != replicas {
             let patch = Patch::Merge(json!({ "spec": { "replicas": desired } }));
@@ -414,6 +421,9 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         status.recommendations = recs;
         requeue = requeue.min(AUTOSCALE_PERIOD_SECS);
     }
+    if let Some(wait) = autoscale_wait {
+        requeue = requeue.min(wait);
+    }
     patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
@@ -431,6 +441,24 @@ async fn patch_status(api: &Api<NeoXDeployment>, name: &str, status: &NeoXDeploy
 
 /// How often an autoscaled deployment looks at its metric.
 const AUTOSCALE_PERIOD_SECS: u64 = 15;
+
+/// Seconds until the autoscaler's next look at its metric: 0 when it is due (no look yet, or
+/// the last one a period ago). The reconciles in between (each status write wakes the
+/// controller again) keep the last decision, so the status settles instead of changing on
+/// every pass, and Prometheus is asked once a period.
+fn autoscale_due_in(d: &NeoXDeployment, now: i64) -> u64 {
+    let last = d
+        .status
+        .as_ref()
+        .and_then(|s| s.last_scale_decision.as_ref())
+        .and_then(|dec| dec.time.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| t.as_second());
+    let period = AUTOSCALE_PERIOD_SECS as i64;
+    match last {
+        Some(t) if t <= now && now - t < period => (period - (now - t)) as u64,
+        _ => 0,
+    }
+}
 
 /// One autoscaler look: the replicas to run, what was decided and why, and the recent
 /// recommendations. A metric that cannot be read leaves the replicas as they are (clamped).

@@ -348,6 +348,43 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
 }
 
 #[tokio::test]
+async fn the_autoscaler_looks_once_a_period_however_often_it_is_woken() {
+    // Each status write wakes the controller at once. Between looks the status must stay as it
+    // is (or the writes would wake it in a loop), and Prometheus is asked once a period.
+    let (url, seen) = fake_prometheus("4").await;
+    let autoscaling = serde_json::json!({"minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url});
+    let pass = |status: Option<serde_json::Value>, now: i64| {
+        let (mut d, client, rec) = two_ready_groups_autoscaled(autoscaling.clone());
+        d.status = status.map(|s| serde_json::from_value(s).unwrap());
+        async move {
+            let action = reconcile(Arc::new(d), context(client, now)).await.unwrap();
+            let status = rec.lock().unwrap().body_of(STATUS)["status"].clone();
+            (action, status)
+        }
+    };
+    let (_, first) = pass(None, 1000).await;
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(first["recommendations"].as_array().unwrap().len(), 1);
+    // Woken 5 s later by its own write: no look, the same status, back when the period is up.
+    let (action, again) = pass(Some(first.clone()), 1005).await;
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "asked Prometheus before the period was up"
+    );
+    assert_eq!(again["lastScaleDecision"], first["lastScaleDecision"]);
+    assert_eq!(again["recommendations"], first["recommendations"]);
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
+    );
+    // A period later it looks again.
+    let (_, later) = pass(Some(first), 1015).await;
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(later["recommendations"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
 async fn an_unreachable_prometheus_never_scales_and_says_why() {
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "http://127.0.0.1:9"
