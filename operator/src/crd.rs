@@ -129,7 +129,7 @@ pub struct ModelSpec {
     /// A model compiled into the worker binary (`shakespeare`: the CPU demo model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<String>,
-    /// Compute dtype of the workers.
+    /// Compute dtype of the workers (default: fp16 with GPUs, fp32 on CPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<Dtype>,
 }

@@ -136,10 +136,15 @@ pub fn plan(
         if !current {
             status.phase = "Updating".into();
             outdated.push((g, ready));
-        } else if let Some(msg) = capacity.filter(|_| failure.is_none()) {
-            // Pending for capacity is not failure: wait for the cluster autoscaler.
+        } else if let Some(msg) = capacity {
+            // Pending for capacity is not failure: wait for the cluster autoscaler. Ranks that
+            // gave up waiting for the pending one meanwhile are no reason to restart the group:
+            // it could not form anyway, and a restart would reload the ranks that are up.
             status.phase = "InsufficientCapacity".into();
-            status.message = Some(msg.clone());
+            status.message = Some(match &failure {
+                Some(why) => format!("{msg} (meanwhile {why})"),
+                None => msg.clone(),
+            });
             insufficient.get_or_insert(format!("group {g}: {msg}"));
         } else if let Some(why) = failure {
             let wait = o
@@ -275,6 +280,27 @@ mod tests {
         assert_eq!(p.groups[0].phase, "InsufficientCapacity");
         assert!(p.insufficient_capacity.unwrap().contains("Insufficient nvidia.com/gpu"));
         assert_eq!(p.ready, 0);
+    }
+
+    #[test]
+    fn ranks_that_gave_up_waiting_for_a_pending_one_do_not_restart_the_group() {
+        // The leader timed out waiting for rank 1, which no node fits yet: still a capacity wait.
+        let mut g = group(0, "r1", false);
+        g.pods[0].failed = true;
+        g.pods[1].unschedulable = Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into());
+        let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 0);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.groups[0].phase, "InsufficientCapacity");
+        assert!(p.unhealthy.is_empty());
+        assert!(p.groups[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("meanwhile pod p-0 failed"));
+        // Once the pending rank is placed, the failed rank restarts the group as usual.
+        g.pods[1].unschedulable = None;
+        let p = plan(1, 2, "r1", 1, &[g], 0);
+        assert!(matches!(&p.actions[..], [Action::RestartGroup { index: 0, .. }]));
     }
 
     #[test]

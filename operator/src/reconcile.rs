@@ -269,13 +269,12 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     // Autoscaling first: the groups below follow the replicas it settles on.
     let mut replicas = d.spec.replicas;
     let mut scaled = None;
-    let mut autoscale_wait = None;
-    if let Some(a) = &d.spec.autoscaling {
-        let wait = autoscale_due_in(d, now);
-        if wait > 0 {
-            autoscale_wait = Some(wait);
-        }
-    }
+    let autoscale_wait = d
+        .spec
+        .autoscaling
+        .as_ref()
+        .map(|_| autoscale_due_in(d, now))
+        .filter(|&wait| wait > 0);
     if let Some(a) = d.spec.autoscaling.as_ref().filter(|_| autoscale_wait.is_none()) {
         let (desired, decision, recs) = autoscale_step(d, a, now).await;
         if desired != replicas {

@@ -215,6 +215,9 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         env("NEOX_SERVED_MODEL_NAME", d.name_any()),
         env("NEOX_COLLECTIVE_PORT", COLLECTIVE_PORT.to_string()),
         env("NEOX_MODEL", model_arg),
+        // The leader waits for the other ranks as long as a rank may take to start: a rank
+        // pending for a node the cluster autoscaler is adding is not a reason to give up.
+        env("NEOX_RENDEZVOUS_TIMEOUT", s.worker.startup_timeout_seconds.to_string()),
         env("NEOX_LOG", "info"),
         env("NEOX_LOG_FORMAT", "json"),
     ];
@@ -222,8 +225,12 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         // The device plugin exposes the pod's GPU as device 0; NCCL collectives follow from it.
         envs.push(env("NEOX_DEVICE", "cuda"));
     }
-    if let Some(dt) = s.model.dtype {
-        envs.push(env("NEOX_DTYPE", dt.as_str()));
+    // GPUs serve fp16 unless told otherwise (fp32 would double the weights' memory: 20B at
+    // TP=1 would not fit); CPUs keep the worker's default, fp32.
+    match (s.model.dtype, gpus > 0) {
+        (Some(dt), _) => envs.push(env("NEOX_DTYPE", dt.as_str())),
+        (None, true) => envs.push(env("NEOX_DTYPE", "fp16")),
+        (None, false) => {}
     }
     let e = &s.engine;
     for (name, v) in [
@@ -459,11 +466,14 @@ pub fn client_service(d: &NeoXDeployment) -> Service {
     }
 }
 
-/// Voluntary disruptions (drains) may take at most one rollout step's worth of pods at once:
-/// `maxUnavailable` groups × ranks. Losing any rank stops its group, so a tighter bound per
-/// pod would only slow drains without protecting more groups.
+/// Voluntary disruptions (drains) may take `maxUnavailable` pods at once. Losing any rank
+/// stops its group, so each evicted pod may cost a whole group: a budget of groups × ranks
+/// would let one drain evict a rank of several groups before any of them reads unready. Once
+/// a rank is gone the rest of its group turns unready and holds further evictions until the
+/// group is back. Pods that are not Ready may always be evicted (a broken group must not
+/// block a drain).
 pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
-    let pods = d.spec.tensor_parallel_size * d.spec.rollout.max_unavailable.max(1);
+    let pods = d.spec.rollout.max_unavailable.max(1);
     PodDisruptionBudget {
         metadata: ObjectMeta {
             name: Some(d.name_any()),
@@ -474,6 +484,7 @@ pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
         },
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(pods)),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             selector: Some(LabelSelector {
                 match_labels: Some(BTreeMap::from([(DEPLOYMENT_LABEL.to_owned(), d.name_any())])),
                 ..Default::default()

@@ -186,3 +186,29 @@ fn gpu_groups_without_an_image_get_the_cuda_build() {
     assert_eq!(image(&gpu), format!("ghcr.io/neox-serve/neox-worker-cuda:{version}"));
     assert_eq!(image(&cpu), format!("ghcr.io/neox-serve/neox-worker:{version}"));
 }
+
+fn env_value(d: &NeoXDeployment, name: &str) -> Option<String> {
+    let sts = serde_json::to_value(resources::statefulset(d, 0)).unwrap();
+    sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| e["value"].as_str().unwrap_or("").to_owned())
+}
+
+#[test]
+fn gpu_groups_default_to_fp16_and_leaders_wait_as_long_as_ranks_may_start() {
+    let mut v = sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml");
+    v["spec"]["model"].as_object_mut().unwrap().remove("dtype");
+    v["spec"]["worker"]["startupTimeoutSeconds"] = 2400.into();
+    let gpu: NeoXDeployment = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(env_value(&gpu, "NEOX_DTYPE").as_deref(), Some("fp16"));
+    assert_eq!(env_value(&gpu, "NEOX_RENDEZVOUS_TIMEOUT").as_deref(), Some("2400"));
+    v["spec"]["model"]["dtype"] = "bf16".into();
+    let gpu: NeoXDeployment = serde_json::from_value(v).unwrap();
+    assert_eq!(env_value(&gpu, "NEOX_DTYPE").as_deref(), Some("bf16"));
+    // CPUs keep the worker's default (fp32).
+    let cpu: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    assert_eq!(env_value(&cpu, "NEOX_DTYPE"), None);
+}
