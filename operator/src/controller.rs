@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Controller, Error as ControllerError};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -52,12 +52,19 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
     });
     if let Some(l) = &lease {
         tracing::info!(identity = %opts.identity, "waiting for the leader lease");
-        l.acquire().await;
+        tokio::select! {
+            _ = l.acquire() => {},
+            _ = terminated() => {
+                tracing::info!("stopped before leading");
+                return Ok(());
+            }
+        }
     }
     metrics.leader.set(1);
     tracing::info!("leading; starting the controller");
     let ctx = Arc::new(Context::new(client.clone(), metrics.clone()));
     let owned = watcher::Config::default().labels(DEPLOYMENT_LABEL);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = Controller::new(
         api::<NeoXDeployment>(&client, &opts.namespace),
         watcher::Config::default(),
@@ -75,26 +82,64 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
             }
         })
     })
-    .shutdown_on_signal()
+    .graceful_shutdown_on(async move {
+        let _ = stop_rx.await;
+    })
     .run(reconcile, error_policy, ctx)
     .for_each(|res| async move {
         match res {
             Ok((obj, _)) => tracing::debug!(name = %obj.name, "reconciled"),
-            Err(e) => tracing::debug!("reconcile: {e}"),
+            // Failed reconciles are logged by `error_policy`; what is left (a watch that cannot
+            // list: API server unreachable, RBAC refusing) must be visible too.
+            Err(ControllerError::ReconcilerFailed(..)) | Err(ControllerError::ObjectNotFound(_)) => {}
+            Err(e) => tracing::warn!("watching the cluster: {e}"),
         }
     });
-    match &lease {
-        Some(l) => {
-            tokio::select! {
-                _ = controller => {},
-                _ = l.hold() => {
-                    metrics.leader.set(0);
-                    anyhow::bail!("lost the leader lease; exiting so a fresh replica takes over");
-                }
+    tokio::pin!(controller);
+    let lost_lease = async {
+        match &lease {
+            Some(l) => l.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = &mut controller => {},
+        _ = terminated() => {
+            // Running reconciles finish; a controller still waiting for its first list (API
+            // server unreachable) would wait forever, so the wait is bounded.
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(());
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut controller).await.is_err() {
+                tracing::warn!("reconciles still running after {SHUTDOWN_GRACE:?}; exiting anyway");
             }
         }
-        None => controller.await,
+        _ = lost_lease => {
+            metrics.leader.set(0);
+            anyhow::bail!("lost the leader lease; exiting so a fresh replica takes over");
+        }
     }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// How long running reconciles may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// SIGTERM (Kubernetes stopping the pod) or SIGINT.
+async fn terminated() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
 }
