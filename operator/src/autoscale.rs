@@ -1,10 +1,14 @@
 //! Scaling groups from Prometheus, the way the HorizontalPodAutoscaler scales pods: a ratio
 //! against a target with a tolerance band, stabilization windows, and min/max bounds.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -52,16 +56,57 @@ fn encode(q: &str) -> String {
         .collect()
 }
 
-/// Runs an instant query; `None` when it returns no series.
+/// The URL with any `user:password@` taken out, for logs, errors and status.
+pub fn redact(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// One client for every query (it holds the system's root certificates and pooled
+/// connections); http and https alike.
+fn client() -> Result<&'static HttpsClient, String> {
+    static CLIENT: OnceLock<Result<HttpsClient, String>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_native_roots()
+                .map_err(|e| format!("no root certificates for https: {e}"))?
+                .https_or_http()
+                .enable_http1()
+                .build();
+            Ok(Client::builder(TokioExecutor::new()).build(https))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Runs an instant query; `None` when it returns no series. A `user:password@` in the URL is
+/// sent as basic auth and never shown.
 pub async fn query(base: &str, promql: &str) -> Result<Option<f64>, QueryError> {
     let url = format!("{}/api/v1/query?query={}", base.trim_end_matches('/'), encode(promql));
     let err = |m: String| QueryError::Http {
-        url: base.to_owned(),
+        url: redact(base),
         message: m,
     };
     let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+    let mut req = hyper::Request::get(&uri);
+    if let Some(user) = uri
+        .authority()
+        .and_then(|a| a.as_str().rsplit_once('@'))
+        .map(|(u, _)| u)
+    {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Basic {}", BASE64.encode(user)));
+    }
+    let req = req.body(Empty::new()).map_err(|e| err(format!("bad URL: {e}")))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().map_err(err)?.request(req))
         .await
         .map_err(|_| err("timed out".into()))?
         .map_err(|e| err(e.to_string()))?;
@@ -210,6 +255,14 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(redact("https://u:p@prom:9090/x?a=b@c"), "https://prom:9090/x?a=b@c");
+        assert_eq!(redact("http://prom:9090"), "http://prom:9090");
+        assert_eq!(redact("http://a@b@prom"), "http://prom");
+        assert_eq!(redact("no-scheme"), "no-scheme");
     }
 
     #[test]

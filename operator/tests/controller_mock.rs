@@ -267,7 +267,7 @@ async fn fake_prometheus(value: &'static str) -> (String, Arc<std::sync::Mutex<V
     let log = seen.clone();
     let app = axum::Router::new().route(
         "/api/v1/query",
-        axum::routing::get(move |uri: axum::http::Uri| {
+        axum::routing::get(move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
             let log = log.clone();
             async move {
                 let q = uri
@@ -276,6 +276,11 @@ async fn fake_prometheus(value: &'static str) -> (String, Arc<std::sync::Mutex<V
                     .strip_prefix("query=")
                     .unwrap_or_default()
                     .to_owned();
+                if let Some(auth) = headers.get("authorization") {
+                    log.lock()
+                        .unwrap()
+                        .push(format!("authorization: {}", auth.to_str().unwrap()));
+                }
                 log.lock().unwrap().push(percent_decode(&q));
                 serde_json::json!({"status": "success", "data": {"resultType": "vector",
                     "result": [{"metric": {}, "value": [1.0, value]}]}})
@@ -382,6 +387,30 @@ async fn the_autoscaler_looks_once_a_period_however_often_it_is_woken() {
     let (_, later) = pass(Some(first), 1015).await;
     assert_eq!(seen.lock().unwrap().len(), 2);
     assert_eq!(later["recommendations"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn credentials_in_the_prometheus_url_are_sent_as_basic_auth_and_never_shown() {
+    let (url, seen) = fake_prometheus("4").await;
+    let with_user = url.replace("http://", "http://neox:s3cret@");
+    let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
+        "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": with_user
+    }));
+    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    // base64("neox:s3cret")
+    assert_eq!(seen.lock().unwrap()[0], "authorization: Basic bmVveDpzM2NyZXQ=");
+    let status = rec.lock().unwrap().body_of(STATUS)["status"].to_string();
+    assert!(status.contains("metric 2.000 per group"), "{status}");
+    // Unreachable with credentials: the message names the server, not the password.
+    let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
+        "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "https://neox:s3cret@127.0.0.1:9"
+    }));
+    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let decision = rec.lock().unwrap().body_of(STATUS)["status"]["lastScaleDecision"]["message"].to_string();
+    assert!(
+        decision.contains("https://127.0.0.1:9") && !decision.contains("s3cret"),
+        "{decision}"
+    );
 }
 
 #[tokio::test]

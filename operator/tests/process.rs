@@ -32,7 +32,14 @@ fn speaks_tls_to_an_https_api_server_says_why_it_cannot_watch_and_stops_on_sigte
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_neox-operator"))
-        .args(["--metrics-addr", "127.0.0.1:0", "--leader-election", "false", "--log-format", "text"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--leader-election",
+            "false",
+            "--log-format",
+            "text",
+        ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info,kube=warn")
         .env("NO_COLOR", "1")
