@@ -7,7 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::controller::{Controller, Error as ControllerError};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
@@ -68,33 +68,35 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
     let controller = Controller::new(
         api::<NeoXDeployment>(&client, &opts.namespace),
         watcher::Config::default(),
-    )
-    .owns(api::<StatefulSet>(&client, &opts.namespace), owned.clone())
-    .owns(api::<Service>(&client, &opts.namespace), owned.clone())
-    // Pods are owned by the StatefulSets; map them to their deployment by label.
-    .watches(api::<Pod>(&client, &opts.namespace), owned, |p: Pod| {
-        let ns = p.namespace();
-        p.labels().get(DEPLOYMENT_LABEL).map(|name| {
-            let r = ObjectRef::<NeoXDeployment>::new(name);
-            match ns {
-                Some(ns) => r.within(&ns),
-                None => r,
-            }
+    );
+    tokio::spawn(forget_deleted(controller.store(), metrics.clone()));
+    let controller = controller
+        .owns(api::<StatefulSet>(&client, &opts.namespace), owned.clone())
+        .owns(api::<Service>(&client, &opts.namespace), owned.clone())
+        // Pods are owned by the StatefulSets; map them to their deployment by label.
+        .watches(api::<Pod>(&client, &opts.namespace), owned, |p: Pod| {
+            let ns = p.namespace();
+            p.labels().get(DEPLOYMENT_LABEL).map(|name| {
+                let r = ObjectRef::<NeoXDeployment>::new(name);
+                match ns {
+                    Some(ns) => r.within(&ns),
+                    None => r,
+                }
+            })
         })
-    })
-    .graceful_shutdown_on(async move {
-        let _ = stop_rx.await;
-    })
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        match res {
-            Ok((obj, _)) => tracing::debug!(name = %obj.name, "reconciled"),
-            // Failed reconciles are logged by `error_policy`; what is left (a watch that cannot
-            // list: API server unreachable, RBAC refusing) must be visible too.
-            Err(ControllerError::ReconcilerFailed(..)) | Err(ControllerError::ObjectNotFound(_)) => {}
-            Err(e) => tracing::warn!("watching the cluster: {e}"),
-        }
-    });
+        .graceful_shutdown_on(async move {
+            let _ = stop_rx.await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(name = %obj.name, "reconciled"),
+                // Failed reconciles are logged by `error_policy`; what is left (a watch that cannot
+                // list: API server unreachable, RBAC refusing) must be visible too.
+                Err(ControllerError::ReconcilerFailed(..)) | Err(ControllerError::ObjectNotFound(_)) => {}
+                Err(e) => tracing::warn!("watching the cluster: {e}"),
+            }
+        });
     tokio::pin!(controller);
     let lost_lease = async {
         match &lease {
@@ -120,6 +122,23 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
     }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Deleted NeoXDeployments are not reconciled (nothing of theirs needs cleaning up: owner
+/// references do that), so their metric series are dropped by comparing with the cache.
+async fn forget_deleted(store: Store<NeoXDeployment>, metrics: Metrics) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let live = store
+            .state()
+            .iter()
+            .map(|d| (d.namespace().unwrap_or_default(), d.name_any()))
+            .collect();
+        metrics.forget_all_but(&live);
+    }
 }
 
 /// How long running reconciles may take to finish after SIGTERM.

@@ -1,8 +1,10 @@
 //! Operator metrics (Prometheus text on `/metrics`).
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -12,7 +14,11 @@ pub struct Metrics {
     pub duration: Histogram,
     pub groups_desired: IntGaugeVec,
     pub groups_ready: IntGaugeVec,
+    pub group_restarts: IntCounterVec,
     pub leader: IntGauge,
+    /// The (namespace, name) pairs the per-deployment series are labelled with, so the series
+    /// of a deleted NeoXDeployment can be dropped.
+    labelled: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
 impl Metrics {
@@ -39,13 +45,22 @@ impl Metrics {
                 Opts::new("neox_operator_groups_ready", "Worker groups whose every rank is ready"),
                 &["namespace", "name"],
             )?,
+            group_restarts: IntCounterVec::new(
+                Opts::new(
+                    "neox_operator_group_restarts_total",
+                    "Times a group's ranks were all replaced because one failed",
+                ),
+                &["namespace", "name"],
+            )?,
             leader: IntGauge::new("neox_operator_leader", "1 while this replica holds the leader lease")?,
+            labelled: Arc::default(),
         };
         m.registry.register(Box::new(m.reconciles.clone()))?;
         m.registry.register(Box::new(m.errors.clone()))?;
         m.registry.register(Box::new(m.duration.clone()))?;
         m.registry.register(Box::new(m.groups_desired.clone()))?;
         m.registry.register(Box::new(m.groups_ready.clone()))?;
+        m.registry.register(Box::new(m.group_restarts.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
         Ok(m)
     }
@@ -59,8 +74,36 @@ impl Metrics {
     }
 
     pub fn set_groups(&self, ns: &str, name: &str, desired: i32, ready: i32) {
+        self.remember(ns, name);
         self.groups_desired.with_label_values(&[ns, name]).set(desired as i64);
         self.groups_ready.with_label_values(&[ns, name]).set(ready as i64);
+    }
+
+    pub fn group_restarted(&self, ns: &str, name: &str) {
+        self.remember(ns, name);
+        self.group_restarts.with_label_values(&[ns, name]).inc();
+    }
+
+    fn remember(&self, ns: &str, name: &str) {
+        if let Ok(mut l) = self.labelled.lock() {
+            l.insert((ns.to_owned(), name.to_owned()));
+        }
+    }
+
+    /// Drops the series of NeoXDeployments that no longer exist (`live` holds those that do):
+    /// a deleted deployment must not go on reading as degraded.
+    pub fn forget_all_but(&self, live: &BTreeSet<(String, String)>) {
+        let Ok(mut labelled) = self.labelled.lock() else { return };
+        labelled.retain(|(ns, name)| {
+            if live.contains(&(ns.clone(), name.clone())) {
+                return true;
+            }
+            let labels = [ns.as_str(), name.as_str()];
+            let _ = self.groups_desired.remove_label_values(&labels);
+            let _ = self.groups_ready.remove_label_values(&labels);
+            let _ = self.group_restarts.remove_label_values(&labels);
+            false
+        });
     }
 
     pub fn render(&self) -> String {
@@ -69,5 +112,31 @@ impl Metrics {
             tracing::error!("encoding metrics: {e}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deleted_deployment_leaves_no_series() {
+        let m = Metrics::new().unwrap();
+        m.set_groups("prod", "chat", 2, 1);
+        m.set_groups("prod", "code", 1, 1);
+        m.group_restarted("prod", "chat");
+        let live = BTreeSet::from([("prod".to_owned(), "code".to_owned())]);
+        m.forget_all_but(&live);
+        let text = m.render();
+        assert!(!text.contains(r#"name="chat""#), "{text}");
+        assert!(
+            text.contains(r#"neox_operator_groups_ready{name="code",namespace="prod"} 1"#),
+            "{text}"
+        );
+        // Seen again later (re-created): reported again.
+        m.set_groups("prod", "chat", 1, 0);
+        assert!(m
+            .render()
+            .contains(r#"neox_operator_groups_desired{name="chat",namespace="prod"} 1"#));
     }
 }

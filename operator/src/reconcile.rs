@@ -370,6 +370,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
                     RESTARTS_ANNOTATION: restarts.to_string(), LAST_RESTART_ANNOTATION: now.to_string() } } });
                 stss.patch(&gname, &PatchParams::default(), &Patch::Merge(ann)).await?;
                 delete_group_pods(&pods, &observed, *index).await?;
+                ctx.metrics.group_restarted(&ns, &name);
                 let next = decisions::backoff_secs(*restarts);
                 publish(
                     ctx,

@@ -92,7 +92,13 @@ async fn a_failed_rank_restarts_its_whole_group_only() {
         vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
         pods,
     );
-    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let ctx = context(client, 1000);
+    reconcile(Arc::new(d), ctx.clone()).await.unwrap();
+    // Counted for the NeoXGroupRestarting alert.
+    assert!(ctx
+        .metrics
+        .render()
+        .contains(r#"neox_operator_group_restarts_total{name="llm",namespace="serving"} 1"#));
     let rec = rec.lock().unwrap();
     assert_eq!(
         rec.lines(),

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub prompt_tokens: IntCounter,
     pub generation_tokens: IntCounter,
     pub requests: IntCounterVec,
+    pub rejected: IntCounterVec,
     pub batch_size: Histogram,
     pub preemptions: IntCounter,
     pub prefix_cache_blocks: IntGauge,
@@ -42,6 +43,9 @@ pub const FINISH_LABELS: &[&str] = &[
     "deadline_exceeded",
     "error",
 ];
+
+/// Every value `neox_requests_rejected_total` is labelled with.
+pub const REJECT_LABELS: &[&str] = &["queue_full", "too_large", "unavailable"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -73,6 +77,13 @@ impl Metrics {
             requests: IntCounterVec::new(
                 Opts::new("neox_requests_total", "Requests ended, by finish reason"),
                 &["finish_reason"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "neox_requests_rejected_total",
+                    "Valid requests the engine turned away, by reason (queue_full: 429 / RESOURCE_EXHAUSTED)",
+                ),
+                &["reason"],
             )?,
             batch_size: hist("neox_batch_size", "Sequences per engine step", BATCH_BUCKETS)?,
             preemptions: IntCounter::new(
@@ -114,6 +125,7 @@ impl Metrics {
         m.registry.register(Box::new(m.prompt_tokens.clone()))?;
         m.registry.register(Box::new(m.generation_tokens.clone()))?;
         m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.rejected.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.preemptions.clone()))?;
         m.registry.register(Box::new(m.prefix_cache_blocks.clone()))?;
@@ -124,6 +136,9 @@ impl Metrics {
         m.registry.register(Box::new(m.group_healthy.clone()))?;
         for l in FINISH_LABELS {
             m.requests.with_label_values(&[l]);
+        }
+        for l in REJECT_LABELS {
+            m.rejected.with_label_values(&[l]);
         }
         Ok(m)
     }

@@ -107,6 +107,13 @@ fn a_full_queue_answers_resource_exhausted_and_keeps_serving() {
             }
         }
         assert!(ok >= 3 && full >= 1, "ok {ok}, rejected {full}");
+        // Each refusal is counted for alerting, and only those.
+        let counted = server.metric("neox_requests_rejected_total{reason=\"queue_full\"}");
+        assert_eq!(counted, f64::from(full));
+        assert_eq!(
+            server.metric("neox_requests_rejected_total{reason=\"unavailable\"}"),
+            0.0
+        );
         let mut c = c.clone();
         let r = c.generate(greedy("ROMEO:\n", 5)).await.unwrap().into_inner();
         assert_eq!(r.token_ids.len(), 5);

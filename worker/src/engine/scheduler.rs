@@ -77,6 +77,7 @@ pub struct EngineHandle {
     healthy: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
     config: EngineConfig,
+    rejected: prometheus::IntCounterVec,
 }
 
 impl EngineHandle {
@@ -103,7 +104,19 @@ impl EngineHandle {
         self.waiting.load(Ordering::SeqCst)
     }
 
+    /// Queues a request, or says why not (and counts the refusal).
     pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        self.admit(req).inspect_err(|e| {
+            let reason = match e {
+                SubmitError::QueueFull(_) => "queue_full",
+                SubmitError::TooLarge(_) => "too_large",
+                SubmitError::Unavailable(_) => "unavailable",
+            };
+            self.rejected.with_label_values(&[reason]).inc();
+        })
+    }
+
+    fn admit(&self, req: Request) -> Result<(), SubmitError> {
         if !self.healthy.load(Ordering::SeqCst) {
             return Err(SubmitError::Unavailable("the worker group is unhealthy".into()));
         }
@@ -192,6 +205,7 @@ pub fn start(
         healthy: Arc::new(AtomicBool::new(true)),
         draining: Arc::new(AtomicBool::new(false)),
         config: config.clone(),
+        rejected: metrics.rejected.clone(),
     };
     metrics.group_healthy.set(1);
     // Matches shorter than a block are not worth a copy.
