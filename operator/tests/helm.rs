@@ -187,6 +187,36 @@ fn helm_chart_lints_renders_and_validates() {
     let _: NeoXDeployment = serde_json::from_value(sample.clone()).unwrap();
     assert_eq!(admission_errors(sample), Vec::<String>::new());
 
+    // NOTES: in namespaced mode, the next steps work in the watched namespace (the samples
+    // name none, so they land where kubectl points).
+    for (namespaced, want) in [
+        ("true", "kubectl -n team-a apply -f deploy/samples/"),
+        ("false", "  kubectl apply -f deploy/samples/"),
+    ] {
+        let set = format!("rbac.namespaced={namespaced}");
+        let (ok, out, err) = run(
+            &helm,
+            &[
+                "install",
+                "x",
+                &chart,
+                "-n",
+                "team-a",
+                "--dry-run=client",
+                "--set",
+                &set,
+            ],
+        );
+        assert!(ok, "helm install --dry-run: {err}");
+        let notes = &out[out.find("NOTES:").unwrap()..];
+        assert!(notes.contains(want), "{notes}");
+        assert_eq!(
+            notes.contains("kubectl -n team-a port-forward svc/"),
+            namespaced == "true",
+            "{notes}"
+        );
+    }
+
     // Every built-in object against the Kubernetes 1.33 schemas.
     let builtin: Vec<String> = docs(&default)
         .into_iter()
