@@ -18,7 +18,8 @@ fn read(rel: &str) -> String {
 
 #[test]
 fn the_statefulset_pod_template_brings_up_a_serving_group() {
-    let d: NeoXDeployment = serde_yaml::from_str(&read("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    let mut d: NeoXDeployment = serde_yaml::from_str(&read("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    d.metadata.namespace = Some("default".into());
     let tp = d.spec.tensor_parallel_size;
     let sts = resources::statefulset(&d, 0);
     let pod = sts.spec.unwrap().template.spec.unwrap();
@@ -27,8 +28,33 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
     let group_port = free_port();
     let grpc: Vec<u16> = (0..tp).map(|_| free_port()).collect();
     let http = free_port();
+    let neox = |port: u16, extra: &[&str]| {
+        Command::new(binary("neox"))
+            .args(["--addr", &format!("http://127.0.0.1:{port}")])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
     let mut ranks = Vec::new();
-    for r in 0..tp {
+    // Followers first: until the leader forms the group they must read NOT_SERVING, or
+    // Kubernetes would count a rank ready that serves nothing.
+    for r in (0..tp).rev() {
+        if r == 0 {
+            for &port in &grpc[1..] {
+                let t0 = Instant::now();
+                loop {
+                    let out = neox(port, &["health"]);
+                    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                    if said == "NOT_SERVING" {
+                        assert!(!out.status.success());
+                        break;
+                    }
+                    assert_ne!(said, "SERVING", "follower on :{port} serving before its group formed");
+                    assert!(t0.elapsed() < Duration::from_secs(30), "follower on :{port} never answered health");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
         let mut env: HashMap<String, String> = HashMap::new();
         for e in c.env.clone().unwrap_or_default() {
             let value = match (&e.value, &e.value_from) {
@@ -65,13 +91,6 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
             .unwrap();
         ranks.push(Killed(child));
     }
-    let neox = |port: u16, extra: &[&str]| {
-        Command::new(binary("neox"))
-            .args(["--addr", &format!("http://127.0.0.1:{port}")])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
     // The probes: every rank SERVING once the group formed.
     for &port in &grpc {
         let t0 = Instant::now();

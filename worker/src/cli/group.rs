@@ -394,6 +394,9 @@ pub fn follower_with_health(a: FollowerArgs, health_addr: Option<std::net::Socke
         .enable_all()
         .build()?;
     let (reporter, health) = tonic_health::server::health_reporter();
+    // tonic-health starts the whole server ("") as SERVING; this rank serves nothing until its
+    // group has formed.
+    runtime.block_on(reporter.set_service_status("", tonic_health::ServingStatus::NotServing));
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .with_context(|| format!("binding {addr}"))?;
