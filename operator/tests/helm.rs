@@ -284,6 +284,8 @@ fn bad_values_are_refused_by_the_values_schema() {
         ("metrics.port=70000", "/metrics/port"),
         ("prometheus.url=prometheus:9090", "/prometheus/url"),
         ("replicas=3", "additional properties"),
+        // Two operators without leader election would reconcile the same objects at once.
+        ("leaderElection.enabled=false", "/replicaCount"),
     ] {
         let (ok, _, err) = run(&helm, &["template", "neox", &chart, "--set", set]);
         assert!(!ok, "{set} should be refused");

@@ -50,7 +50,10 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
                         break;
                     }
                     assert_ne!(said, "SERVING", "follower on :{port} serving before its group formed");
-                    assert!(t0.elapsed() < Duration::from_secs(30), "follower on :{port} never answered health");
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(30),
+                        "follower on :{port} never answered health"
+                    );
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
