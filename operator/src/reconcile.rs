@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
@@ -296,12 +297,16 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let pp = PatchParams::apply(MANAGER).force();
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
     let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     services
         .patch(&name, &pp, &Patch::Apply(resources::client_service(d)))
         .await?;
     pdbs.patch(&name, &pp, &Patch::Apply(resources::disruption_budget(d)))
+        .await?;
+    policies
+        .patch(&name, &pp, &Patch::Apply(resources::network_policy(d)))
         .await?;
 
     let lp = ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={name}"));

@@ -13,6 +13,9 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
     Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -492,5 +495,53 @@ pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// Ingress to the workers: clients and Prometheus reach the serving ports (gRPC, HTTP,
+/// metrics) from anywhere, but the group ports (rendezvous and collectives, unauthenticated
+/// and carrying activations) only from the deployment's own pods: any other pod could
+/// otherwise join with a wrong rank and stop a group from forming. Policies add up, so a
+/// cluster that needs more ingress adds its own; a CNI without NetworkPolicy ignores it.
+pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
+    let own_pods = LabelSelector {
+        match_labels: Some(BTreeMap::from([(DEPLOYMENT_LABEL.to_owned(), d.name_any())])),
+        ..Default::default()
+    };
+    let ports = |ps: &[i32]| {
+        ps.iter()
+            .map(|&p| NetworkPolicyPort {
+                port: Some(IntOrString::Int(p)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            })
+            .collect()
+    };
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(d.name_any()),
+            namespace: d.namespace(),
+            labels: Some(common_labels(d)),
+            owner_references: owner(d),
+            ..Default::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(own_pods.clone()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(ports(&[GRPC_PORT, HTTP_PORT, METRICS_PORT])),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(own_pods),
+                        ..Default::default()
+                    }]),
+                    ports: Some(ports(&[GROUP_PORT, COLLECTIVE_PORT])),
+                },
+            ]),
+            ..Default::default()
+        }),
     }
 }

@@ -18,6 +18,7 @@ fn preamble() -> Vec<String> {
     vec![
         format!("PATCH {SVC}/llm"),
         "PATCH /apis/policy/v1/namespaces/serving/poddisruptionbudgets/llm".into(),
+        "PATCH /apis/networking.k8s.io/v1/namespaces/serving/networkpolicies/llm".into(),
         format!("GET {BASE}"),
         format!("GET {PODS}"),
     ]

@@ -131,6 +131,7 @@ fn desired_objects_match_golden_yaml() {
             serde_yaml::to_string(&resources::headless_service(&d, 0)).unwrap(),
             serde_yaml::to_string(&resources::client_service(&d)).unwrap(),
             serde_yaml::to_string(&resources::disruption_budget(&d)).unwrap(),
+            serde_yaml::to_string(&resources::network_policy(&d)).unwrap(),
         ];
         golden(out, &docs.join("---\n"));
     }
@@ -216,4 +217,48 @@ fn gpu_groups_default_to_fp16_and_leaders_wait_as_long_as_ranks_may_start() {
     // CPUs keep the worker's default (fp32).
     let cpu: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
     assert_eq!(env_value(&cpu, "NEOX_DTYPE"), None);
+}
+
+#[test]
+fn only_the_deployments_own_pods_reach_the_group_ports() {
+    let d: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    let np = serde_json::to_value(resources::network_policy(&d)).unwrap();
+    let spec = &np["spec"];
+    let own = serde_json::json!({"matchLabels": {"serving.neox.dev/deployment": "shakespeare"}});
+    assert_eq!(spec["podSelector"], own);
+    assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]));
+    let port_list = |rule: &Value| -> Vec<i64> {
+        rule["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_i64().unwrap())
+            .collect()
+    };
+    let rules = spec["ingress"].as_array().unwrap();
+    let open: Vec<&Value> = rules.iter().filter(|r| r.get("from").is_none()).collect();
+    let closed: Vec<&Value> = rules.iter().filter(|r| r.get("from").is_some()).collect();
+    // Clients, probes and Prometheus: the serving ports, from anywhere.
+    let serving = [resources::GRPC_PORT, resources::HTTP_PORT, resources::METRICS_PORT].map(i64::from);
+    assert_eq!(open.len(), 1);
+    assert_eq!(port_list(open[0]), serving);
+    // Rendezvous and collectives: from this deployment's pods only.
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0]["from"], serde_json::json!([{"podSelector": own}]));
+    assert_eq!(
+        port_list(closed[0]),
+        [resources::GROUP_PORT, resources::COLLECTIVE_PORT].map(i64::from)
+    );
+    // Every port the worker container listens on is covered by one rule or the other.
+    let sts = serde_json::to_value(resources::statefulset(&d, 0)).unwrap();
+    for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+    {
+        let port = p["containerPort"].as_i64().unwrap();
+        assert!(
+            rules.iter().any(|r| port_list(r).contains(&port)),
+            "container port {port} is not in the NetworkPolicy"
+        );
+    }
 }
