@@ -273,3 +273,43 @@ fn speculation_changes_no_output_of_any_request() {
         );
     }
 }
+
+/// A verification row is sampled as plain decoding would have sampled that position, so its
+/// penalties count the drafts before it as generated. The fixture's random weights repeat one
+/// token for long runs, where a frequency penalty decides when a run ends: rows that forgot
+/// the drafts ahead (a mutant of `Scheduler::sample`) ended 19 of these 72 runs elsewhere.
+#[test]
+fn a_draft_rows_penalties_count_the_drafts_before_it() {
+    let model = common::fixture_dir();
+    let model = model.to_str().unwrap();
+    let words = [
+        "the", "a", "and", "of", "to", "my", "lord", "king", "O", "I", "you", "is",
+    ];
+    let mut reqs = Vec::new();
+    for i in 0..12 {
+        let (w, v) = (words[i], words[(i * 5 + 3) % words.len()]);
+        let prompt = match i % 3 {
+            0 => format!("{w} {w} {w} {w} {w} {w} {w} {w}"),
+            1 => format!("{w} {v} {w} {v} {w} {v} {w} {v}"),
+            _ => format!("{w} {v} {w} {w} {v} {w} {w} {v}"),
+        };
+        for f in [0.05, 0.1, 0.2, 0.3, 0.5, 0.8] {
+            let mut r = greedy(&prompt, 48);
+            if let Some(p) = r.parameters.as_mut() {
+                p.frequency_penalty = f;
+            }
+            reqs.push(r);
+        }
+    }
+    let off = start(&["--model", model]);
+    let want = rt().block_on(run(&off, &reqs, false));
+    drop(off);
+    let on = start(&["--model", model, "--speculative-tokens", "4"]);
+    let got = rt().block_on(run(&on, &reqs, false));
+    assert_same(&got, &want, "greedy with a frequency penalty");
+    let kept = on.metric("neox_spec_decode_accepted_tokens_total");
+    assert!(
+        kept >= 100.0,
+        "only {kept} drafts kept: the rows after them were hardly tested"
+    );
+}
