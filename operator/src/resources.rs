@@ -443,16 +443,29 @@ fn svc_port(name: &str, p: i32) -> ServicePort {
     }
 }
 
+/// Metadata of the objects a deployment has one of (named after it, owned by it).
+fn deployment_meta(d: &NeoXDeployment) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(d.name_any()),
+        namespace: d.namespace(),
+        labels: Some(common_labels(d)),
+        owner_references: owner(d),
+        ..Default::default()
+    }
+}
+
+/// Every worker pod of the deployment, whatever its group.
+fn deployment_pods(d: &NeoXDeployment) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(DEPLOYMENT_LABEL.to_owned(), d.name_any())])),
+        ..Default::default()
+    }
+}
+
 /// The Service clients use: rank 0 of every group, only while ready.
 pub fn client_service(d: &NeoXDeployment) -> Service {
     Service {
-        metadata: ObjectMeta {
-            name: Some(d.name_any()),
-            namespace: d.namespace(),
-            labels: Some(common_labels(d)),
-            owner_references: owner(d),
-            ..Default::default()
-        },
+        metadata: deployment_meta(d),
         spec: Some(ServiceSpec {
             selector: Some(BTreeMap::from([
                 (DEPLOYMENT_LABEL.to_owned(), d.name_any()),
@@ -478,20 +491,11 @@ pub fn client_service(d: &NeoXDeployment) -> Service {
 pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
     let pods = d.spec.rollout.max_unavailable.max(1);
     PodDisruptionBudget {
-        metadata: ObjectMeta {
-            name: Some(d.name_any()),
-            namespace: d.namespace(),
-            labels: Some(common_labels(d)),
-            owner_references: owner(d),
-            ..Default::default()
-        },
+        metadata: deployment_meta(d),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(pods)),
             unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
-            selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([(DEPLOYMENT_LABEL.to_owned(), d.name_any())])),
-                ..Default::default()
-            }),
+            selector: Some(deployment_pods(d)),
             ..Default::default()
         }),
         ..Default::default()
@@ -504,10 +508,7 @@ pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
 /// otherwise join with a wrong rank and stop a group from forming. Policies add up, so a
 /// cluster that needs more ingress adds its own; a CNI without NetworkPolicy ignores it.
 pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
-    let own_pods = LabelSelector {
-        match_labels: Some(BTreeMap::from([(DEPLOYMENT_LABEL.to_owned(), d.name_any())])),
-        ..Default::default()
-    };
+    let own_pods = deployment_pods(d);
     let ports = |ps: &[i32]| {
         ps.iter()
             .map(|&p| NetworkPolicyPort {
@@ -518,13 +519,7 @@ pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
             .collect()
     };
     NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some(d.name_any()),
-            namespace: d.namespace(),
-            labels: Some(common_labels(d)),
-            owner_references: owner(d),
-            ..Default::default()
-        },
+        metadata: deployment_meta(d),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(own_pods.clone()),
             policy_types: Some(vec!["Ingress".into()]),
