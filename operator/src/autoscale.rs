@@ -70,6 +70,16 @@ pub fn redact(url: &str) -> String {
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// `Authorization` for the `user:password` of a URL, percent-decoded (`p%40ss` is `p@ss`).
+fn basic_auth(userinfo: &str) -> String {
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    format!(
+        "Basic {}",
+        BASE64.encode(format!("{}:{}", decode(user), decode(password)))
+    )
+}
+
 /// One client for every query (it holds the system's root certificates and pooled
 /// connections); http and https alike.
 fn client() -> Result<&'static HttpsClient, String> {
@@ -103,20 +113,20 @@ pub async fn query(base: &str, promql: &str) -> Result<Option<f64>, QueryError> 
         .and_then(|a| a.as_str().rsplit_once('@'))
         .map(|(u, _)| u)
     {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Basic {}", BASE64.encode(user)));
+        req = req.header(hyper::header::AUTHORIZATION, basic_auth(user));
     }
     let req = req.body(Empty::new()).map_err(|e| err(format!("bad URL: {e}")))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client().map_err(err)?.request(req))
-        .await
-        .map_err(|_| err("timed out".into()))?
-        .map_err(|e| err(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .to_bytes();
+    let client = client().map_err(err)?;
+    // One deadline for the answer and its body: a Prometheus (or proxy) that stalls mid-body
+    // must not hold the reconcile.
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), async {
+        let resp = client.request(req).await.map_err(|e| err(e.to_string()))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| err(e.to_string()))?;
+        Ok::<_, QueryError>((status, body.to_bytes()))
+    })
+    .await
+    .map_err(|_| err("timed out".into()))??;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| err(format!("{status}: {e}")))?;
     if v["status"] != "success" {
         return Err(QueryError::Answer(v["error"].as_str().unwrap_or("an error").to_owned()));
@@ -255,6 +265,13 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn basic_auth_decodes_the_url_escapes() {
+        // base64("neox:p@ss:w")
+        assert_eq!(basic_auth("neox:p%40ss%3Aw"), "Basic bmVveDpwQHNzOnc=");
+        assert_eq!(basic_auth("token"), format!("Basic {}", BASE64.encode("token:")));
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl Metrics {
 
     pub fn set_groups(&self, ns: &str, name: &str, desired: i32, ready: i32) {
         self.remember(ns, name);
+        // The restart counter exists from 0, so the first restart counts in `increase()`.
+        self.group_restarts.with_label_values(&[ns, name]);
         self.groups_desired.with_label_values(&[ns, name]).set(desired as i64);
         self.groups_ready.with_label_values(&[ns, name]).set(ready as i64);
     }
@@ -124,6 +126,10 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.set_groups("prod", "chat", 2, 1);
         m.set_groups("prod", "code", 1, 1);
+        // From 0, so Prometheus' increase() counts the first restart.
+        assert!(m
+            .render()
+            .contains(r#"neox_operator_group_restarts_total{name="chat",namespace="prod"} 0"#));
         m.group_restarted("prod", "chat");
         let live = BTreeSet::from([("prod".to_owned(), "code".to_owned())]);
         m.forget_all_but(&live);

@@ -39,9 +39,24 @@ pub struct Context {
     pub metrics: Metrics,
     /// Unix seconds; injectable so tests are deterministic.
     pub clock: Box<dyn Fn() -> i64 + Send + Sync>,
+    /// When the autoscaler last looked, per NeoXDeployment uid. The status says so too, but a
+    /// reconcile woken by the look's own `spec.replicas` patch may start from a cached object
+    /// that predates the status write, and would look (and scale) again at once.
+    pub autoscaled_at: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Context {
+    fn last_autoscaled(&self, d: &NeoXDeployment) -> Option<i64> {
+        let uid = d.uid()?;
+        self.autoscaled_at.lock().ok()?.get(&uid).copied()
+    }
+
+    fn remember_autoscaled(&self, d: &NeoXDeployment, now: i64) {
+        if let (Some(uid), Ok(mut m)) = (d.uid(), self.autoscaled_at.lock()) {
+            m.insert(uid, now);
+        }
+    }
+
     pub fn new(client: Client, metrics: Metrics) -> Self {
         let reporter = Reporter {
             controller: "neox-operator".into(),
@@ -58,6 +73,7 @@ impl Context {
             reporter,
             metrics,
             clock,
+            autoscaled_at: Default::default(),
         }
     }
 }
@@ -274,10 +290,11 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         .spec
         .autoscaling
         .as_ref()
-        .map(|_| autoscale_due_in(d, now))
+        .map(|_| autoscale_due_in(d, ctx.last_autoscaled(d), now))
         .filter(|&wait| wait > 0);
     if let Some(a) = d.spec.autoscaling.as_ref().filter(|_| autoscale_wait.is_none()) {
         let (desired, decision, recs) = autoscale_step(d, a, now).await;
+        ctx.remember_autoscaled(d, now);
         if desired != replicas {
             let patch = Patch::Merge(json!({ "spec": { "replicas": desired } }));
             deployments.patch(&name, &PatchParams::default(), &patch).await?;
@@ -451,13 +468,14 @@ const AUTOSCALE_PERIOD_SECS: u64 = 15;
 /// the last one a period ago). The reconciles in between (each status write wakes the
 /// controller again) keep the last decision, so the status settles instead of changing on
 /// every pass, and Prometheus is asked once a period.
-fn autoscale_due_in(d: &NeoXDeployment, now: i64) -> u64 {
-    let last = d
+fn autoscale_due_in(d: &NeoXDeployment, remembered: Option<i64>, now: i64) -> u64 {
+    let in_status = d
         .status
         .as_ref()
         .and_then(|s| s.last_scale_decision.as_ref())
         .and_then(|dec| dec.time.parse::<k8s_openapi::jiff::Timestamp>().ok())
         .map(|t| t.as_second());
+    let last = in_status.max(remembered);
     let period = AUTOSCALE_PERIOD_SECS as i64;
     match last {
         Some(t) if t <= now && now - t < period => (period - (now - t)) as u64,

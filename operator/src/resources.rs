@@ -503,10 +503,11 @@ pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
 }
 
 /// Ingress to the workers: clients and Prometheus reach the serving ports (gRPC, HTTP,
-/// metrics) from anywhere, but the group ports (rendezvous and collectives, unauthenticated
-/// and carrying activations) only from the deployment's own pods: any other pod could
-/// otherwise join with a wrong rank and stop a group from forming. Policies add up, so a
-/// cluster that needs more ingress adds its own; a CNI without NetworkPolicy ignores it.
+/// metrics) from anywhere; everything else (the group's rendezvous and collectives,
+/// unauthenticated and carrying activations, and NCCL's own ports) only from the deployment's
+/// own pods: any other pod could otherwise join with a wrong rank and stop a group from
+/// forming. Policies add up, so a cluster that needs more ingress adds its own; a CNI without
+/// NetworkPolicy ignores it.
 pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
     let own_pods = deployment_pods(d);
     let ports = |ps: &[i32]| {
@@ -533,7 +534,9 @@ pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
                         pod_selector: Some(own_pods),
                         ..Default::default()
                     }]),
-                    ports: Some(ports(&[GROUP_PORT, COLLECTIVE_PORT])),
+                    // Every port: NCCL's bootstrap and transports listen on ports of their
+                    // own choosing, besides the group's rendezvous and TCP collectives.
+                    ports: None,
                 },
             ]),
             ..Default::default()

@@ -394,6 +394,19 @@ async fn the_autoscaler_looks_once_a_period_however_often_it_is_woken() {
     let (_, later) = pass(Some(first), 1015).await;
     assert_eq!(seen.lock().unwrap().len(), 2);
     assert_eq!(later["recommendations"].as_array().unwrap().len(), 2);
+
+    // Woken by its own `spec.replicas` patch from a cache that has not seen the status write
+    // yet: the operator remembers the look, so it neither looks nor scales again.
+    let (d, client, _) = two_ready_groups_autoscaled(autoscaling.clone());
+    let ctx = context(client, 2000);
+    reconcile(Arc::new(d.clone()), ctx.clone()).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    let (_, client, rec) = two_ready_groups_autoscaled(autoscaling.clone());
+    let woken = context(client, 2002);
+    *woken.autoscaled_at.lock().unwrap() = ctx.autoscaled_at.lock().unwrap().clone();
+    reconcile(Arc::new(d), woken).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 3, "looked again from a stale cache");
+    assert!(rec.lock().unwrap().events.is_empty());
 }
 
 #[tokio::test]

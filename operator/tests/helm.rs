@@ -217,6 +217,32 @@ fn helm_chart_lints_renders_and_validates() {
         );
     }
 
+    // A Prometheus URL with credentials comes from a Secret, never as a plain value.
+    let (ok, out, err) = run(
+        &helm,
+        &[
+            "template",
+            "x",
+            &chart,
+            "--set",
+            "prometheus.url=http://plain:9090",
+            "--set",
+            "prometheus.urlSecret.name=prom-creds",
+        ],
+    );
+    assert!(ok, "{err}");
+    let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let url = env.iter().find(|e| e["name"] == "NEOX_PROMETHEUS_URL").unwrap();
+    assert_eq!(
+        url["valueFrom"]["secretKeyRef"],
+        serde_json::json!({"name": "prom-creds", "key": "url"})
+    );
+    assert!(!out.contains("http://plain:9090"));
+
     // Every built-in object against the Kubernetes 1.33 schemas.
     let builtin: Vec<String> = docs(&default)
         .into_iter()

@@ -237,3 +237,22 @@ fn padded_vocabulary_rows_are_never_sampled() {
     let mut runner = LocalRunner::new(m.model);
     assert_greedy_matches_hf(&g, &mut runner, "a padded row was sampled");
 }
+
+#[test]
+fn an_output_projection_named_lm_head_loads_as_embed_out() {
+    // Some writers rename GPT-NeoX's `embed_out` to `lm_head`: the same model either way.
+    let g = Goldens::load();
+    let src = fixture_dir();
+    let dir = tempfile::tempdir().unwrap();
+    copy_side_files(&src, dir.path());
+    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let w = t.remove("embed_out.weight").unwrap();
+    t.insert("lm_head.weight".into(), w);
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let m = load_model(dir.path().to_str().unwrap(), DType::F32);
+    for i in g.cases() {
+        let ids = g.ids(&format!("case{i}.input_ids"));
+        let d = max_abs_diff(&all_logits(&m.model, &ids), &g.f32_2d(&format!("case{i}.logits")));
+        assert!(d <= 1e-4, "case{i}: logits differ from HF by {d}");
+    }
+}

@@ -258,11 +258,14 @@ impl GptNeoX {
             start: v0,
             len: local_vocab,
         };
+        // `embed_out` as GPT-NeoX checkpoints name it; `lm_head` where a writer renamed it.
+        let out_name = ["embed_out.weight", "lm_head.weight"]
+            .into_iter()
+            .find(|n| ckpt.contains(n));
         let embed_out = Linear::new(
-            if c.tie_word_embeddings && !ckpt.contains("embed_out.weight") {
-                load("gpt_neox.embed_in.weight", &[vocab, h], out_rows)?
-            } else {
-                load("embed_out.weight", &[vocab, h], out_rows)?
+            match out_name {
+                None if c.tie_word_embeddings => load("gpt_neox.embed_in.weight", &[vocab, h], out_rows)?,
+                name => load(name.unwrap_or("embed_out.weight"), &[vocab, h], out_rows)?,
             },
             None,
         )?;
