@@ -10,15 +10,18 @@ Check the script itself anywhere (tiny model, CPU, fp32):
 1. Writes a 20B-shaped GPT-NeoX (44 layers, hidden 6144, 64 heads, intermediate 24576, vocab
    50432, rotary 25%, parallel residual) with random fp16 weights as a sharded HF checkpoint
    (skipped if DIR already holds one).
-2. Measures the device-to-device copy bandwidth, which gives the batch-1 decode floor:
-   every decode step reads all weights once.
+2. Measures the device-to-device copy bandwidth (bytes read + written per second), which
+   gives the batch-1 decode floor: every decode step reads all weights once.
 3. HF transformers: load time, prefill tokens/s for a 512-token prompt, decode ms/step at
    batch 1, 8, 32 (greedy, KV cache), peak memory.
 4. `neox-worker bench` on the same checkpoint, the same figures.
-Prints both side by side with the ratios the GPU issue asks for.
+Prints both side by side with the ratios the GPU issue asks for, and keeps each result under
+--out (default $OUT) as soon as it exists. `--write-only` writes the checkpoint and stops (so
+gpu-run.sh can write it while the GPU tests run).
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -78,8 +81,9 @@ def write_checkpoint(path, tokenizer, shape, dev, dtype):
             model = GPTNeoXForCausalLM(shape_config(shape))
     finally:
         torch.set_default_dtype(default)
-    model.save_pretrained(path, max_shard_size="5GB", safe_serialization=True)
+    model.save_pretrained(path, max_shard_size="5GB")
     del model
+    gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
     with open(tokenizer, "rb") as src, open(os.path.join(path, "tokenizer.json"), "wb") as dst:
@@ -157,14 +161,36 @@ def hf_figures(path, batches, prefill_len, context_len, steps, dev, dtype):
             del past, r
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
+    # What the caching allocator held at its peak (allocated or cached), as the worker's figure
+    # is device memory in use: both leave out this process' CUDA context.
+    out["peak_memory_bytes"] = torch.cuda.max_memory_reserved() if dev == "cuda" else 0
     del model
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     return out
+
+
+def device_used(dev):
+    """Bytes of device memory in use now (every process), or 0 on the CPU."""
+    if dev != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def save(out_dir, name, value):
+    """Keeps a result as soon as it exists: a later step that fails or runs out of time must
+    not take it along."""
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(value, f, indent=1)
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", required=True, help="neox-worker binary (the CUDA build for a GPU run)")
+    p.add_argument("--worker", help="neox-worker binary (the CUDA build for a GPU run)")
     p.add_argument("--dir", default="/tmp/neox20b")
     p.add_argument("--tokenizer", default="worker/assets/shakespeare-neox/tokenizer.json")
     p.add_argument("--batch", default="1,8,32")
@@ -172,6 +198,9 @@ def main():
     p.add_argument("--context-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--write-only", action="store_true", help="write the checkpoint and stop")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for the JSON results")
+    p.add_argument("--worker-timeout", type=int, default=420)
     p.add_argument("--smoke", action="store_true",
                    help="a tiny model in fp32 on the CPU: checks this script without a GPU")
     a = p.parse_args()
@@ -185,21 +214,54 @@ def main():
         print(subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip(), flush=True)
     write_checkpoint(a.dir, a.tokenizer, shape, dev, dtype)
+    if a.write_only:
+        return
+    if not a.worker:
+        sys.exit("--worker is required unless --write-only")
     weights = sum(os.path.getsize(os.path.join(a.dir, f)) for f in os.listdir(a.dir) if f.endswith(".safetensors"))
     bw = copy_bandwidth(dev)
-    floor_ms = weights / (bw / 2) / 1e6  # a step reads every weight once: read bandwidth = copy / 2
-    print(f"weights {weights / 1e9:.2f} GB; copy {bw:.0f} GB/s (read {bw / 2:.0f}); batch-1 floor {floor_ms:.2f} ms",
-          flush=True)
+    # A batch-1 step reads every weight once; the floor is the weights at the measured copy
+    # bandwidth (bytes read + written per second, as the GPU issue defines it).
+    floor_ms = weights / bw / 1e6
+    print(f"weights {weights / 1e9:.2f} GB; copy {bw:.0f} GB/s; batch-1 floor {floor_ms:.2f} ms", flush=True)
+    save(a.out, "bandwidth.json", {"weights_bytes": weights, "copy_gbps": bw, "floor_ms": floor_ms})
 
+    failures = []
+    baseline = device_used(dev)
     cmd = [a.worker, "bench", "--model", a.dir, "--device", dev, "--dtype", ours_dtype, "--batch", a.batch,
            "--prefill-len", str(a.prefill_len), "--context-len", str(a.context_len), "--steps", str(a.steps), "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(r.stderr, file=sys.stderr)
-        sys.exit(f"neox-worker bench failed ({r.returncode})")
-    ours = json.loads(r.stdout.strip().splitlines()[-1])
-    hf = None if a.skip_hf else hf_figures(a.dir, batches, a.prefill_len, a.context_len, a.steps, dev, dtype)
+    ours = None
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
+        if r.returncode == 0:
+            ours = json.loads(r.stdout.strip().splitlines()[-1])
+            # The worker reports device memory in use; this process' context was there before.
+            ours["peak_memory_bytes"] = max(ours["peak_memory_bytes"] - baseline, 0)
+            save(a.out, "neox.json", ours)
+        else:
+            print(r.stderr[-4000:], file=sys.stderr)
+            failures.append(f"neox-worker bench exited {r.returncode}")
+    except subprocess.TimeoutExpired:
+        failures.append(f"neox-worker bench ran past {a.worker_timeout} s")
+    print("neox-worker: " + ("done" if ours else failures[-1]), flush=True)
 
+    hf = None
+    if not a.skip_hf:
+        try:
+            hf = hf_figures(a.dir, batches, a.prefill_len, a.context_len, a.steps, dev, dtype)
+            save(a.out, "hf.json", hf)
+        except Exception as e:  # noqa: BLE001  (report it and keep the worker's figures)
+            failures.append(f"HF transformers: {type(e).__name__}: {e}")
+            print(failures[-1], file=sys.stderr, flush=True)
+
+    if ours:
+        report(a, ours, hf, floor_ms)
+    print(json.dumps({"neox": ours, "hf": hf, "copy_gbps": bw, "floor_ms": floor_ms}))
+    if failures:
+        sys.exit("; ".join(failures))
+
+
+def report(a, ours, hf, floor_ms):
     def row(name, mine, theirs, better_low):
         ratio = ""
         if theirs:
@@ -217,7 +279,7 @@ def main():
         h = hf and hf["decode"][i]["ms_per_step"]
         row(f"decode batch {d['batch']} ms/step", d["ms_per_step"], h, True)
         if "ms_per_step_verifying_4_drafts" in d:
-            row(f"  same, +4 drafts each: ms", d["ms_per_step_verifying_4_drafts"], None, True)
+            row("  same, +4 drafts each: ms", d["ms_per_step_verifying_4_drafts"], None, True)
     row("peak memory GiB", ours["peak_memory_bytes"] / 2**30, hf and hf["peak_memory_bytes"] / 2**30, True)
     print("\nsampling one step, ms (greedy / top-k+top-p+penalty on the GPU / the same on the host):")
     for d in ours["decode"]:
@@ -231,7 +293,8 @@ def main():
         last = ours["decode"][-1]
         print(f"batch {last['batch']} = {last['tokens_per_second'] / b1['tokens_per_second']:.1f}x batch 1 in tokens/s "
               f"(target >= 20x)")
-    print(json.dumps({"neox": ours, "hf": hf, "copy_gbps": bw, "floor_ms": floor_ms}))
+    if hf:
+        print(f"batch-1 decode vs HF: {hf['decode'][0]['ms_per_step'] / b1['ms_per_step']:.2f}x (target >= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 FIXTURE=${NEOX_FIXTURE_DIR:-../shared/fixtures/tiny-neox}
 TARGET=${NEOX_CUDA_TARGET_DIR:-$PWD/target/cuda}
 
-NEOX_CUDA_TARGET_DIR=$TARGET bash worker/scripts/build-cuda.sh --tests
+NEOX_CUDA_TARGET_DIR=$TARGET bash worker/scripts/build-cuda.sh --test gpu
 # The newest `gpu` integration-test executable cargo just built.
 TESTS=$(find "$TARGET/release/deps" -maxdepth 1 -type f -executable -name 'gpu-*' -printf '%T@ %p\n' |
   sort -n | tail -1 | cut -d' ' -f2)
@@ -16,9 +16,11 @@ TESTS=$(find "$TARGET/release/deps" -maxdepth 1 -type f -executable -name 'gpu-*
 
 rm -rf .gpu && mkdir -p .gpu/fixtures
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
-gzip -c "$TARGET/release/neox-worker" >.gpu/neox-worker.gz
-gzip -c "$TARGET/release/neox" >.gpu/neox.gz
-gzip -c "$TESTS" >.gpu/gpu-tests.gz
+gzip -9 -c "$TARGET/release/neox-worker" >.gpu/neox-worker.gz
+gzip -9 -c "$TARGET/release/neox" >.gpu/neox.gz
+gzip -9 -c "$TESTS" >.gpu/gpu-tests.gz
+# Which code this is: gpu-run.sh prints it first.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- worker proto || echo ' + uncommitted changes') packed $(date -u +%FT%TZ)" >.gpu/commit
 cp -r "$FIXTURE" .gpu/fixtures/tiny-neox
 du -sh .gpu
-echo "pack-for-gpu: carry [\".gpu\"] and run: bash worker/scripts/gpu-run.sh [--bench]"
+echo "pack-for-gpu: carry [\".gpu\"] and run: bash worker/scripts/gpu-run.sh [--bench [--skip-hf]]"
