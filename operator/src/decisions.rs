@@ -7,7 +7,8 @@ use crate::crd::GroupStatus;
 pub struct ObservedPod {
     pub name: String,
     pub ready: bool,
-    /// Phase Failed, or a container that has restarted: the group's collective state is lost.
+    /// Phase Failed, or a container that has restarted and is not Ready: the group's
+    /// collective state is lost.
     pub failed: bool,
     pub terminating: bool,
     /// Pending because no node fits (the scheduler's message); not a failure.

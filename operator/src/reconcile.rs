@@ -126,7 +126,9 @@ fn observe_pod(p: &Pod) -> ObservedPod {
     ObservedPod {
         name: p.name_any(),
         ready,
-        failed: status.phase.as_deref() == Some("Failed") || restarted,
+        // A restarted rank that is Ready again has rejoined a group that formed anew (every
+        // rank is NOT_SERVING until then), as after a wait for capacity: nothing to restart.
+        failed: status.phase.as_deref() == Some("Failed") || (restarted && !ready),
         terminating: p.metadata.deletion_timestamp.is_some(),
         unschedulable,
     }

@@ -134,6 +134,37 @@ async fn a_failed_rank_restarts_its_whole_group_only() {
 }
 
 #[tokio::test]
+async fn ranks_that_restarted_and_formed_their_group_again_are_left_alone() {
+    // After a wait for capacity every rank of group 1 restarted once, then the group formed:
+    // all Ready. Restarting it again would only reload the model.
+    let d = deployment(2, 2);
+    let rev = resources::revision(&d);
+    let mut pods = ready_group(&d, 0);
+    let mut g1 = ready_group(&d, 1);
+    for p in &mut g1 {
+        p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].restart_count = 1;
+    }
+    pods.extend(g1.clone());
+    let (client, rec) = fake(
+        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
+        pods,
+    );
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
+    // The same rank restarted and not Ready: its group has lost it, all ranks go.
+    let mut pods = ready_group(&d, 0);
+    let cs = g1[1].status.as_mut().unwrap();
+    cs.conditions.as_mut().unwrap()[0].status = "False".into();
+    pods.extend(g1);
+    let (client, rec) = fake(
+        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
+        pods,
+    );
+    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    assert_eq!(rec.lock().unwrap().events, vec!["RestartingGroup"]);
+}
+
+#[tokio::test]
 async fn scales_two_to_three_to_one_group() {
     // 2 -> 3: only group 2 is created.
     let d = deployment(3, 2);
