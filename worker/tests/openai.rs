@@ -441,3 +441,39 @@ fn neox_bench_loads_the_http_api_as_it_loads_grpc() {
         "{refused}"
     );
 }
+
+/// vLLM's `/tokenize` and `/detokenize`: the HF tokenizer's ids for every golden prompt and
+/// back, with errors that name the field.
+#[test]
+fn tokenize_and_detokenize_agree_with_the_hf_tokenizer() {
+    let s = server();
+    let post = |path: &str, body: Value| {
+        let r = s.http("POST", path, &[], &body.to_string());
+        (r.status, r.json())
+    };
+    for p in golden()["prompts"].as_array().unwrap() {
+        let (status, t) = post("/tokenize", json!({"model": MODEL, "prompt": p["prompt"]}));
+        assert_eq!(status, 200, "{t}");
+        assert_eq!(t["tokens"], p["input_ids"]);
+        assert_eq!(t["count"], p["input_ids"].as_array().unwrap().len());
+        assert!(t["max_model_len"].as_u64().unwrap() > 0);
+        assert!(t.get("token_strs").is_none());
+        let (status, d) = post("/detokenize", json!({"tokens": p["input_ids"]}));
+        assert_eq!(status, 200, "{d}");
+        assert_eq!(d["prompt"], p["prompt"]);
+    }
+    // Token strings as the tokenizer spells them (byte-level BPE: a space is "Ġ").
+    let (_, t) = post("/tokenize", json!({"prompt": "To be", "return_token_strs": true}));
+    assert_eq!(t["token_strs"], json!(["To", "Ġbe"]));
+
+    let refused = |path: &str, body: Value, status: u16, param: &str| {
+        let (got, e) = post(path, body);
+        assert_eq!(got, status, "{e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    };
+    refused("/tokenize", json!({"prompt": "x".repeat(5000)}), 400, "prompt");
+    refused("/tokenize", json!({"prompt": "x", "model": "gpt-4"}), 404, "model");
+    refused("/tokenize", json!({"text": "x"}), 400, "text");
+    refused("/detokenize", json!({"tokens": [1, 99999999]}), 400, "tokens");
+    refused("/detokenize", json!({"tokens": [-1]}), 400, "tokens");
+}

@@ -1,5 +1,6 @@
 //! An OpenAI-compatible HTTP API beside the gRPC one: `POST /v1/completions` (unary and
-//! server-sent events), `GET /v1/models` and `GET /health`, so OpenAI's SDKs and the tools
+//! server-sent events), `GET /v1/models`, `GET /health`, and vLLM's `POST /tokenize` and
+//! `POST /detokenize`, so OpenAI's SDKs and the tools
 //! built on them (evaluation harnesses, LangChain, load generators) work unchanged. Requests
 //! become the gRPC API's requests and go through the same validation, engine and metrics.
 
@@ -7,6 +8,7 @@ mod assemble;
 mod convert;
 mod error;
 mod schema;
+mod tokenize;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub fn router(api: OpenAiApi) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize_handler))
+        .route("/detokenize", post(detokenize_handler))
         .route("/health", get(health))
         .fallback(|method: Method, uri: Uri| async move { ApiError::no_route(method.as_str(), uri.path()) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
@@ -71,6 +75,34 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+async fn tokenize_handler(State(api): State<Arc<OpenAiApi>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(&api, body)
+        .and_then(|b| parse(&b))
+        .and_then(|r| api.tokenize(r))
+    {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn detokenize_handler(State(api): State<Arc<OpenAiApi>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(&api, body)
+        .and_then(|b| parse(&b))
+        .and_then(|r| api.detokenize(r))
+    {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The request body, or 413 past the body limit.
+fn read_body(api: &OpenAiApi, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rej| match rej.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(api.max_body_bytes),
+        _ => ApiError::malformed(None, format!("cannot read the request body: {rej}")),
+    })
 }
 
 /// Ready for requests: 503 once the group broke or the server drains, so a load balancer
@@ -156,9 +188,9 @@ fn json_error_param(path: &str, message: &str) -> Option<String> {
     Some(message[start..start + len].to_owned())
 }
 
-fn parse(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let req: CompletionRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let req: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let message = e.into_inner().to_string();
         let param = json_error_param(&path, &message);
@@ -188,11 +220,8 @@ impl OpenAiApi {
     /// Parses and validates a request, then queues every choice: nothing is queued unless
     /// every prompt is valid.
     fn start(&self, id: &str, body: Result<Bytes, BytesRejection>, received: Instant) -> Result<Run, ApiError> {
-        let body = body.map_err(|rej| match rej.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(self.max_body_bytes),
-            _ => ApiError::malformed(None, format!("cannot read the request body: {rej}")),
-        })?;
-        let req = parse(&body)?;
+        let body = read_body(self, body)?;
+        let req: CompletionRequest = parse(&body)?;
         if req.model != self.model {
             return Err(ApiError::model_not_found(&req.model, &self.model));
         }
@@ -399,24 +428,25 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_parameter() {
-        let e = parse(br#"{"model": "m", "prompt": "x", "max_token": 3}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "max_token": 3}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("max_token"));
         assert!(e.message.contains("unknown field `max_token`"), "{}", e.message);
-        let e = parse(br#"{"prompt": "x"}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"prompt": "x"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("model"));
-        let e = parse(br#"{"model": "m", "prompt": "x", "temperature": "hot"}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "temperature": "hot"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("temperature"));
         assert!(
             e.message.starts_with("invalid request body: temperature: invalid type"),
             "{}",
             e.message
         );
-        let e = parse(br#"{"model": "m", "prompt": {"text": "x"}}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": {"text": "x"}}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"));
         assert!(e.message.contains("an array of arrays of token ids"), "{}", e.message);
-        let e = parse(br#"{"model": "m", "prompt": "x", "stream_options": {"include_usage": 1}}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "stream_options": {"include_usage": 1}}"#)
+            .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("stream_options"));
-        let e = parse(br#"{"model": "m", "prompt": "x", "seed": -1}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "seed": -1}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("seed"));
         for body in [&b"{"[..], b"[]", b"{\"model\": \"m\", \"prompt\": \"x\"} trailing", b""] {
             let e = parse(body).unwrap_err();
