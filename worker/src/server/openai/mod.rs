@@ -449,7 +449,7 @@ mod tests {
         let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "seed": -1}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("seed"));
         for body in [&b"{"[..], b"[]", b"{\"model\": \"m\", \"prompt\": \"x\"} trailing", b""] {
-            let e = parse(body).unwrap_err();
+            let e = parse::<CompletionRequest>(body).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
         }
         parse(br#"{"model": "m", "prompt": "x", "temperature": null, "stop": ["a", "b"]}"#).unwrap();
