@@ -452,6 +452,7 @@ mod tests {
             let e = parse::<CompletionRequest>(body).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
         }
-        parse(br#"{"model": "m", "prompt": "x", "temperature": null, "stop": ["a", "b"]}"#).unwrap();
+        parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "temperature": null, "stop": ["a", "b"]}"#)
+            .unwrap();
     }
 }
