@@ -21,6 +21,14 @@ CLIENT = openai.OpenAI(base_url=f"http://{ADDR}/v1", api_key="unused", max_retri
 MODEL = "builtin:shakespeare"
 
 
+def first_token_text(p):
+    """The text of the golden continuation's first token (as the server decodes it)."""
+    import urllib.request
+    req = urllib.request.Request(f"http://{ADDR}/detokenize", data=json.dumps({"tokens": p["output_ids"][:1]}).encode(),
+                                 headers={"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(req))["prompt"]
+
+
 def greedy(prompt, **kw):
     return CLIENT.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
                                      extra_body={"ignore_eos": True}, **kw)
@@ -30,6 +38,15 @@ class Completions(unittest.TestCase):
     def test_the_model_is_listed(self):
         ids = [m.id for m in CLIENT.models.list()]
         self.assertEqual(ids, [MODEL])
+
+    def test_logit_bias_from_the_sdk_bans_the_golden_first_token(self):
+        # The SDK sends int keys as JSON strings; -100 bans the token HF's greedy picks first.
+        p = GOLD["prompts"][0]
+        first = p["output_ids"][0]
+        c = greedy(p["prompt"], logit_bias={first: -100})
+        text = c.choices[0].text
+        self.assertNotEqual(text, p["output_text"])
+        self.assertFalse(text.startswith(first_token_text(p)), text)
 
     def test_greedy_text_equals_hf_goldens(self):
         for p in GOLD["prompts"]:

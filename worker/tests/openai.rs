@@ -318,6 +318,9 @@ fn bad_requests_get_openai_errors_naming_the_parameter_and_lose_nothing() {
         (with("max_token", json!(4)), 400, Some("max_token")),
         (with("temperature", json!("hot")), 400, Some("temperature")),
         (with("model", json!("gpt-4")), 404, Some("model")),
+        (with("logit_bias", json!({"1": 101})), 400, Some("logit_bias")),
+        (with("logit_bias", json!({"99999": 1})), 400, Some("logit_bias")),
+        (with("logit_bias", json!({"one": 1})), 400, Some("logit_bias")),
         ("not json".into(), 400, None),
         ("{\"model\": ".into(), 400, Some("model")),
         (
@@ -476,4 +479,60 @@ fn tokenize_and_detokenize_agree_with_the_hf_tokenizer() {
     refused("/tokenize", json!({"text": "x"}), 400, "text");
     refused("/detokenize", json!({"tokens": [1, 99999999]}), 400, "tokens");
     refused("/detokenize", json!({"tokens": [-1]}), 400, "tokens");
+}
+
+/// OpenAI's `logit_bias`: -100 bans a token, 100 forces one; logprobs stay the model's.
+/// Through both APIs (the gRPC one takes it as a map of token ids).
+#[test]
+fn logit_bias_bans_and_forces_tokens() {
+    let s = server();
+    let gold = golden();
+    let p = &gold["prompts"][0];
+    let want: Vec<u64> = p["output_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let first = want[0];
+    let ids_of = |c: &Value| -> Vec<u64> {
+        let text = format!(
+            "{}{}",
+            p["prompt"].as_str().unwrap(),
+            c["choices"][0]["text"].as_str().unwrap()
+        );
+        let r = s.http("POST", "/tokenize", &[], &json!({"prompt": text}).to_string());
+        let all = r.json()["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect::<Vec<_>>();
+        all[p["input_ids"].as_array().unwrap().len()..].to_vec()
+    };
+    // Banned: the golden first token never comes.
+    let mut body = greedy(p["prompt"].clone(), 12);
+    body["logit_bias"] = json!({ first.to_string(): -100 });
+    let banned = complete(&s, body);
+    let got = ids_of(&banned);
+    assert!(!got.is_empty() && !got.contains(&first), "{got:?} still has {first}");
+    // Forced: every token is the favoured one, and its logprob is the model's, not 0.
+    let forced_id = want[3];
+    let mut body = greedy(p["prompt"].clone(), 6);
+    body["logit_bias"] = json!({ forced_id.to_string(): 100 });
+    body["logprobs"] = json!(0);
+    let forced = complete(&s, body);
+    assert_eq!(ids_of(&forced), vec![forced_id; 6]);
+    let lps = forced["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(
+        lps.iter().any(|l| l.as_f64().unwrap() < -0.5),
+        "logprobs of the biased sampler: {lps:?}"
+    );
+    // The gRPC API: the same ban, the same text.
+    let text = rt().block_on(async {
+        let mut req = serving::greedy(p["prompt"].as_str().unwrap(), 12);
+        req.parameters.as_mut().unwrap().logit_bias = [(first as u32, -100.0)].into();
+        s.client().await.generate(req).await.unwrap().into_inner().text
+    });
+    assert_eq!(text, banned["choices"][0]["text"]);
 }

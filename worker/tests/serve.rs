@@ -792,6 +792,13 @@ fn fuzz_parameters(extra: &[&str]) {
                     top_n_tokens: rng.random_range(0..7),
                     prompt_logprobs: rng.random(),
                     truncate: rng.random_range(0..8),
+                    logit_bias: (0..if rng.random_bool(0.2) {
+                        rng.random_range(1..4)
+                    } else {
+                        0
+                    })
+                        .map(|_| (rng.random_range(0..3200), rng.random_range(-110.0..110.0)))
+                        .collect(),
                 }),
                 request_id: String::new(),
             }

@@ -26,6 +26,9 @@ pub struct Limits {
     pub vocab_size: usize,
 }
 
+/// Entries of a request's `logit_bias`, at most (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
 /// A request that passed validation, before it is handed to the engine.
 #[derive(Debug, Clone)]
 pub struct Validated {
@@ -188,6 +191,27 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
             ));
         }
     }
+    if p.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(bad(
+            "parameters.logit_bias",
+            format!("{} entries given, at most {MAX_LOGIT_BIAS}", p.logit_bias.len()),
+        ));
+    }
+    let mut logit_bias = Vec::with_capacity(p.logit_bias.len());
+    for (&id, &bias) in &p.logit_bias {
+        let field = format!("parameters.logit_bias[{id}]");
+        if id as usize >= lim.vocab_size {
+            return Err(bad(
+                &field,
+                format!("unknown token id {id} (vocabulary of {})", lim.vocab_size),
+            ));
+        }
+        if !(bias.is_finite() && (-100.0..=100.0).contains(&bias)) {
+            return Err(bad(&field, format!("must be in [-100, 100], got {bias}")));
+        }
+        logit_bias.push((id, bias));
+    }
+    logit_bias.sort_unstable_by_key(|&(id, _)| id);
     // Sampling options without a temperature mean sampling at temperature 1 (as in TGI's do_sample).
     let samples = p.top_k > 0 || top_p < 1.0 || typical_p < 1.0;
     let temperature = temperature.unwrap_or(if samples { 1.0 } else { 0.0 });
@@ -204,6 +228,7 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
             presence_penalty: p.presence_penalty,
             seed,
             top_n_tokens: p.top_n_tokens as usize,
+            logit_bias: logit_bias.into(),
         },
         stop: StopCriteria {
             max_new_tokens: max_new,

@@ -180,6 +180,10 @@ fn apply_penalties(raw: &Tensor, rows: &[DeviceRow<'_>]) -> Result<Tensor> {
                 seen.entry(t).or_insert((1.0, 0.0)).1 = p.frequency_penalty * c as f32 + p.presence_penalty;
             }
         }
+        // A bias is added after the penalties, as the host adds it: subtracting its negation.
+        for &(t, bias) in p.logit_bias.iter().filter(|(t, _)| (*t as usize) < vocab) {
+            seen.entry(t).or_insert((1.0, 0.0)).1 -= bias;
+        }
         for (t, (f, m)) in seen {
             at.push((r * vocab + t as usize) as u32);
             factor.push(f);
@@ -413,6 +417,8 @@ mod tests {
                 p.frequency_penalty = 0.7;
                 p.presence_penalty = 0.4;
                 p.top_n_tokens = 3;
+                // A bias that decides the row, one on a penalised token, one past the vocabulary.
+                p.logit_bias = vec![(5, 50.0), (17, -3.0), (vocab as u32 + 3, 9.0)].into();
             }),
             params(|p| {
                 p.repetition_penalty = 0.6;
@@ -428,6 +434,7 @@ mod tests {
         let rows: Vec<DeviceRow<'_>> = (0..4).map(|i| row(&all[i], &contexts[i], &generated[i], 0.0)).collect();
         let t = Tensor::new(logits.clone(), &Device::Cpu).unwrap();
         let got = sample_rows(&t, vocab, &rows).unwrap();
+        assert_eq!(got[2].id, 5, "the bias decides row 2");
         for i in 0..4 {
             let want = Sampler::new(all[i].clone()).sample(&logits[i], vocab, &contexts[i], &generated[i]);
             assert_eq!(got[i].id, want.id, "row {i}");

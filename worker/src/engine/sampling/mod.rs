@@ -31,6 +31,9 @@ pub struct SamplingParams {
     pub seed: u64,
     /// How many top alternatives to report per token.
     pub top_n_tokens: usize,
+    /// Added to these tokens' logits before sampling (OpenAI semantics), sorted by id; shared,
+    /// as a sequence's parameters are cloned for every row it samples.
+    pub logit_bias: std::sync::Arc<[(u32, f32)]>,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +48,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: 0,
             top_n_tokens: 0,
+            logit_bias: std::sync::Arc::new([]),
         }
     }
 }
@@ -126,6 +130,7 @@ impl Sampler {
             && p.repetition_penalty == 1.0
             && p.frequency_penalty == 0.0
             && p.presence_penalty == 0.0
+            && p.logit_bias.is_empty()
             && p.top_n_tokens == 0
     }
 
@@ -139,7 +144,10 @@ impl Sampler {
         let vocab = vocab.min(logits.len()).max(1);
         let raw = &logits[..vocab];
         let p = self.params.clone();
-        let penalised = p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+        let penalised = p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+            || !p.logit_bias.is_empty();
         let mut adjusted: Vec<f32>;
         let scores: &[f32] = if penalised {
             adjusted = raw.to_vec();
@@ -159,15 +167,24 @@ impl Sampler {
                     }
                 }
             }
+            // One amount subtracted per token (penalties less any bias), computed as the
+            // device sampler computes it, so both give the same values bit for bit.
+            let mut minus = std::collections::HashMap::<u32, f32>::new();
             if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
                 let mut counts = std::collections::HashMap::<u32, u32>::new();
                 for &t in generated {
                     *counts.entry(t).or_default() += 1;
                 }
                 for (t, c) in counts {
-                    if let Some(l) = adjusted.get_mut(t as usize) {
-                        *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
-                    }
+                    minus.insert(t, p.frequency_penalty * c as f32 + p.presence_penalty);
+                }
+            }
+            for &(t, bias) in p.logit_bias.iter() {
+                *minus.entry(t).or_insert(0.0) -= bias;
+            }
+            for (t, m) in minus {
+                if let Some(l) = adjusted.get_mut(t as usize) {
+                    *l -= m;
                 }
             }
             &adjusted
@@ -368,6 +385,27 @@ mod tests {
         }));
         for _ in 0..50 {
             assert_eq!(s.sample(&logits, 4, &[], &[]).id, 0);
+        }
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens_but_logprobs_stay_the_models() {
+        let logits = [3.0f32, 2.0, 1.0, 0.5];
+        let mut banned = Sampler::new(params(|p| p.logit_bias = vec![(0, -100.0)].into()));
+        assert_eq!(banned.sample(&logits, 4, &[], &[]).id, 1);
+        let mut forced = Sampler::new(params(|p| p.logit_bias = vec![(3, 100.0), (9, 100.0)].into()));
+        let s = forced.sample(&logits, 4, &[], &[]);
+        assert_eq!(s.id, 3, "id 9 is past the vocabulary and never a candidate");
+        let want = log_softmax_at(&logits, std::iter::once(3)).remove(0);
+        assert!((s.logprob - want).abs() < 1e-6, "{} vs the model's {want}", s.logprob);
+        // Sampling too: a banned token is never drawn.
+        let mut hot = Sampler::new(params(|p| {
+            p.temperature = 1.0;
+            p.seed = 9;
+            p.logit_bias = vec![(0, -100.0), (1, -100.0)].into();
+        }));
+        for _ in 0..200 {
+            assert!(hot.sample(&logits, 4, &[], &[]).id >= 2);
         }
     }
 

@@ -5,7 +5,7 @@ use neox_proto::neox::v1 as pb;
 
 use super::error::ApiError;
 use super::schema::{CompletionRequest, OnePrompt};
-use crate::server::validate::Limits;
+use crate::server::validate::{Limits, MAX_LOGIT_BIAS};
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -51,9 +51,24 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
             "not supported (GPT-NeoX is not trained to fill in text)",
         ));
     }
-    if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(unsupported("logit_bias", "not supported"));
+    // Keys are token ids as strings (JSON object keys); values are checked with the rest.
+    let bias = req.logit_bias.unwrap_or_default();
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!("logit_bias: {} entries given, at most {MAX_LOGIT_BIAS}", bias.len()),
+        ));
     }
+    let logit_bias = bias
+        .into_iter()
+        .map(|(k, v)| match k.trim().parse::<u32>() {
+            Ok(id) => Ok((id, v)),
+            Err(_) => Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias: key {k:?} is not a token id"),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
     let n = req.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::invalid("n", format!("n: must be in [1, {MAX_N}], got {n}")));
@@ -141,6 +156,7 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
         top_n_tokens: req.logprobs.unwrap_or(0),
         prompt_logprobs: echo && req.logprobs.is_some(),
         truncate: req.truncate_prompt_tokens.unwrap_or(0),
+        logit_bias,
     };
     let prompts = prompts
         .into_iter()
@@ -292,7 +308,8 @@ mod tests {
             "model": "m", "prompt": "x", "max_tokens": 5, "temperature": 0, "top_k": 40, "top_p": 0.9,
             "typical_p": 0.8, "repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": -0.5,
             "stop": "\n", "stop_token_ids": [0], "ignore_eos": true, "logprobs": 2, "echo": true,
-            "truncate_prompt_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "seed": 3
+            "truncate_prompt_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "seed": 3,
+            "logit_bias": {"7": 5.0, " 11": -100}
         }))
         .unwrap();
         assert_eq!(
@@ -314,6 +331,7 @@ mod tests {
                 top_n_tokens: 2,
                 prompt_logprobs: true,
                 truncate: 8,
+                logit_bias: [(7, 5.0), (11, -100.0)].into(),
             }
         );
         assert!(p.stream && p.include_usage && p.echo && p.logprobs);
@@ -335,7 +353,7 @@ mod tests {
     fn what_is_not_supported_or_too_much_is_refused_by_name() {
         for (json, param) in [
             (serde_json::json!({"suffix": "end"}), "suffix"),
-            (serde_json::json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+            (serde_json::json!({"logit_bias": {"fifty": -100}}), "logit_bias"),
             (serde_json::json!({"n": 0}), "n"),
             (serde_json::json!({"n": 17}), "n"),
             (serde_json::json!({"n": 2, "best_of": 3}), "best_of"),
