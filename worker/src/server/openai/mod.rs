@@ -78,19 +78,22 @@ fn now_secs() -> u64 {
 }
 
 async fn tokenize_handler(State(api): State<Arc<OpenAiApi>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match read_body(&api, body)
-        .and_then(|b| parse(&b))
-        .and_then(|r| api.tokenize(r))
-    {
-        Ok(r) => json(StatusCode::OK, &r),
-        Err(e) => e.into_response(),
-    }
+    answer(&api, body, OpenAiApi::tokenize)
 }
 
 async fn detokenize_handler(State(api): State<Arc<OpenAiApi>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match read_body(&api, body)
+    answer(&api, body, OpenAiApi::detokenize)
+}
+
+/// A JSON request answered at once: parsed, handled, its answer or error as JSON.
+fn answer<Req: serde::de::DeserializeOwned, Res: Serialize>(
+    api: &OpenAiApi,
+    body: Result<Bytes, BytesRejection>,
+    handle: impl FnOnce(&OpenAiApi, Req) -> Result<Res, ApiError>,
+) -> Response {
+    match read_body(api, body)
         .and_then(|b| parse(&b))
-        .and_then(|r| api.detokenize(r))
+        .and_then(|r| handle(api, r))
     {
         Ok(r) => json(StatusCode::OK, &r),
         Err(e) => e.into_response(),
