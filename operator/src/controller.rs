@@ -69,7 +69,7 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
         api::<NeoXDeployment>(&client, &opts.namespace),
         watcher::Config::default(),
     );
-    tokio::spawn(forget_deleted(controller.store(), metrics.clone()));
+    tokio::spawn(forget_deleted(controller.store(), ctx.clone()));
     let controller = controller
         .owns(api::<StatefulSet>(&client, &opts.namespace), owned.clone())
         .owns(api::<Service>(&client, &opts.namespace), owned.clone())
@@ -125,19 +125,24 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
 }
 
 /// Deleted NeoXDeployments are not reconciled (nothing of theirs needs cleaning up: owner
-/// references do that), so their metric series are dropped by comparing with the cache.
-async fn forget_deleted(store: Store<NeoXDeployment>, metrics: Metrics) {
+/// references do that), so what the operator keeps about them (metric series, autoscaler
+/// look times) is dropped by comparing with the cache.
+async fn forget_deleted(store: Store<NeoXDeployment>, ctx: Arc<Context>) {
     if store.wait_until_ready().await.is_err() {
         return;
     }
     loop {
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let live = store
-            .state()
+        let state = store.state();
+        let live = state
             .iter()
             .map(|d| (d.namespace().unwrap_or_default(), d.name_any()))
             .collect();
-        metrics.forget_all_but(&live);
+        ctx.metrics.forget_all_but(&live);
+        let uids: std::collections::HashSet<String> = state.iter().filter_map(|d| d.uid()).collect();
+        if let Ok(mut looks) = ctx.autoscaled_at.lock() {
+            looks.retain(|uid, _| uids.contains(uid));
+        }
     }
 }
 
