@@ -2,7 +2,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::*;
 use neox_worker::model;
 use neox_worker::parallel::RankInfo;
@@ -23,10 +23,6 @@ fn fixture_copy() -> tempfile::TempDir {
     )
     .unwrap();
     dir
-}
-
-fn tensors() -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -61,10 +57,9 @@ fn truncated_safetensors_is_named() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = fixture_copy();
-    let mut t = tensors();
-    t.remove("gpt_neox.layers.1.mlp.dense_4h_to_h.weight").unwrap();
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with_weights(|t| {
+        t.remove("gpt_neox.layers.1.mlp.dense_4h_to_h.weight").unwrap();
+    });
     let e = load_err(dir.path());
     assert!(
         e.contains("gpt_neox.layers.1.mlp.dense_4h_to_h.weight") && e.contains("missing"),
@@ -75,12 +70,11 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn wrong_shape_is_named_with_both_shapes() {
-    let dir = fixture_copy();
-    let mut t = tensors();
     let name = "gpt_neox.layers.0.attention.query_key_value.weight";
-    let w = t[name].narrow(0, 0, 8).unwrap();
-    t.insert(name.to_owned(), w);
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with_weights(|t| {
+        let w = t[name].narrow(0, 0, 8).unwrap();
+        t.insert(name.to_owned(), w);
+    });
     let e = load_err(dir.path());
     assert!(
         e.contains(name) && e.contains("shape [8,") && e.contains("expected"),
@@ -90,11 +84,10 @@ fn wrong_shape_is_named_with_both_shapes() {
 
 #[test]
 fn unsupported_dtype_and_bad_config_are_clear() {
-    let dir = fixture_copy();
-    let mut t = tensors();
     let name = "gpt_neox.final_layer_norm.bias";
-    t.insert(name.to_owned(), t[name].to_dtype(DType::F64).unwrap());
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with_weights(|t| {
+        t.insert(name.to_owned(), t[name].to_dtype(DType::F64).unwrap());
+    });
     let e = load_err(dir.path());
     assert!(e.contains(name) && e.contains("F64"), "{e}");
 

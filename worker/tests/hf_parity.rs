@@ -189,35 +189,33 @@ fn padded_vocabulary_rows_are_never_sampled() {
     // Like GPT-NeoX-20B (50432 rows, fewer tokenizer entries): add 64 embedding rows past the
     // tokenizer whose logits dominate everything. Greedy output must not change.
     let g = Goldens::load();
-    let src = fixture_dir();
-    let dir = tempfile::tempdir().unwrap();
-    copy_side_files(&src, dir.path());
-    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let w = t["embed_out.weight"].clone();
-    let (rows, _h) = w.dims2().unwrap();
-    // Each padded row points along some case's final hidden state, scaled up: its logit beats
-    // every real one by far.
-    let cases = g.cases();
-    let pads: Vec<Tensor> = (0..64)
-        .map(|k| {
-            let hid = g
-                .get(&format!("case{}.hidden_last", cases[k % cases.len()]))
-                .to_dtype(DType::F32)
-                .unwrap();
-            let hid = if hid.rank() == 3 { hid.squeeze(0).unwrap() } else { hid };
-            let last = hid.get(hid.dim(0).unwrap() - 1).unwrap();
-            let norm = last.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
-            (last.broadcast_div(&norm).unwrap() * 100.0)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap()
-        })
-        .collect();
-    let pad = Tensor::cat(&pads, 0).unwrap();
-    t.insert("embed_out.weight".into(), Tensor::cat(&[&w, &pad], 0).unwrap());
-    let e = t["gpt_neox.embed_in.weight"].clone();
-    t.insert("gpt_neox.embed_in.weight".into(), Tensor::cat(&[&e, &pad], 0).unwrap());
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let mut rows = 0;
+    let dir = fixture_with_weights(|t| {
+        let w = t["embed_out.weight"].clone();
+        rows = w.dims2().unwrap().0;
+        // Each padded row points along some case's final hidden state, scaled up: its logit
+        // beats every real one by far.
+        let cases = g.cases();
+        let pads: Vec<Tensor> = (0..64)
+            .map(|k| {
+                let hid = g
+                    .get(&format!("case{}.hidden_last", cases[k % cases.len()]))
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let hid = if hid.rank() == 3 { hid.squeeze(0).unwrap() } else { hid };
+                let last = hid.get(hid.dim(0).unwrap() - 1).unwrap();
+                let norm = last.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+                (last.broadcast_div(&norm).unwrap() * 100.0)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+            })
+            .collect();
+        let pad = Tensor::cat(&pads, 0).unwrap();
+        t.insert("embed_out.weight".into(), Tensor::cat(&[&w, &pad], 0).unwrap());
+        let e = t["gpt_neox.embed_in.weight"].clone();
+        t.insert("gpt_neox.embed_in.weight".into(), Tensor::cat(&[&e, &pad], 0).unwrap());
+    });
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["vocab_size"] = (rows + 64).into();
@@ -242,13 +240,10 @@ fn padded_vocabulary_rows_are_never_sampled() {
 fn an_output_projection_named_lm_head_loads_as_embed_out() {
     // Some writers rename GPT-NeoX's `embed_out` to `lm_head`: the same model either way.
     let g = Goldens::load();
-    let src = fixture_dir();
-    let dir = tempfile::tempdir().unwrap();
-    copy_side_files(&src, dir.path());
-    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let w = t.remove("embed_out.weight").unwrap();
-    t.insert("lm_head.weight".into(), w);
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with_weights(|t| {
+        let w = t.remove("embed_out.weight").unwrap();
+        t.insert("lm_head.weight".into(), w);
+    });
     let m = load_model(dir.path().to_str().unwrap(), DType::F32);
     for i in g.cases() {
         let ids = g.ids(&format!("case{i}.input_ids"));

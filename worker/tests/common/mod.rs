@@ -113,6 +113,17 @@ pub fn copy_side_files(src: &std::path::Path, dst: &std::path::Path) {
     }
 }
 
+/// A temporary copy of the fixture whose weights are the fixture's as `edit` leaves them.
+pub fn fixture_with_weights(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> tempfile::TempDir {
+    let src = fixture_dir();
+    let dir = tempfile::tempdir().unwrap();
+    copy_side_files(&src, dir.path());
+    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
 /// The `neox-worker` binary, with no group variables inherited from the environment.
 pub fn worker() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_neox-worker"));
