@@ -57,6 +57,8 @@ pub fn propose(tokens: &[u32], cfg: &SpeculationConfig, max: usize) -> Vec<u32> 
 
 /// Verifications in a row that keep no draft before a sequence stops drafting for a while.
 const MISSES_BEFORE_PAUSE: u32 = 3;
+/// The first pause, in steps; each pause while drafts keep failing doubles it.
+const FIRST_PAUSE: u32 = 4;
 /// The longest pause, in steps: a sequence whose text starts to repeat is looked at again soon.
 const MAX_PAUSE: u32 = 64;
 
@@ -81,7 +83,7 @@ impl DraftLength {
             current: max,
             misses: 0,
             paused: 0,
-            next_pause: MISSES_BEFORE_PAUSE + 1,
+            next_pause: FIRST_PAUSE,
         }
     }
 
@@ -103,7 +105,7 @@ impl DraftLength {
         };
         if accepted > 0 {
             self.misses = 0;
-            self.next_pause = MISSES_BEFORE_PAUSE + 1;
+            self.next_pause = FIRST_PAUSE;
             return;
         }
         self.misses += 1;

@@ -220,14 +220,21 @@ struct Run {
 }
 
 impl OpenAiApi {
+    /// A request's `model` must be the one served (404 otherwise, as OpenAI answers).
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model, &self.model))
+        }
+    }
+
     /// Parses and validates a request, then queues every choice: nothing is queued unless
     /// every prompt is valid.
     fn start(&self, id: &str, body: Result<Bytes, BytesRejection>, received: Instant) -> Result<Run, ApiError> {
         let body = read_body(self, body)?;
         let req: CompletionRequest = parse(&body)?;
-        if req.model != self.model {
-            return Err(ApiError::model_not_found(&req.model, &self.model));
-        }
+        self.check_model(&req.model)?;
         let engine = self.engine.config();
         let plan = plan(req, &self.limits, engine.max_waiting_requests + engine.max_batch_size)?;
         let mut validated = Vec::with_capacity(plan.prompts.len());

@@ -42,15 +42,10 @@ pub struct DetokenizeResponse {
 }
 
 impl OpenAiApi {
-    fn check_model(&self, model: &Option<String>) -> Result<(), ApiError> {
-        match model {
-            Some(m) if *m != self.model => Err(ApiError::model_not_found(m, &self.model)),
-            _ => Ok(()),
-        }
-    }
-
     pub(super) fn tokenize(&self, req: TokenizeRequest) -> Result<TokenizeResponse, ApiError> {
-        self.check_model(&req.model)?;
+        if let Some(m) = &req.model {
+            self.check_model(m)?;
+        }
         let limit = self.limits.max_prompt_bytes;
         if req.prompt.len() > limit {
             return Err(ApiError::invalid(
@@ -77,7 +72,9 @@ impl OpenAiApi {
     }
 
     pub(super) fn detokenize(&self, req: DetokenizeRequest) -> Result<DetokenizeResponse, ApiError> {
-        self.check_model(&req.model)?;
+        if let Some(m) = &req.model {
+            self.check_model(m)?;
+        }
         let vocab = self.tokenizer.vocab_size();
         if let Some((i, id)) = req.tokens.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(ApiError::invalid(
