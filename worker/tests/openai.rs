@@ -29,6 +29,11 @@ fn complete(s: &Server, body: Value) -> Value {
     r.json()
 }
 
+/// A JSON array of non-negative integers (token ids, offsets).
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
 fn greedy(prompt: Value, max_tokens: u64) -> Value {
     json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
 }
@@ -191,12 +196,7 @@ fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
         }
     }
     // Offsets point into the returned text.
-    let offsets: Vec<u64> = lp["text_offset"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().unwrap())
-        .collect();
+    let offsets = u64s(&lp["text_offset"]);
     let chars: Vec<char> = prompt.chars().collect();
     for (j, &o) in offsets.iter().enumerate() {
         let token = lp["tokens"][j].as_str().unwrap();
@@ -488,12 +488,7 @@ fn logit_bias_bans_and_forces_tokens() {
     let s = server();
     let gold = golden();
     let p = &gold["prompts"][0];
-    let want: Vec<u64> = p["output_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let want = u64s(&p["output_ids"]);
     let first = want[0];
     let ids_of = |c: &Value| -> Vec<u64> {
         let text = format!(
@@ -502,12 +497,7 @@ fn logit_bias_bans_and_forces_tokens() {
             c["choices"][0]["text"].as_str().unwrap()
         );
         let r = s.http("POST", "/tokenize", &[], &json!({"prompt": text}).to_string());
-        let all = r.json()["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect::<Vec<_>>();
+        let all = u64s(&r.json()["tokens"]);
         all[p["input_ids"].as_array().unwrap().len()..].to_vec()
     };
     // Banned: the golden first token never comes.
