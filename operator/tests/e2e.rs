@@ -7,9 +7,12 @@
 //! not be pullable; the controller itself runs in this process), creates a NeoXDeployment,
 //! waits for its group, fails a rank, scales 1 → 2 → 1, and deletes it.
 
+mod admission;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use admission::read;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,10 +24,6 @@ use neox_operator::controller::{self, Options};
 use neox_operator::crd::NeoXDeployment;
 use neox_operator::metrics::Metrics;
 use serde_json::json;
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)).unwrap()
-}
 
 async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
 where

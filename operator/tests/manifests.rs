@@ -4,8 +4,6 @@
 
 mod admission;
 
-use std::path::Path;
-
 use admission::{admission_errors, read};
 
 use neox_operator::crd::NeoXDeployment;
@@ -106,7 +104,7 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
 }
 
 fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = admission::root().join("operator/tests/golden").join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
     }

@@ -7,6 +7,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Path of a workspace binary (`neox-worker`, `neox`), building it if this test run has not.
+/// The repository root: from the directory cargo runs the test in (it sets the variable at run
+/// time too), else the one it was compiled in. A target directory shared between clones can
+/// hold a binary compiled in another clone, whose compile-time path may be gone.
+pub fn repo_root() -> PathBuf {
+    let crate_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    crate_dir.join("..")
+}
+
 pub fn binary(name: &str) -> PathBuf {
     // Test executables live in <target>/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current exe");

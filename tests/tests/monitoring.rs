@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn monitoring_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring")
+    neox_tests::repo_root().join("deploy/monitoring")
 }
 
 fn promtool(args: &[&str]) -> Option<(bool, String)> {

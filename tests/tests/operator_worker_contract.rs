@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use neox_operator::crd::NeoXDeployment;
 use neox_operator::resources;
-use neox_tests::{binary, free_port, post_json, Killed};
+use neox_tests::{binary, free_port, post_json, repo_root, Killed};
 
 fn read(rel: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)).unwrap()
+    std::fs::read_to_string(repo_root().join(rel)).unwrap()
 }
 
 #[test]

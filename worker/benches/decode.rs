@@ -11,7 +11,7 @@
 //! NEOX_BENCH_TP=1,2, NEOX_BENCH_SAVE=DIR keeps a servable copy of the checkpoint).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -22,6 +22,12 @@ use neox_worker::parallel::RankInfo;
 const PROMPT: usize = 32;
 const DECODE: usize = 32;
 const REPEATS: usize = 3;
+
+/// The worker crate: where cargo runs the bench from, else where it was compiled (a shared
+/// target directory can hold a bench compiled in another clone).
+fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -136,7 +142,7 @@ fn hf(dir: &Path, threads: usize) -> Option<serde_json::Value> {
         return None;
     }
     let python = std::env::var("NEOX_HF_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/hf_decode.py");
+    let script = crate_dir().join("benches/hf_decode.py");
     let out = std::process::Command::new(&python)
         .arg(&script)
         .arg(dir)
@@ -162,7 +168,7 @@ fn main() -> anyhow::Result<()> {
     let config = write_checkpoint(dir.path(), layers)?;
     // The demo tokenizer makes the checkpoint servable (`neox-worker` needs one); sampling is
     // then limited to its 2048 ids, the LM head still computes all 50432 rows.
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox/tokenizer.json");
+    let tok = crate_dir().join("assets/shakespeare-neox/tokenizer.json");
     std::fs::copy(tok, dir.path().join("tokenizer.json"))?;
     if let Ok(save) = std::env::var("NEOX_BENCH_SAVE") {
         let save = Path::new(&save);

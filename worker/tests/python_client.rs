@@ -16,7 +16,7 @@ fn python_has(modules: &str) -> bool {
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    common::manifest_dir().join("..")
 }
 
 /// Runs a Python test script with ARGS; its unittest report must say OK.

@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+/// The repository root: from the directory cargo runs the test in (it sets the variable at run
+/// time too), else the one it was compiled in. A target directory shared between clones can
+/// hold a binary compiled in another clone, whose compile-time path may be gone.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_owned(), PathBuf::from);
+    crate_dir.join("..")
 }
 
 pub fn read(rel: &str) -> String {

@@ -15,11 +15,18 @@ pub fn fixture_dir() -> PathBuf {
     if let Ok(d) = std::env::var("NEOX_FIXTURE_DIR") {
         return PathBuf::from(d);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-neox")
+    manifest_dir().join("../../shared/fixtures/tiny-neox")
+}
+
+/// The worker crate's directory: where cargo runs this test from (it sets the variable at run
+/// time too), else where it was compiled. A target directory shared between clones can hold a
+/// binary compiled in another clone, whose compile-time path may be gone.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
 pub fn shakespeare_dir() -> PathBuf {
-    let built_here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/shakespeare-neox");
+    let built_here = manifest_dir().join("assets/shakespeare-neox");
     if built_here.exists() {
         return built_here;
     }
