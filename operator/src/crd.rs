@@ -163,7 +163,7 @@ impl Dtype {
 }
 
 /// The worker pods of every group.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
     /// Worker image (default: the operator's own version of `neox-worker`, or of
@@ -194,6 +194,26 @@ pub struct WorkerSpec {
 
 fn default_startup() -> i32 {
     1800
+}
+
+// By hand, not derived: a derived default would set `startupTimeoutSeconds` to 0, below the
+// schema's minimum, and the default of `worker` is written into the CRD, which the API server
+// refuses whole for one invalid default.
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            image_pull_policy: None,
+            resources: RankResources::default(),
+            env: Vec::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+            priority_class_name: None,
+            image_pull_secrets: Vec::new(),
+            startup_timeout_seconds: default_startup(),
+        }
+    }
 }
 
 /// Resources of one rank (one pod).

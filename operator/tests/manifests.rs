@@ -4,11 +4,23 @@
 
 mod admission;
 
-use admission::{admission_errors, read};
+use admission::{admission_errors, default_errors, read};
 
 use neox_operator::crd::NeoXDeployment;
 use neox_operator::resources;
 use serde_json::Value;
+
+#[test]
+fn every_default_in_the_crd_passes_its_own_schema() {
+    // The API server refuses a CRD whose defaults break its own rules, so one bad default
+    // would make `kubectl apply -f deploy/` and `helm install` fail before anything runs.
+    let errs = default_errors();
+    assert!(
+        errs.is_empty(),
+        "defaults the API server would refuse:\n{}",
+        errs.join("\n")
+    );
+}
 
 #[test]
 fn deploy_crd_yaml_is_current() {
@@ -215,6 +227,17 @@ fn gpu_groups_default_to_fp16_and_leaders_wait_as_long_as_ranks_may_start() {
     // CPUs keep the worker's default (fp32).
     let cpu: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
     assert_eq!(env_value(&cpu, "NEOX_DTYPE"), None);
+    // A spec without `worker` gets the documented 1800 s, in the wait and in the startup probe.
+    let mut v = sample("deploy/samples/shakespeare-cpu.yaml");
+    v["spec"].as_object_mut().unwrap().remove("worker");
+    let bare: NeoXDeployment = serde_json::from_value(v).unwrap();
+    assert_eq!(env_value(&bare, "NEOX_RENDEZVOUS_TIMEOUT").as_deref(), Some("1800"));
+    let sts = serde_json::to_value(resources::statefulset(&bare, 0)).unwrap();
+    let probe = &sts["spec"]["template"]["spec"]["containers"][0]["startupProbe"];
+    assert_eq!(
+        probe["failureThreshold"].as_i64().unwrap() * probe["periodSeconds"].as_i64().unwrap(),
+        1800
+    );
 }
 
 #[test]

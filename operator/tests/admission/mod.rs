@@ -104,3 +104,28 @@ pub fn admission_errors(obj: &Value) -> Vec<String> {
     }
     errs
 }
+
+/// Every error the API server would give for the defaults inside the schema itself: it checks
+/// each `default` against its own schema (types, ranges, CEL) when the CRD is created, and
+/// refuses the whole CRD for one bad default.
+pub fn default_errors() -> Vec<String> {
+    fn walk(s: &Value, path: &str, errs: &mut Vec<String>) {
+        if let Some(d) = s.get("default") {
+            structural(s, d, &format!("{path} default"), errs);
+            if let Err(e) = kube::core::cel::Validator::new().validate(s, d, None) {
+                errs.push(format!("{path} default: {e}"));
+            }
+        }
+        for (k, p) in s["properties"].as_object().into_iter().flatten() {
+            walk(p, &format!("{path}.{k}"), errs);
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(sub) = s.get(key).filter(|v| v.is_object()) {
+                walk(sub, &format!("{path}[{key}]"), errs);
+            }
+        }
+    }
+    let mut errs = Vec::new();
+    walk(&schema(), "", &mut errs);
+    errs
+}
