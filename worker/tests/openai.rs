@@ -145,6 +145,32 @@ fn stop_sequences_end_the_text_before_them() {
 }
 
 #[test]
+fn text_held_back_for_a_stop_sequence_is_released_when_a_stop_token_ends_the_choice() {
+    let s = server();
+    let gold = golden();
+    let p = &gold["prompts"][0];
+    // The first full stop ends the choice, as a stop token.
+    let want = p["output_text"].as_str().unwrap().split('.').next().unwrap();
+    let r = s.http("POST", "/tokenize", &[], &json!({"model": MODEL, "prompt": "."}).to_string());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let full_stop = u64s(&r.json()["tokens"]);
+    assert_eq!(full_stop.len(), 1);
+    // A stop sequence that never matches but that the text's last word could begin: that word
+    // is held back until it is known not to start it, and must still reach the client.
+    let last_word = want.rsplit(' ').next().unwrap();
+    let never = format!(" {last_word}!");
+    assert!(!want.contains(&never));
+    for stop in [json!([]), json!([never])] {
+        let mut body = greedy(p["prompt"].clone(), 40);
+        body["stop_token_ids"] = json!(full_stop);
+        body["stop"] = stop.clone();
+        let c = complete(&s, body);
+        assert_eq!(c["choices"][0]["text"], want, "stop {stop}");
+        assert_eq!(c["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
 fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
     let s = server();
     let prompt = "ROMEO:\nWhat light through yonder window breaks?";

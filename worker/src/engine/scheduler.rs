@@ -723,33 +723,40 @@ impl Engine {
         self.metrics.generation_tokens.inc();
         s.tokens.push(sampled.id);
         s.generated.push(sampled.id);
-        let mut reason = None;
         let eos = s.req.stop.eos_token_id == Some(sampled.id);
         let stop_tok = s.req.stop.stop_token_ids.contains(&sampled.id);
+        let mut reason = if eos {
+            Some(FinishReason::EosToken)
+        } else if stop_tok {
+            Some(FinishReason::StopToken)
+        } else if s.generated.len() >= s.req.stop.max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
         let mut text = if eos || stop_tok {
             String::new()
         } else {
             s.decoder.push(&tok, sampled.id)?
         };
-        if eos {
-            reason = Some(FinishReason::EosToken);
-        } else if stop_tok {
-            reason = Some(FinishReason::StopToken);
+        if reason.is_some() {
+            // The bytes of a character the sequence never finished, in order, through the
+            // stop matcher like any other text.
+            text.push_str(&s.decoder.finish(&tok)?);
         }
         match s.stop.push(&text) {
-            StopOutcome::Continue(t) => text = t,
+            StopOutcome::Continue(t) => {
+                text = t;
+                // Text held back as a possible start of a stop sequence is owed to the client
+                // whatever else ends the sequence.
+                if reason.is_some() {
+                    text.push_str(&s.stop.flush());
+                }
+            }
             StopOutcome::Stop(t) => {
                 text = t;
                 reason = Some(FinishReason::StopSequence);
             }
-        }
-        if reason.is_none() && s.generated.len() >= s.req.stop.max_new_tokens {
-            reason = Some(FinishReason::Length);
-            text.push_str(&s.decoder.finish(&tok)?);
-            if let StopOutcome::Stop(t) = s.stop.push("") {
-                text = t;
-            }
-            text.push_str(&s.stop.flush());
         }
         let info = TokenInfo {
             id: sampled.id,
