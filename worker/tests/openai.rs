@@ -151,7 +151,12 @@ fn text_held_back_for_a_stop_sequence_is_released_when_a_stop_token_ends_the_cho
     let p = &gold["prompts"][0];
     // The first full stop ends the choice, as a stop token.
     let want = p["output_text"].as_str().unwrap().split('.').next().unwrap();
-    let r = s.http("POST", "/tokenize", &[], &json!({"model": MODEL, "prompt": "."}).to_string());
+    let r = s.http(
+        "POST",
+        "/tokenize",
+        &[],
+        &json!({"model": MODEL, "prompt": "."}).to_string(),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let full_stop = u64s(&r.json()["tokens"]);
     assert_eq!(full_stop.len(), 1);

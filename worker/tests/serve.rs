@@ -4,7 +4,7 @@
 mod common;
 mod serving;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use neox_proto::neox::v1 as pb;
 use serving::*;
@@ -198,6 +198,57 @@ fn prompt_logprobs_survive_preemption_mid_prefill() {
         server.metric("neox_preemptions_total") > 0.0,
         "the budget should have forced preemption"
     );
+}
+
+#[test]
+fn a_younger_request_short_of_kv_gives_way_to_the_older_one() {
+    // 128 tokens of KV for two requests that each grow to about 90: one must be preempted.
+    // First come, first served: it is always the younger, whichever of them runs short first
+    // (that depends on how their lengths fall on block boundaries, varied by the prompts).
+    let server = start(&[
+        "--kv-cache-mib",
+        "1",
+        "--max-batch-size",
+        "2",
+        "--prefix-caching",
+        "false",
+    ]);
+    let ps = prompts(8);
+    rt().block_on(async {
+        let c = server.client().await;
+        for pair in ps.chunks(2) {
+            let mut older = c
+                .clone()
+                .generate_stream(greedy(&pair[0], 80))
+                .await
+                .unwrap()
+                .into_inner();
+            // Admitted (its first token is out) before the younger one is sent.
+            assert!(older.message().await.unwrap().is_some());
+            let older = tokio::spawn(async move {
+                while older.message().await.unwrap().is_some() {}
+                Instant::now()
+            });
+            let mut c = c.clone();
+            let req = greedy(&pair[1], 88);
+            let younger = tokio::spawn(async move {
+                stream_all(&mut c, req).await.unwrap();
+                Instant::now()
+            });
+            let (older, younger) = (older.await.unwrap(), younger.await.unwrap());
+            assert!(
+                older < younger,
+                "{:?} was preempted for the younger {:?}: it finished after it",
+                pair[0],
+                pair[1]
+            );
+        }
+    });
+    assert!(
+        server.metric("neox_preemptions_total") >= 4.0,
+        "every pair should need a preemption"
+    );
+    server.wait_kv_freed();
 }
 
 /// 1 MiB of KV holds 128 tokens of this model: four 110-token requests cannot all fit, so the

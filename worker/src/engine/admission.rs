@@ -183,34 +183,47 @@ impl Engine {
     }
 
     /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
-    /// admitted other sequences if needed (cached prefixes go first). False if it cannot be
-    /// done.
-    fn ensure_blocks(&mut self, mut i: usize, tokens: usize) -> Result<bool, ModelError> {
-        while !self.grow_evicting(i, tokens)? {
-            // Preempt the youngest other sequence.
-            let victim = (0..self.running.len())
-                .filter(|&j| j != i)
-                .max_by_key(|&j| self.running[j].admitted_at);
-            let Some(j) = victim else { return Ok(false) };
-            let mut v = self.running.remove(j);
-            self.blocks.release(std::mem::take(&mut v.hold));
-            let id = v.id;
-            v.computed = 0;
-            v.cached_prompt = 0;
-            // Its prompt is scored again from the start.
-            if !v.prompt_lp_sent {
-                v.prompt_lp.clear();
+    /// admitted sequences if needed (cached prefixes go first). First come, first served: when
+    /// `running[i]` is itself the most recent, it is the one preempted, and waits for the blocks
+    /// older sequences free rather than taking theirs. False if it does not run this step.
+    fn ensure_blocks(&mut self, i: usize, tokens: usize) -> Result<bool, ModelError> {
+        let id = self.running[i].id;
+        loop {
+            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+                return Ok(false);
+            };
+            if self.grow_evicting(i, tokens)? {
+                return Ok(true);
             }
-            self.metrics.preemptions.inc();
-            tracing::debug!(seq = id, "preempted for lack of KV blocks");
-            // Queued before its KV goes, so a failure to free it still reaches its client.
-            self.waiting.push_front(v);
-            self.runner.release(&[id])?;
-            if j < i {
-                i -= 1;
+            // Alone, it cannot be short of blocks (submission bounds a sequence by the pool);
+            // never preempt the last one.
+            if self.running.len() < 2 {
+                return Ok(false);
+            }
+            let youngest = (0..self.running.len()).max_by_key(|&j| self.running[j].admitted_at);
+            if let Some(j) = youngest {
+                self.preempt(j)?;
             }
         }
-        Ok(true)
+    }
+
+    /// Sends `running[j]` back to the head of the queue, freeing its KV: it is recomputed
+    /// (prompt and generated tokens) when it is admitted again.
+    fn preempt(&mut self, j: usize) -> Result<(), ModelError> {
+        let mut v = self.running.remove(j);
+        self.blocks.release(std::mem::take(&mut v.hold));
+        let id = v.id;
+        v.computed = 0;
+        v.cached_prompt = 0;
+        // Its prompt is scored again from the start.
+        if !v.prompt_lp_sent {
+            v.prompt_lp.clear();
+        }
+        self.metrics.preemptions.inc();
+        tracing::debug!(seq = id, "preempted for lack of KV blocks");
+        // Queued before its KV goes, so a failure to free it still reaches its client.
+        self.waiting.push_front(v);
+        self.runner.release(&[id])
     }
 
     /// Grows `running[i]`'s blocks towards `tokens` tokens for draft tokens, as its own next

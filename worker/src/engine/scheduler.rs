@@ -404,19 +404,22 @@ impl Engine {
         let mut budget = self.config.max_tokens_per_step.max(1);
         // (seq id, its tokens this step, draft tokens fed after them)
         let mut plan: Vec<(u64, usize, Vec<u32>)> = Vec::new();
-        // Decode first: every fully prefilled sequence feeds its last sampled token.
-        let mut i = 0;
-        while i < self.running.len() {
-            let s = &self.running[i];
-            if s.computed + 1 == s.tokens.len() && budget > 0 {
-                let id = s.id;
-                let want = s.tokens.len();
-                if self.ensure_blocks_by_id(id, want)? {
-                    plan.push((id, 1, Vec::new()));
-                    budget -= 1;
-                }
+        // Decode first: every fully prefilled sequence feeds its last sampled token. By id: a
+        // sequence short of blocks may preempt others (or itself) on the way.
+        let decoders: Vec<(u64, usize)> = self
+            .running
+            .iter()
+            .filter(|s| s.computed + 1 == s.tokens.len())
+            .map(|s| (s.id, s.tokens.len()))
+            .collect();
+        for (id, want) in decoders {
+            if budget == 0 {
+                break;
             }
-            i += 1;
+            if self.ensure_blocks_by_id(id, want)? {
+                plan.push((id, 1, Vec::new()));
+                budget -= 1;
+            }
         }
         let decoding = plan.len();
         // Then prefill chunks in admission order.
