@@ -38,9 +38,13 @@ pub fn query_for(d: &NeoXDeployment, a: &AutoscalingSpec) -> (String, bool) {
     );
     match a.metric.unwrap_or(ScalingMetric::QueueDepth) {
         ScalingMetric::QueueDepth => (format!("sum(neox_requests_waiting{{{sel}}})"), true),
+        // With no first token in the window the quantile is NaN; the workers still report (their
+        // count's rate is 0), and that idleness reads as 0 seconds, so the deployment scales in.
+        // No series at all stays "no samples".
         ScalingMetric::TtftP90 => (
             format!(
-                "histogram_quantile(0.9, sum by (le) (rate(neox_time_to_first_token_seconds_bucket{{{sel}}}[2m])))"
+                "histogram_quantile(0.9, sum by (le) (rate(neox_time_to_first_token_seconds_bucket{{{sel}}}[2m]))) >= 0 \
+                 or sum(rate(neox_time_to_first_token_seconds_count{{{sel}}}[2m])) * 0"
             ),
             false,
         ),

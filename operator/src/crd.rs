@@ -59,7 +59,10 @@ pub struct NeoXDeploymentSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas"))]
 #[x_kube(validation = Rule::new("!(has(self.query) && has(self.metric))").message("set autoscaling.metric or autoscaling.query, not both"))]
+#[x_kube(validation = Rule::new("self.minReplicas > 0 || has(self.query)").message("autoscaling.minReplicas 0 needs autoscaling.query: the built-in metrics come from the workers, so with none left they never ask for one again"))]
 pub struct AutoscalingSpec {
+    /// Fewest groups (0 only with `query`: scaling from zero needs a signal that does not come
+    /// from the workers).
     #[serde(default = "one")]
     #[schemars(range(min = 0))]
     pub min_replicas: i32,
@@ -104,7 +107,8 @@ fn default_down_window() -> i32 {
 pub enum ScalingMetric {
     /// `neox_requests_waiting` averaged over the groups' leaders.
     QueueDepth,
-    /// p90 of `neox_time_to_first_token_seconds` over the last 2 minutes.
+    /// p90 of `neox_time_to_first_token_seconds` over the last 2 minutes; 0 when no request
+    /// started in them, so an idle deployment scales in.
     TtftP90,
 }
 

@@ -90,6 +90,13 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
             }),
         ),
         (
+            "minReplicas 0 needs autoscaling.query",
+            Box::new(|v| {
+                v["spec"]["autoscaling"] =
+                    serde_json::json!({"minReplicas": 0, "maxReplicas": 2, "target": 1.0, "metric": "queueDepth"})
+            }),
+        ),
+        (
             "target must be positive",
             Box::new(|v| v["spec"]["autoscaling"] = serde_json::json!({"maxReplicas": 2, "target": 0.0})),
         ),

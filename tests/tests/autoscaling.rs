@@ -103,6 +103,14 @@ fn queue_depth_in_prometheus_drives_the_scale_decision() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // The TTFT signal of an idle deployment: no first token in the window reads as 0 seconds
+    // (the bare quantile is NaN, which would hold the groups forever).
+    let mut ttft_spec = a.clone();
+    ttft_spec.metric = Some(neox_operator::crd::ScalingMetric::TtftP90);
+    let (ttft, _) = autoscale::query_for(&d, &ttft_spec);
+    let idle = wait_for_value(&rt, &url, &ttft, "the idle TTFT", |_| true);
+    assert_eq!(idle, 0.0, "{ttft}");
+    assert_eq!(autoscale::recommend(3, idle, &ttft_spec), 1, "idle groups scale in");
     // Nine long requests in flight at a time: one runs, eight wait (about 30 s of load).
     let _load = Killed(
         Command::new(binary("neox"))
@@ -121,20 +129,7 @@ fn queue_depth_in_prometheus_drives_the_scale_decision() {
             .spawn()
             .unwrap(),
     );
-    let t0 = Instant::now();
-    let value = loop {
-        let got = rt.block_on(autoscale::query(&url, &promql));
-        if let Ok(Some(v)) = got {
-            if v >= 4.0 {
-                break v;
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "Prometheus never saw the queue: last answer {got:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let value = wait_for_value(&rt, &url, &promql, "the queue", |v| v >= 4.0);
     // One group with `value` waiting against a target of 2 per group: scale out.
     let desired = autoscale::recommend(1, value, &a);
     assert!(
@@ -142,4 +137,25 @@ fn queue_depth_in_prometheus_drives_the_scale_decision() {
         "queue of {value} should ask for more groups, got {desired}"
     );
     assert_eq!(desired, ((value / 2.0).ceil() as i32).min(8));
+    // Queued requests wait seconds for their first token: the same TTFT query now sees them.
+    let busy = wait_for_value(&rt, &url, &ttft, "TTFT under load", |v| v > 0.0);
+    assert!(busy.is_finite());
+}
+
+/// Queries until the answer passes `ok` (a minute at most).
+fn wait_for_value(rt: &tokio::runtime::Runtime, url: &str, promql: &str, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let got = rt.block_on(autoscale::query(url, promql));
+        if let Ok(Some(v)) = got {
+            if ok(v) {
+                return v;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "Prometheus never saw {what}: last answer {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
