@@ -263,8 +263,49 @@ async fn publish(ctx: &Context, d: &NeoXDeployment, type_: EventType, reason: &s
 pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&d, &ctx).await;
+    if let Err(Error::Kube(kube::Error::Api(refusal))) = &result {
+        if refused_until_changed(refusal.code) {
+            report_refusal(&d, &ctx, &refusal.message).await;
+        }
+    }
     ctx.metrics.observe_reconcile(started.elapsed(), result.is_err());
     result
+}
+
+/// Answers the API server gives again until the spec changes (invalid, forbidden, too
+/// large), as opposed to conflicts, time-outs and outages that a retry may get past.
+fn refused_until_changed(code: u16) -> bool {
+    matches!(code, 400 | 403 | 413 | 422)
+}
+
+/// Says in the Degraded condition, and once in an Event, why the deployment's objects cannot
+/// be written: the CRD holds Kubernetes types (tolerations, env, affinity) whose own rules
+/// only the API server checks, on the objects made from them. Written only when it changes,
+/// so the retries that follow do not write (and wake the controller) again.
+async fn report_refusal(d: &NeoXDeployment, ctx: &Context, message: &str) {
+    let Some(ns) = d.namespace() else { return };
+    let old = d.status.clone().unwrap_or_default().conditions;
+    let note = format!("the API server refused an object made from this spec: {message}");
+    let degraded = condition(
+        "Degraded",
+        true,
+        "ApplyRefused",
+        note.clone(),
+        &old,
+        &rfc3339((ctx.clock)()),
+    );
+    if old.contains(&degraded) {
+        return;
+    }
+    publish(ctx, d, EventType::Warning, "ApplyRefused", note).await;
+    let mut conditions: Vec<Condition> = old.into_iter().filter(|c| c.type_ != "Degraded").collect();
+    conditions.push(degraded);
+    let api: Api<NeoXDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = Patch::Merge(json!({ "status": {
+        "conditions": conditions, "observedGeneration": d.metadata.generation } }));
+    if let Err(e) = api.patch_status(&d.name_any(), &PatchParams::default(), &patch).await {
+        tracing::warn!(name = %d.name_any(), "could not report the refusal in status: {e}");
+    }
 }
 
 async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, Error> {

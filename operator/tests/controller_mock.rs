@@ -82,6 +82,48 @@ async fn creates_every_group_with_its_service_then_reports_status() {
 }
 
 #[tokio::test]
+async fn an_object_the_api_server_refuses_is_reported_in_status_once() {
+    // The CRD embeds Kubernetes types whose rules only the API server checks on the objects
+    // made from them (a toleration with operator Exists and a value, say).
+    let d = deployment(1, 2);
+    let message = "StatefulSet.apps \"llm-0\" is invalid: spec.template.spec.tolerations[0].operator: Invalid value";
+    let refusal = || Refusal {
+        call: format!("PATCH {BASE}/llm-0"),
+        code: 422,
+        message: message.into(),
+    };
+    let (client, rec) = fake_refusing(vec![], vec![], Some(refusal()));
+    let err = reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap_err();
+    assert!(err.to_string().contains("is invalid"), "{err}");
+    let status = {
+        let rec = rec.lock().unwrap();
+        assert_eq!(rec.events, vec!["ApplyRefused"]);
+        assert_eq!(rec.lines().last().map(String::as_str), Some(STATUS));
+        rec.body_of(STATUS)["status"].clone()
+    };
+    let degraded = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("ApplyRefused"))
+    );
+    assert!(degraded["message"].as_str().unwrap().contains(message), "{degraded}");
+    // The retry meets the same refusal: nothing new to say, no status write, no second Event.
+    let mut reported = d;
+    reported.status = Some(serde_json::from_value(status).unwrap());
+    let (client, rec) = fake_refusing(vec![], vec![], Some(refusal()));
+    assert!(reconcile(Arc::new(reported), context(client, 1030)).await.is_err());
+    let rec = rec.lock().unwrap();
+    assert!(rec.events.is_empty(), "{:?}", rec.events);
+    assert!(!rec.lines().iter().any(|l| l == STATUS), "{:?}", rec.lines());
+}
+
+#[tokio::test]
 async fn a_failed_rank_restarts_its_whole_group_only() {
     let d = deployment(2, 2);
     let rev = resources::revision(&d);

@@ -55,6 +55,18 @@ pub const NS: &str = "serving";
 
 /// Starts a fake API server answering from `sts` and `pods`; returns a client and the log.
 pub fn fake(sts: Vec<StatefulSet>, pods: Vec<Pod>) -> (Client, Arc<Mutex<Recorded>>) {
+    fake_refusing(sts, pods, None)
+}
+
+/// A refusal by the API server: the call (`METHOD path`) it refuses, with its code and message.
+pub struct Refusal {
+    pub call: String,
+    pub code: u16,
+    pub message: String,
+}
+
+/// As `fake`, but refusing one call with an API error, as admission or validation would.
+pub fn fake_refusing(sts: Vec<StatefulSet>, pods: Vec<Pod>, refuse: Option<Refusal>) -> (Client, Arc<Mutex<Recorded>>) {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let rec = Arc::new(Mutex::new(Recorded::default()));
     let log = rec.clone();
@@ -78,6 +90,17 @@ pub fn fake(sts: Vec<StatefulSet>, pods: Vec<Pod>) -> (Client, Arc<Mutex<Recorde
                     query,
                     body: body.clone(),
                 });
+                if let Some(r) = refuse.as_ref().filter(|r| r.call == format!("{method} {path}")) {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": r.message, "reason": "Invalid", "code": r.code});
+                    send.send_response(
+                        Response::builder()
+                            .status(r.code)
+                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
                 match method.as_str() {
                     "GET" if path.ends_with("/statefulsets") => list(&sts),
                     "GET" if path.ends_with("/pods") => list(&pods),
