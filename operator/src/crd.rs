@@ -29,7 +29,11 @@ pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([
     printcolumn = r#"{"name":"TP","type":"integer","jsonPath":".spec.tensorParallelSize"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    // The name becomes Service names (DNS-1035 labels) and StatefulSet names `<name>-<group>`,
+    // which Kubernetes caps at 52 characters (their pods' controller-revision-hash label).
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && self.metadata.name.size() <= 45")
+        .message("metadata.name must be at most 45 characters of lower-case letters, digits and '-', starting with a letter: it names the groups' StatefulSets and Services")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NeoXDeploymentSpec {

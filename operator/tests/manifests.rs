@@ -75,6 +75,14 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
         ),
         ("< minimum", Box::new(|v| v["spec"]["replicas"] = (-1).into())),
         (
+            "metadata.name must be",
+            Box::new(|v| v["metadata"]["name"] = "9-lives".into()),
+        ),
+        (
+            "metadata.name must be",
+            Box::new(|v| v["metadata"]["name"] = "a".repeat(46).into()),
+        ),
+        (
             "does not match",
             Box::new(|v| v["spec"]["worker"]["resources"]["memory"] = "lots".into()),
         ),
