@@ -71,11 +71,10 @@ fn assess(g: &ObservedGroup, tp: i32) -> (bool, i32, Option<String>, Option<Stri
     let ready_ranks = live.iter().filter(|p| p.ready && !p.failed).count() as i32;
     let ready = ready_ranks == tp && live.len() as i32 == tp;
     let capacity = g.pods.iter().find_map(|p| p.unschedulable.clone());
-    let failure = g
-        .pods
-        .iter()
-        .find(|p| p.failed)
-        .map(|p| format!("pod {} failed", p.name));
+    // A failed rank already being deleted is on its way out (this restart's, or an eviction's):
+    // counting it again would restart the group's fresh ranks at every back-off while it
+    // terminates.
+    let failure = live.iter().find(|p| p.failed).map(|p| format!("pod {} failed", p.name));
     (ready, ready_ranks, capacity, failure)
 }
 
@@ -267,6 +266,18 @@ mod tests {
         assert_eq!(p.requeue_secs, 5);
         let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 1010);
         assert!(matches!(&p.actions[..], [Action::RestartGroup { restarts: 2, .. }]));
+        // Past the back-off with the failed rank still terminating (a slow exit) and its
+        // replacement starting: the restart is under way, nothing to restart again.
+        g.pods[1].terminating = true;
+        g.pods.push(ObservedPod {
+            name: "g0-1-new".into(),
+            ready: false,
+            failed: false,
+            terminating: false,
+            unschedulable: None,
+        });
+        let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 1010);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
         assert_eq!(backoff_secs(0), 10);
         assert_eq!(backoff_secs(1), 20);
         assert_eq!(backoff_secs(10), 300);
