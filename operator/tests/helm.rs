@@ -158,6 +158,9 @@ fn helm_chart_lints_renders_and_validates() {
     let rule = all_docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
     let shipped: Value = serde_yaml::from_str(&read("deploy/monitoring/neox-alerts.yaml")).unwrap();
     assert_eq!(rule["spec"]["groups"], shipped["groups"]);
+    // The operator's series name their NeoXDeployment's namespace, which must survive scraping.
+    let sm = all_docs.iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
     // Only leaders (rank 0) serve /metrics: the PodMonitor must not scrape followers, and it
     // selects the labels the operator really puts on worker pods.
     let pm = all_docs.iter().find(|d| d["kind"] == "PodMonitor").unwrap();
