@@ -387,13 +387,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     for action in &plan.actions {
         match action {
             Action::CreateGroup(g) => {
-                services
-                    .patch(
-                        &resources::group_name(d, *g),
-                        &pp,
-                        &Patch::Apply(resources::headless_service(d, *g)),
-                    )
-                    .await?;
+                apply_group_service(&services, d, *g, &pp).await?;
                 stss.patch(
                     &resources::group_name(d, *g),
                     &pp,
@@ -431,6 +425,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
                 reason,
             } => {
                 let gname = resources::group_name(d, *index);
+                apply_group_service(&services, d, *index, &pp).await?;
                 let ann = json!({ "metadata": { "annotations": {
                     RESTARTS_ANNOTATION: restarts.to_string(), LAST_RESTART_ANNOTATION: now.to_string() } } });
                 stss.patch(&gname, &PatchParams::default(), &Patch::Merge(ann)).await?;
@@ -449,6 +444,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
                 .await;
             }
             Action::UpdateGroup(g) => {
+                apply_group_service(&services, d, *g, &pp).await?;
                 stss.patch(
                     &resources::group_name(d, *g),
                     &pp,
@@ -492,6 +488,24 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
+}
+
+/// The group's headless Service, through which its ranks find the leader: applied whenever the
+/// group's pods are (re)made, so one deleted or edited meanwhile is restored before they start.
+async fn apply_group_service(
+    services: &Api<Service>,
+    d: &NeoXDeployment,
+    g: i32,
+    pp: &PatchParams,
+) -> Result<(), Error> {
+    services
+        .patch(
+            &resources::group_name(d, g),
+            pp,
+            &Patch::Apply(resources::headless_service(d, g)),
+        )
+        .await?;
+    Ok(())
 }
 
 async fn patch_status(api: &Api<NeoXDeployment>, name: &str, status: &NeoXDeploymentStatus) -> Result<(), Error> {

@@ -146,6 +146,8 @@ async fn a_failed_rank_restarts_its_whole_group_only() {
     assert_eq!(
         rec.lines(),
         expect(&[
+            // The headless Service its ranks find the leader through, restored if need be.
+            format!("PATCH {SVC}/llm-1"),
             format!("PATCH {BASE}/llm-1"),
             format!("DELETE {PODS}/llm-1-0"),
             format!("DELETE {PODS}/llm-1-1")
@@ -266,6 +268,7 @@ async fn an_image_change_rolls_group_by_group() {
     // What replacing group g sends: its new template, then its two pods deleted together.
     let rolled = |g: i32| {
         expect(&[
+            format!("PATCH {SVC}/llm-{g}"),
             format!("PATCH {BASE}/llm-{g}"),
             format!("DELETE {PODS}/llm-{g}-0"),
             format!("DELETE {PODS}/llm-{g}-1"),
