@@ -88,6 +88,7 @@ fn bad_arguments_fail_cleanly() {
         vec!["generate", "--prompt", "x", "--collectives", "mpi"],
         vec!["bench", "--batch", "0"],
         vec!["serve", "--kv-layout", "bogus"],
+        vec!["serve", "--default-max-new-tokens", "0"],
         vec!["bench", "--prefill-len", "100000"],
     ] {
         let out = worker().args(&args).output().unwrap();

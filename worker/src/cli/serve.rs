@@ -152,6 +152,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ("kv-block-size", a.kv_block_size),
         ("kv-cache-mib", a.kv_cache_mib.unwrap_or(1)),
         ("max-new-tokens", a.max_new_tokens),
+        ("default-max-new-tokens", a.default_max_new_tokens),
     ] {
         if v == 0 {
             bail!("--{name} must be at least 1");

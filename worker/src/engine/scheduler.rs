@@ -226,11 +226,35 @@ pub fn start(
         running: Vec::new(),
         next_id: 1,
     };
+    let guard = UnwindGuard {
+        healthy: handle.healthy.clone(),
+        gauge: engine.metrics.group_healthy.clone(),
+    };
     let join = std::thread::Builder::new()
         .name("neox-engine".into())
-        .spawn(move || crate::model::on_compute_threads(move || engine.run()))
+        .spawn(move || {
+            let _guard = guard;
+            crate::model::on_compute_threads(move || engine.run())
+        })
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (handle, join)
+}
+
+/// Marks the worker unhealthy if the engine thread unwinds. Without it a panic would leave
+/// health SERVING (the pod Ready, the group never restarted) while every request failed.
+struct UnwindGuard {
+    healthy: Arc<AtomicBool>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for UnwindGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked: the worker reports itself unhealthy and exits");
+            self.healthy.store(false, Ordering::SeqCst);
+            self.gauge.set(0);
+        }
+    }
 }
 
 /// One row to sample: a sequence's logits row with the sampler state and the tokens plain
@@ -819,5 +843,37 @@ impl Engine {
         self.in_engine.fetch_sub(1, Ordering::SeqCst);
         self.metrics.requests.with_label_values(&[label]).inc();
         s.log_end(label);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_engine_thread_leaves_the_worker_unhealthy() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        gauge.set(1);
+        let guard = UnwindGuard {
+            healthy: healthy.clone(),
+            gauge: gauge.clone(),
+        };
+        let ended = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("a bug in a step");
+        })
+        .join();
+        assert!(ended.is_err());
+        assert!(!healthy.load(Ordering::SeqCst));
+        assert_eq!(gauge.get(), 0);
+        // A thread that ends normally (shutdown) leaves health to the server.
+        let healthy = Arc::new(AtomicBool::new(true));
+        let guard = UnwindGuard {
+            healthy: healthy.clone(),
+            gauge,
+        };
+        std::thread::spawn(move || drop(guard)).join().unwrap();
+        assert!(healthy.load(Ordering::SeqCst));
     }
 }
