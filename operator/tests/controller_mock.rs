@@ -68,12 +68,7 @@ async fn creates_every_group_with_its_service_then_reports_status() {
         "serving.neox.dev/deployment=llm,apps.kubernetes.io/pod-index=0"
     );
     assert_eq!(status["groups"][0]["phase"], "Pending");
-    let progressing = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Progressing")
-        .unwrap();
+    let progressing = condition_of(status, "Progressing");
     assert_eq!(progressing["status"], "True");
     assert_eq!(
         action,
@@ -101,13 +96,7 @@ async fn an_object_the_api_server_refuses_is_reported_in_status_once() {
         assert_eq!(rec.lines().last().map(String::as_str), Some(STATUS));
         rec.body_of(STATUS)["status"].clone()
     };
-    let degraded = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap()
-        .clone();
+    let degraded = condition_of(&status, "Degraded");
     assert_eq!(
         (degraded["status"].as_str(), degraded["reason"].as_str()),
         (Some("True"), Some("ApplyRefused"))
@@ -165,12 +154,7 @@ async fn a_failed_rank_restarts_its_whole_group_only() {
     let status = &rec.body_of(STATUS)["status"];
     assert_eq!(status["readyReplicas"], 1);
     assert_eq!(status["groups"][1]["phase"], "Restarting");
-    let degraded = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap();
+    let degraded = condition_of(status, "Degraded");
     assert_eq!(
         (degraded["status"].as_str(), degraded["reason"].as_str()),
         (Some("True"), Some("GroupRestarting"))
@@ -315,16 +299,19 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
     let rec = rec.lock().unwrap();
     assert_eq!(rec.lines(), vec![STATUS.to_owned()]);
-    let degraded = rec.body_of(STATUS)["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap()
-        .clone();
+    let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
     assert_eq!(degraded["reason"], "InvalidSpec");
     assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
     assert_eq!(rec.events, vec!["InvalidSpec"]);
+}
+
+/// The status condition of type `type_`.
+fn condition_of(status: &serde_json::Value, type_: &str) -> serde_json::Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+        .clone()
 }
 
 fn percent_decode(s: &str) -> String {
