@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Path of a workspace binary (`neox-worker`, `neox`), building it if this test run has not.
 /// The repository root: from the directory cargo runs the test in (it sets the variable at run
 /// time too), else the one it was compiled in. A target directory shared between clones can
 /// hold a binary compiled in another clone, whose compile-time path may be gone.
@@ -16,6 +15,7 @@ pub fn repo_root() -> PathBuf {
     crate_dir.join("..")
 }
 
+/// Path of a workspace binary (`neox-worker`, `neox`), building it if this test run has not.
 pub fn binary(name: &str) -> PathBuf {
     // Test executables live in <target>/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current exe");

@@ -182,12 +182,12 @@ impl Engine {
         }
     }
 
-    /// Makes sure `running[i]` holds blocks for `tokens` tokens, preempting the most recently
-    /// admitted sequences if needed (cached prefixes go first). First come, first served: when
-    /// `running[i]` is itself the most recent, it is the one preempted, and waits for the blocks
-    /// older sequences free rather than taking theirs. False if it does not run this step.
-    fn ensure_blocks(&mut self, i: usize, tokens: usize) -> Result<bool, ModelError> {
-        let id = self.running[i].id;
+    /// Makes sure sequence `id` (running) holds blocks for `tokens` tokens, preempting the most
+    /// recently admitted sequences if needed (cached prefixes go first). First come, first
+    /// served: when `id` is itself the most recent, it is the one preempted, and waits for the
+    /// blocks older sequences free rather than taking theirs. False if it does not run this
+    /// step. By id, since preemptions move the sequences it is looked up among.
+    pub(super) fn ensure_blocks(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {
         loop {
             let Some(i) = self.running.iter().position(|s| s.id == id) else {
                 return Ok(false);
@@ -238,12 +238,5 @@ impl Engine {
             }
         }
         Ok(self.running[i].hold.len() * self.blocks.block_size())
-    }
-
-    pub(super) fn ensure_blocks_by_id(&mut self, id: u64, tokens: usize) -> Result<bool, ModelError> {
-        match self.running.iter().position(|s| s.id == id) {
-            Some(i) => self.ensure_blocks(i, tokens),
-            None => Ok(false),
-        }
     }
 }

@@ -440,7 +440,7 @@ impl Engine {
             if budget == 0 {
                 break;
             }
-            if self.ensure_blocks_by_id(id, want)? {
+            if self.ensure_blocks(id, want)? {
                 plan.push((id, 1, Vec::new()));
                 budget -= 1;
             }
@@ -460,7 +460,7 @@ impl Engine {
             }
             let chunk = (s.tokens.len() - s.computed).min(budget);
             let end = s.computed + chunk;
-            if self.ensure_blocks_by_id(id, end + usize::from(end == s.tokens.len()))? {
+            if self.ensure_blocks(id, end + usize::from(end == s.tokens.len()))? {
                 plan.push((id, chunk, Vec::new()));
                 budget -= chunk;
             }
