@@ -41,11 +41,14 @@ SHAPES = {
 }
 
 
-def shape_config(shape):
+def shape_config(shape, layers=None):
     from transformers import GPTNeoXConfig
 
+    dims = dict(SHAPES[shape])
+    if layers:
+        dims["num_hidden_layers"] = layers
     return GPTNeoXConfig(
-        **SHAPES[shape],
+        **dims,
         rotary_pct=0.25,
         rotary_emb_base=10000,
         max_position_embeddings=2048,
@@ -63,7 +66,7 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def write_checkpoint(path, tokenizer, shape, dev, dtype):
+def write_checkpoint(path, tokenizer, shape, dev, dtype, layers=None):
     from transformers import GPTNeoXForCausalLM
 
     if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
@@ -78,7 +81,7 @@ def write_checkpoint(path, tokenizer, shape, dev, dtype):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(dev):
-            model = GPTNeoXForCausalLM(shape_config(shape))
+            model = GPTNeoXForCausalLM(shape_config(shape, layers))
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(path, max_shard_size="5GB")
@@ -198,7 +201,9 @@ def main():
     p.add_argument("--context-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-unfused", action="store_true", help="skip the run without the fused CUDA kernels")
     p.add_argument("--write-only", action="store_true", help="write the checkpoint and stop")
+    p.add_argument("--layers", type=int, help="fewer layers than the shape has (per-layer profiling)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for the JSON results")
     p.add_argument("--worker-timeout", type=int, default=420)
     p.add_argument("--smoke", action="store_true",
@@ -213,7 +218,7 @@ def main():
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
         print(subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip(), flush=True)
-    write_checkpoint(a.dir, a.tokenizer, shape, dev, dtype)
+    write_checkpoint(a.dir, a.tokenizer, shape, dev, dtype, a.layers)
     if a.write_only:
         return
     if not a.worker:
@@ -230,20 +235,29 @@ def main():
     baseline = device_used(dev)
     cmd = [a.worker, "bench", "--model", a.dir, "--device", dev, "--dtype", ours_dtype, "--batch", a.batch,
            "--prefill-len", str(a.prefill_len), "--context-len", str(a.context_len), "--steps", str(a.steps), "--json"]
-    ours = None
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout)
-        if r.returncode == 0:
-            ours = json.loads(r.stdout.strip().splitlines()[-1])
-            # The worker reports device memory in use; this process' context was there before.
-            ours["peak_memory_bytes"] = max(ours["peak_memory_bytes"] - baseline, 0)
-            save(a.out, "neox.json", ours)
-        else:
+    def run_worker(name, env_extra):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout,
+                               env={**os.environ, **env_extra})
+        except subprocess.TimeoutExpired:
+            failures.append(f"neox-worker bench ({name}) ran past {a.worker_timeout} s")
+            print(failures[-1], flush=True)
+            return None
+        if r.returncode != 0:
             print(r.stderr[-4000:], file=sys.stderr)
-            failures.append(f"neox-worker bench exited {r.returncode}")
-    except subprocess.TimeoutExpired:
-        failures.append(f"neox-worker bench ran past {a.worker_timeout} s")
-    print("neox-worker: " + ("done" if ours else failures[-1]), flush=True)
+            failures.append(f"neox-worker bench ({name}) exited {r.returncode}")
+            print(failures[-1], flush=True)
+            return None
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        # The worker reports device memory in use; this process' context was there before.
+        res["peak_memory_bytes"] = max(res["peak_memory_bytes"] - baseline, 0)
+        save(a.out, f"{name}.json", res)
+        print(f"neox-worker ({name}): done", flush=True)
+        return res
+
+    ours = run_worker("neox", {})
+    # The same binary with candle's one-kernel-per-op path: what the fused kernels buy.
+    unfused = None if a.skip_unfused or dev != "cuda" else run_worker("neox-unfused", {"NEOX_UNFUSED": "1"})
 
     hf = None
     if not a.skip_hf:
@@ -256,7 +270,13 @@ def main():
 
     if ours:
         report(a, ours, hf, floor_ms)
-    print(json.dumps({"neox": ours, "hf": hf, "copy_gbps": bw, "floor_ms": floor_ms}))
+    if ours and unfused:
+        print("\nfused kernels vs candle's one kernel per op (same binary, NEOX_UNFUSED=1):")
+        for f, u in zip(ours["decode"], unfused["decode"]):
+            print(f"  decode batch {f['batch']:<3} {f['ms_per_step']:7.2f} vs {u['ms_per_step']:7.2f} ms/step "
+                  f"({u['ms_per_step'] / f['ms_per_step']:.2f}x); +4 drafts {f['ms_per_step_verifying_4_drafts']:7.2f} "
+                  f"vs {u['ms_per_step_verifying_4_drafts']:7.2f} ms")
+    print(json.dumps({"neox": ours, "neox_unfused": unfused, "hf": hf, "copy_gbps": bw, "floor_ms": floor_ms}))
     if failures:
         sys.exit("; ".join(failures))
 
@@ -281,11 +301,13 @@ def report(a, ours, hf, floor_ms):
         if "ms_per_step_verifying_4_drafts" in d:
             row("  same, +4 drafts each: ms", d["ms_per_step_verifying_4_drafts"], None, True)
     row("peak memory GiB", ours["peak_memory_bytes"] / 2**30, hf and hf["peak_memory_bytes"] / 2**30, True)
-    print("\nsampling one step, ms (greedy / top-k+top-p+penalty on the GPU / the same on the host):")
+    print("\nsampling one step, ms (greedy / top-k+top-p+penalty on the GPU / the same on the host / "
+          "the same where the server's automatic choice puts it):")
     for d in ours["decode"]:
         s = d.get("sampling", {})
         print(f"  batch {d['batch']:<4} {s.get('greedy_device_ms', float('nan')):8.3f} "
-              f"{s.get('filtered_device_ms', float('nan')):8.3f} {s.get('filtered_host_ms', float('nan')):8.3f}")
+              f"{s.get('filtered_device_ms', float('nan')):8.3f} {s.get('filtered_host_ms', float('nan')):8.3f} "
+              f"{s.get('filtered_auto_ms', float('nan')):8.3f}")
     b1 = ours["decode"][0]
     print(f"\nbatch-1 decode {b1['ms_per_step']:.2f} ms = {b1['ms_per_step'] / floor_ms:.2f}x the bandwidth floor "
           f"(target <= 1.1x)")

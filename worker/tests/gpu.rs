@@ -62,6 +62,88 @@ fn paged_kv_on_gpu_matches_hf_greedy() {
     );
 }
 
+/// The fused decode kernels (paged KV, at most 64 new tokens a sequence): every case fed
+/// whole and then one token a step, in fp32 (HF's goldens, 1e-3) and fp16/bf16 (the bounds of
+/// `half_precision_logits_on_gpu_stay_close_to_hf`).
+#[test]
+fn fused_kernels_on_gpu_match_hf_whole_and_token_by_token() {
+    let g = Goldens::load();
+    let dir = fixture_dir().display().to_string();
+    for (dtype, tol) in [(DType::F32, 1e-3f32), (DType::F16, 1e-1), (DType::BF16, 0.25)] {
+        let mut m = load_on_gpu(&dir, dtype).model;
+        m.use_paged_kv(64, 4).unwrap();
+        assert!(
+            m.uses_fused_kernels(),
+            "{dtype:?}: the paged model does not take the fused kernels"
+        );
+        for i in g.cases() {
+            let ids = g.ids(&format!("case{i}.input_ids"));
+            let want = g.f32_2d(&format!("case{i}.logits"));
+            let whole = max_abs_diff(&all_logits(&m, &ids), &want);
+            let mut cache = m.new_cache(ids.len());
+            let stepped: Vec<Vec<f32>> = ids.iter().flat_map(|t| feed(&m, &mut cache, &[*t])).collect();
+            let stepped = max_abs_diff(&stepped, &want);
+            eprintln!(
+                "FIGURE fused {dtype:?} case{i}: max |logit - HF| whole {whole:.3e}, token by token {stepped:.3e}"
+            );
+            assert!(
+                whole <= tol && stepped <= tol,
+                "case{i}: fused {dtype:?} differs from HF by {whole} / {stepped}"
+            );
+        }
+    }
+}
+
+/// The fused attention over long histories (many blocks, several chunks, a batch of unequal
+/// lengths) against the unfused per-sequence path of the same weights, in fp32.
+#[test]
+fn fused_attention_over_long_histories_matches_the_unfused_path() {
+    let unfused = load_on_gpu("builtin:shakespeare", DType::F32).model;
+    let mut fused = load_on_gpu("builtin:shakespeare", DType::F32).model;
+    fused.use_paged_kv(128, 16).unwrap();
+    assert!(fused.uses_fused_kernels());
+    let text: Vec<u32> = (0..400u32).map(|i| (i * 7919 + 13) % 2000).collect();
+    for (len, chunk) in [(400, 64), (333, 50), (97, 1)] {
+        let ids = &text[..len];
+        let want = all_logits(&unfused, ids);
+        let mut cache = fused.new_cache(len);
+        let got: Vec<Vec<f32>> = ids.chunks(chunk).flat_map(|c| feed(&fused, &mut cache, c)).collect();
+        let d = max_abs_diff(&got, &want);
+        eprintln!("FIGURE fused vs unfused, {len} tokens in chunks of {chunk}: max |logit diff| {d:.3e}");
+        assert!(
+            d <= 1e-3,
+            "{len} tokens in chunks of {chunk}: fused differs from unfused by {d}"
+        );
+    }
+    // One batched step: three sequences of unequal lengths, one or three new tokens each.
+    let lens = [400usize, 17, 250];
+    let mut caches: Vec<_> = lens.iter().map(|&l| fused.new_cache(l)).collect();
+    for (cache, &l) in caches.iter_mut().zip(&lens) {
+        feed(&fused, cache, &text[..l - 3]);
+    }
+    let news: Vec<&[u32]> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| &text[l - 3..l - 2 * (i % 2)])
+        .collect();
+    let mut steps: Vec<model::SeqStep<'_>> = caches
+        .iter_mut()
+        .zip(&news)
+        .map(|(cache, tokens)| model::SeqStep {
+            tokens,
+            cache,
+            logits: model::LogitsWanted::All,
+        })
+        .collect();
+    let out = fused.forward(&mut steps).unwrap();
+    for (i, (o, &l)) in out.into_iter().zip(&lens).enumerate() {
+        let got: Vec<Vec<f32>> = o.unwrap().to_vec2().unwrap();
+        let want = all_logits(&unfused, &text[..l - 2 * (i % 2)]);
+        let d = max_abs_diff(&got, &want[l - 3..]);
+        assert!(d <= 1e-3, "batched sequence {i}: fused differs from unfused by {d}");
+    }
+}
+
 /// Prefix caching's copy on the GPU: a paged cache forked from another (blocks copied inside
 /// the pool, the copied prefix ending inside a block) continues as HF computes the whole
 /// prompt, and does not see what the original is fed afterwards.

@@ -118,6 +118,7 @@ fn sampling_cost(logits: &[Tensor], vocab: usize) -> Result<serde_json::Value> {
         "greedy_device_ms": median_ms(&SamplingParams::default(), SamplingPlace::Device)?,
         "filtered_device_ms": median_ms(&filtered, SamplingPlace::Device)?,
         "filtered_host_ms": median_ms(&filtered, SamplingPlace::Host)?,
+        "filtered_auto_ms": median_ms(&filtered, SamplingPlace::Auto)?,
     }))
 }
 
@@ -135,6 +136,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("the model has {max_pos} positions: shorten --prefill-len or --context-len + --steps");
     }
     let paged = a.kv_layout.paged_on(runner.model().device());
+    let fused = paged && runner.model().uses_fused_kernels();
     if paged {
         // Room for the largest phase: the prefill prompt, or the biggest decode batch.
         let per_seq = (a.context_len + a.steps + 3 + VERIFY_DRAFTS).div_ceil(BENCH_BLOCK);
@@ -209,6 +211,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .collect();
             let t = Instant::now();
             every_logits(runner.step(&plan)?)?;
+            // Steps run asynchronously on a GPU: wait for this one, as sampling its rows would.
+            runner.model().device().synchronize()?;
             verify_secs.push(t.elapsed().as_secs_f64());
         }
         verify_secs.sort_by(f64::total_cmp);
@@ -232,6 +236,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "dtype": a.model.dtype,
         "tp": a.group.world_size.unwrap_or(a.group.tp),
         "kv_layout": if paged { "paged" } else { "per-sequence" },
+        "fused_kernels": fused,
         "load_seconds": load_secs,
         "prefill": { "tokens": a.prefill_len, "seconds": prefill_secs, "tokens_per_second": a.prefill_len as f64 / prefill_secs },
         "prefix_cached": {

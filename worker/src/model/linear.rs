@@ -82,6 +82,24 @@ impl Linear {
         }
     }
 
+    /// `x · Wᵀ` alone, for a caller that fuses the bias into its next kernel ([`Self::bias`]).
+    #[cfg(feature = "cuda")]
+    pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match &self.weight {
+            Weight::Dense { weight, .. } => Ok(x.matmul(&weight.t()?)?),
+            Weight::Packed { .. } => Err(ModelError::Internal("packed CPU weights have no unfused form".into())),
+        }
+    }
+
+    /// The bias of a device (unpacked) layer.
+    #[cfg(feature = "cuda")]
+    pub fn bias(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense { bias, .. } => bias.as_ref(),
+            Weight::Packed { .. } => None,
+        }
+    }
+
     /// Bytes of weights and bias held.
     pub fn bytes(&self) -> usize {
         match &self.weight {

@@ -4,6 +4,8 @@ mod builtin;
 mod checkpoint;
 mod config;
 mod decode_attention;
+#[cfg(feature = "cuda")]
+mod fused;
 mod kv_cache;
 mod linear;
 mod neox;

@@ -89,14 +89,54 @@ pub struct GptNeoX {
     weight_bytes: usize,
     /// Set by [`GptNeoX::use_paged_kv`]: new caches take blocks of this pool.
     kv_pool: Option<Arc<KvPool>>,
+    /// Paged steps of up to [`FUSED_MAX_NEW`] new tokens a sequence run the fused CUDA kernels
+    /// (`fused.rs`) instead of candle's one kernel per op.
+    fused: bool,
+}
+
+/// Most new tokens a sequence may feed for its step to take the fused kernels: their attention
+/// runs one block per token and head, which suits decode and speculative verification, not
+/// long prompts (those run as batched matmuls).
+#[cfg(feature = "cuda")]
+const FUSED_MAX_NEW: usize = 64;
+
+/// Whether the fused CUDA kernels can run this model (`NEOX_UNFUSED=1` turns them off, for
+/// side-by-side benchmarks and bisecting).
+#[cfg(feature = "cuda")]
+fn fused_kernels_fit(c: &NeoXConfig, dtype: DType, dev: &Device) -> bool {
+    dev.is_cuda()
+        && super::fused::supports(dtype)
+        && c.use_parallel_residual
+        && c.head_dim() <= super::fused::MAX_HEAD_DIM
+        && c.hidden_size <= super::fused::MAX_HIDDEN
+        && c.rotary_dims.is_multiple_of(2)
+        && std::env::var_os("NEOX_UNFUSED").is_none()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_kernels_fit(_: &NeoXConfig, _: DType, _: &Device) -> bool {
+    false
 }
 
 /// What every layer of one step needs from a paged KV pool, built once per step.
 struct PagedPlan {
     /// Arena positions of the step's new tokens, broadcast to `[heads, tokens, head_dim]` (the
-    /// shape `scatter_set` wants).
-    write: Tensor,
+    /// shape `scatter_set` wants); not needed by the fused kernels.
+    write: Option<Tensor>,
     attend: PagedAttend,
+}
+
+/// The fused kernels' view of a paged step (see `fused::PagedIndex`): u32 tensors, narrowed
+/// from one host-to-device copy.
+#[cfg(feature = "cuda")]
+struct FusedIndex {
+    pos: Tensor,
+    slot: Tensor,
+    seq_of: Tensor,
+    len_of: Tensor,
+    blocks: Tensor,
+    max_len: usize,
+    block_size: usize,
 }
 
 enum PagedAttend {
@@ -109,6 +149,9 @@ enum PagedAttend {
     },
     /// Otherwise, per sequence: its positions and, for several new tokens, a causal mask.
     Each(Vec<(Tensor, Option<Tensor>)>),
+    /// Every layer runs the fused kernels (`forward_fused`).
+    #[cfg(feature = "cuda")]
+    Fused(FusedIndex),
 }
 
 fn ln(ckpt: &Checkpoint, prefix: &str, c: &NeoXConfig, dtype: DType, dev: &Device) -> Result<LayerNorm, ModelError> {
@@ -271,6 +314,7 @@ impl GptNeoX {
         )?;
         let final_ln = ln(ckpt, "gpt_neox.final_layer_norm", c, dtype, dev)?;
         let (cos, sin) = rotary_tables(c, dtype, dev)?;
+        let fused = fused_kernels_fit(c, dtype, dev);
         let weight_bytes = Self::count_bytes(&embed_in, &layers, &embed_out, &final_ln);
         Ok(Self {
             config: c.clone(),
@@ -288,6 +332,7 @@ impl GptNeoX {
             sampleable_vocab: vocab,
             weight_bytes,
             kv_pool: None,
+            fused,
         })
     }
 
@@ -351,6 +396,10 @@ impl GptNeoX {
     }
     pub fn sampleable_vocab(&self) -> usize {
         self.sampleable_vocab
+    }
+    /// Whether decode-sized paged steps run the fused CUDA kernels.
+    pub fn uses_fused_kernels(&self) -> bool {
+        self.fused
     }
     /// Bytes of weights resident on this rank.
     pub fn weight_bytes(&self) -> usize {
@@ -464,11 +513,23 @@ impl GptNeoX {
         }
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = self.embed_in.index_select(&ids, 0)?;
+        let paged = self.paged_plan(seqs)?;
+        #[cfg(feature = "cuda")]
+        if let Some(PagedPlan {
+            attend: PagedAttend::Fused(index),
+            ..
+        }) = &paged
+        {
+            let out = self.forward_fused(x, index)?;
+            for s in seqs.iter_mut() {
+                s.cache.advance(s.tokens.len());
+            }
+            return Ok(out);
+        }
         let pos = Tensor::from_vec(positions, n, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let mut x = self.embed_in.index_select(&ids, 0)?;
-        let paged = self.paged_plan(seqs)?;
         for (li, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(layer, li, &x, (&cos, &sin), seqs, paged.as_ref())?;
         }
@@ -501,7 +562,14 @@ impl GptNeoX {
             blocks.ensure(start + n)?;
             write.extend(blocks.positions(start..start + n));
         }
-        let write = scatter_index(write, heads, hd, &self.device)?;
+        #[cfg(feature = "cuda")]
+        if let Some(index) = self.fused_index(seqs, &write)? {
+            return Ok(Some(PagedPlan {
+                write: None,
+                attend: PagedAttend::Fused(index),
+            }));
+        }
+        let write = Some(scatter_index(write, heads, hd, &self.device)?);
         let history = |s: &SeqStep<'_>, len: usize| -> Result<Vec<u32>, ModelError> {
             let b = s
                 .cache
@@ -690,8 +758,12 @@ impl GptNeoX {
             .as_ref()
             .ok_or_else(|| ModelError::Internal("paged step without a pool".into()))?;
         let (ka, va) = pool.layer(li)?;
-        ka.scatter_set(&plan.write, &k, 1)?;
-        va.scatter_set(&plan.write, &v, 1)?;
+        let write = plan
+            .write
+            .as_ref()
+            .ok_or_else(|| ModelError::Internal("a paged step without arena places".into()))?;
+        ka.scatter_set(write, &k, 1)?;
+        va.scatter_set(write, &v, 1)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let o = match &plan.attend {
             PagedAttend::Decode { gather, mask, longest } => {
@@ -731,8 +803,149 @@ impl GptNeoX {
                 };
                 o.transpose(0, 1)?.reshape((t, heads * hd))?
             }
+            #[cfg(feature = "cuda")]
+            PagedAttend::Fused(_) => {
+                return Err(ModelError::Internal(
+                    "a fused step reached the unfused attention".into(),
+                ));
+            }
         };
         layer.attn_out.forward(&o)
+    }
+
+    /// The fused kernels' index of a paged step, when they can take it: every sequence feeds
+    /// at most [`FUSED_MAX_NEW`] tokens and the longest fits the attention kernel. `write`
+    /// holds the arena places of the step's tokens, blocks already ensured.
+    #[cfg(feature = "cuda")]
+    fn fused_index(&self, seqs: &[SeqStep<'_>], write: &[u32]) -> Result<Option<FusedIndex>, ModelError> {
+        let max_len = seqs.iter().map(|s| s.cache.len() + s.tokens.len()).max().unwrap_or(0);
+        let fits = self.fused
+            && seqs.iter().all(|s| s.tokens.len() <= FUSED_MAX_NEW)
+            && super::fused::attention_fits(self.config.head_dim(), max_len);
+        let Some(pool) = self.kv_pool.as_ref().filter(|_| fits) else {
+            return Ok(None);
+        };
+        let block_size = pool.block_size();
+        let max_blocks = max_len.div_ceil(block_size).max(1);
+        let t = write.len();
+        // One buffer: positions, arena places, sequence and visible length of each token, then
+        // each sequence's block table.
+        let mut buf = Vec::with_capacity(4 * t + seqs.len() * max_blocks);
+        for s in seqs {
+            buf.extend((0..s.tokens.len()).map(|j| (s.cache.len() + j) as u32));
+        }
+        buf.extend_from_slice(write);
+        for (i, s) in seqs.iter().enumerate() {
+            buf.extend(std::iter::repeat_n(i as u32, s.tokens.len()));
+        }
+        for s in seqs {
+            buf.extend((1..=s.tokens.len()).map(|j| (s.cache.len() + j) as u32));
+        }
+        for s in seqs {
+            let blocks = s
+                .cache
+                .blocks()
+                .ok_or_else(|| ModelError::Internal("paged cache without blocks".into()))?
+                .ids();
+            buf.extend_from_slice(&blocks[..blocks.len().min(max_blocks)]);
+            buf.extend(std::iter::repeat_n(0u32, max_blocks.saturating_sub(blocks.len())));
+        }
+        let len = buf.len();
+        let all = Tensor::from_vec(buf, len, &self.device)?;
+        let part = |i: usize| all.narrow(0, i * t, t);
+        Ok(Some(FusedIndex {
+            pos: part(0)?,
+            slot: part(1)?,
+            seq_of: part(2)?,
+            len_of: part(3)?,
+            blocks: all
+                .narrow(0, 4 * t, seqs.len() * max_blocks)?
+                .reshape((seqs.len(), max_blocks))?,
+            max_len,
+            block_size,
+        }))
+    }
+
+    /// Every layer of a paged step through the fused kernels: per layer two layer norms and
+    /// the residual in one kernel, the four matmuls, and one kernel each for rotary + KV
+    /// write, attention and the MLP activation. Returns the final layer norm's output.
+    #[cfg(feature = "cuda")]
+    fn forward_fused(&self, x: Tensor, ix: &FusedIndex) -> Result<Tensor, ModelError> {
+        use super::fused::{self, PagedIndex, ResidualAdd, Rotary};
+        let pool = self
+            .kv_pool
+            .as_ref()
+            .ok_or_else(|| ModelError::Internal("a fused step without a KV pool".into()))?;
+        let index = PagedIndex {
+            pos: &ix.pos,
+            slot: &ix.slot,
+            blocks: &ix.blocks,
+            seq_of: &ix.seq_of,
+            len_of: &ix.len_of,
+            max_len: ix.max_len,
+            block_size: ix.block_size,
+        };
+        let rotary = Rotary {
+            cos: &self.cos,
+            sin: &self.sin,
+            dims: self.config.rotary_dims,
+        };
+        let act = match self.config.activation {
+            Activation::GeluErf => 0,
+            Activation::GeluTanh => 1,
+            Activation::Relu => 2,
+        };
+        let scale = 1.0 / (self.config.head_dim() as f32).sqrt();
+        fn norm(l: &LayerNorm) -> super::fused::Norm<'_> {
+            (&l.weight, &l.bias)
+        }
+        let Some(first) = self.layers.first() else {
+            return self.final_ln.forward(&x);
+        };
+        let (mut x, mut n1, mut n2) = fused::add_layernorm(
+            &x,
+            None,
+            norm(&first.ln_attn),
+            Some(norm(&first.ln_mlp)),
+            first.ln_attn.eps,
+        )?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (ka, va) = pool.layer(li)?;
+            let qkv = layer.qkv.forward_without_bias(&n1)?;
+            let q = fused::rope_write_kv(&qkv, layer.qkv.bias(), &rotary, &index, (ka, va))?;
+            let attn = layer
+                .attn_out
+                .forward(&fused::paged_attention(&q, (ka, va), &index, scale)?)?;
+            let normed_mlp = n2
+                .take()
+                .ok_or_else(|| ModelError::Internal("a layer without its MLP layer norm".into()))?;
+            let up = layer.mlp_up.forward_without_bias(&normed_mlp)?;
+            let mlp = layer
+                .mlp_down
+                .forward(&fused::bias_act(&up, layer.mlp_up.bias(), act)?)?;
+            let (next1, next2, eps) = match self.layers.get(li + 1) {
+                Some(next) => (norm(&next.ln_attn), Some(norm(&next.ln_mlp)), next.ln_attn.eps),
+                None => (norm(&self.final_ln), None, self.final_ln.eps),
+            };
+            // One rank adds both branches itself; a group reduces their sum first.
+            let reduced;
+            let add = if self.rank.world_size == 1 {
+                ResidualAdd {
+                    a: &attn,
+                    m: Some(&mlp),
+                    bias: Some(&layer.fused_bias),
+                }
+            } else {
+                reduced = self.comm.all_reduce_sum(&(attn + mlp)?)?;
+                ResidualAdd {
+                    a: &reduced,
+                    m: None,
+                    bias: Some(&layer.fused_bias),
+                }
+            };
+            (x, n1, n2) = fused::add_layernorm(&x, Some(add), next1, next2, eps)?;
+        }
+        Ok(n1)
     }
 
     /// `[n, start + n]` additive mask: new token i (position start + i) sees positions ≤ its own.

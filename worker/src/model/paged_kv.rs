@@ -186,6 +186,12 @@ impl PagedBlocks {
         Ok(())
     }
 
+    /// The sequence's blocks, in order.
+    #[cfg(feature = "cuda")]
+    pub fn ids(&self) -> &[u32] {
+        &self.blocks
+    }
+
     /// Arena positions of tokens `range` of the sequence (within its blocks).
     pub fn positions(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
         let bs = self.pool.block_size;
