@@ -10,7 +10,8 @@
 //   paged_attention softmax(q·Kᵀ·scale)·V for each new token and head, reading the sequence's
 //                   keys through its block table (no gather, no mask);
 //   bias_act        the MLP's bias and activation.
-// Every kernel computes in f32 and rounds once to the storage type.
+// Every kernel computes in f32 and rounds once to the storage type. Pointers are __restrict__:
+// without it every store (x_out, o1, ...) would order the loads after it, serialising a row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -57,8 +58,8 @@ template <bool MAX> __device__ float block_reduce(float v, float *shm) {
 // given, o2 = LN(x_out; w2, b2): the two layer norms of a parallel-residual layer share the
 // row's statistics. The row stays in registers (h <= LN_PER_THREAD · blockDim.x).
 template <typename T>
-__device__ void add_layernorm(const T *x, const T *a, const T *m, const T *bias, T *x_out, const T *w1,
-                              const T *b1, T *o1, const T *w2, const T *b2, T *o2, int h, float eps) {
+__device__ void add_layernorm(const T *__restrict__ x, const T *__restrict__ a, const T *__restrict__ m, const T *__restrict__ bias, T *__restrict__ x_out, const T *__restrict__ w1,
+                              const T *__restrict__ b1, T *__restrict__ o1, const T *__restrict__ w2, const T *__restrict__ b2, T *__restrict__ o2, int h, float eps) {
   __shared__ float shm[33];
   const size_t row = blockIdx.x;
   x += row * h;
@@ -106,7 +107,7 @@ __device__ void add_layernorm(const T *x, const T *a, const T *m, const T *bias,
 }
 
 // y = act(x + bias[col]) over `rows · cols` elements: 0 GELU (erf), 1 GELU (tanh), 2 ReLU.
-template <typename T> __device__ void bias_act(const T *x, const T *bias, T *y, size_t n, int cols, int act) {
+template <typename T> __device__ void bias_act(const T *__restrict__ x, const T *__restrict__ bias, T *__restrict__ y, size_t n, int cols, int act) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float v = to_f(x[i]);
     if (bias) v = rounded<T>(v + to_f(bias[i % cols]));
@@ -126,8 +127,8 @@ template <typename T> __device__ void bias_act(const T *x, const T *bias, T *y, 
 // the arenas. Writes q (rotated) to q_out [tokens, heads, hd] and k (rotated), v to the
 // arenas [heads, arena_len, hd].
 template <typename T>
-__device__ void rope_write_kv(const T *qkv, const T *bias, const T *cos, const T *sin, const uint32_t *pos,
-                              const uint32_t *slot, T *q_out, T *k_arena, T *v_arena, int heads, int hd, int rot,
+__device__ void rope_write_kv(const T *__restrict__ qkv, const T *__restrict__ bias, const T *__restrict__ cos, const T *__restrict__ sin, const uint32_t *__restrict__ pos,
+                              const uint32_t *__restrict__ slot, T *__restrict__ q_out, T *__restrict__ k_arena, T *__restrict__ v_arena, int heads, int hd, int rot,
                               size_t arena_len) {
   const size_t t = blockIdx.x;
   const int half = rot / 2;
@@ -165,6 +166,7 @@ template <typename T> __device__ __forceinline__ float dot_row(const float *qs, 
   float dot = 0.f;
   if (hd % V == 0) {
     const uint4 *r4 = reinterpret_cast<const uint4 *>(row);
+#pragma unroll 4
     for (int c = 0; c < hd / V; c++) {
       const uint4 raw = r4[c];
       const T *e = reinterpret_cast<const T *>(&raw);
@@ -184,8 +186,8 @@ template <typename T> __device__ __forceinline__ float dot_row(const float *qs, 
 // keys, lanes across the dims, then the warps' partial sums added.
 // Dynamic shared memory: hd + 33 + max(len) + warps · hd floats.
 template <typename T>
-__device__ void paged_attention(const T *q, const T *k_arena, const T *v_arena, const uint32_t *blocks,
-                                const uint32_t *seq_of, const uint32_t *len_of, T *out, int heads, int hd,
+__device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k_arena, const T *__restrict__ v_arena, const uint32_t *__restrict__ blocks,
+                                const uint32_t *__restrict__ seq_of, const uint32_t *__restrict__ len_of, T *__restrict__ out, int heads, int hd,
                                 size_t arena_len, int max_blocks, int block_size, float scale) {
   extern __shared__ float smem[];
   const size_t t = blockIdx.x;
