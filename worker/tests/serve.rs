@@ -56,6 +56,32 @@ fn model_info_reports_the_kv_budget_default_and_flagged() {
     }
 }
 
+/// A request that can never fit the KV budget (1 MiB: 128 tokens of this model) is refused
+/// with INVALID_ARGUMENT naming the field to blame: the prompt when it alone is too long, else
+/// max_new_tokens.
+#[test]
+fn a_request_larger_than_the_kv_budget_names_the_field_to_blame() {
+    let server = start(&["--kv-cache-mib", "1"]);
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let long = pb::GenerateRequest {
+            prompt_ids: (0..200u32).map(|i| (i * 7 + 3) % 2000).collect(),
+            ..greedy("", 1)
+        };
+        for (req, field) in [
+            (long, "prompt: "),
+            (greedy("ROMEO:", 300), "parameters.max_new_tokens: "),
+        ] {
+            let e = c.generate(req).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().starts_with(field), "{}", e.message());
+            assert!(e.message().contains("KV blocks"), "{}", e.message());
+        }
+        // Within the budget, the same server answers.
+        c.generate(greedy("ROMEO:", 8)).await.unwrap();
+    });
+}
+
 #[test]
 fn cancelling_half_the_streams_frees_their_kv_blocks() {
     let server = start(&["--max-batch-size", "16"]);

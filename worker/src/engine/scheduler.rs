@@ -64,9 +64,10 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("{0}")]
     Unavailable(String),
-    /// The request can never fit (more KV than the whole budget).
-    #[error("{0}")]
-    TooLarge(String),
+    /// The request can never fit (more KV than the whole budget): `prompt` when the prompt
+    /// alone is too long, else the prompt with its `max_new_tokens`.
+    #[error("{message}")]
+    TooLarge { prompt: bool, message: String },
 }
 
 /// The handle servers use to submit requests.
@@ -109,7 +110,7 @@ impl EngineHandle {
         self.admit(req).inspect_err(|e| {
             let reason = match e {
                 SubmitError::QueueFull(_) => "queue_full",
-                SubmitError::TooLarge(_) => "too_large",
+                SubmitError::TooLarge { .. } => "too_large",
                 SubmitError::Unavailable(_) => "unavailable",
             };
             self.rejected.with_label_values(&[reason]).inc();
@@ -123,12 +124,22 @@ impl EngineHandle {
         if self.draining.load(Ordering::SeqCst) {
             return Err(SubmitError::Unavailable("the server is shutting down".into()));
         }
-        let need = (req.prompt_ids.len() + req.stop.max_new_tokens).div_ceil(self.config.kv_block_size.max(1));
+        let block = self.config.kv_block_size.max(1);
+        let prompt = req.prompt_ids.len().div_ceil(block);
+        let need = (req.prompt_ids.len() + req.stop.max_new_tokens).div_ceil(block);
         if need > self.config.kv_blocks {
-            return Err(SubmitError::TooLarge(format!(
-                "prompt + max_new_tokens needs {need} KV blocks but the server has {}",
-                self.config.kv_blocks
-            )));
+            let (what, blocks) = if prompt > self.config.kv_blocks {
+                (format!("the prompt ({} tokens)", req.prompt_ids.len()), prompt)
+            } else {
+                ("prompt + max_new_tokens".to_owned(), need)
+            };
+            return Err(SubmitError::TooLarge {
+                prompt: prompt > self.config.kv_blocks,
+                message: format!(
+                    "{what} needs {blocks} KV blocks but the server has {} ({block} tokens each)",
+                    self.config.kv_blocks
+                ),
+            });
         }
         // `waiting` counts every request the engine holds, queued or running.
         let prev = self.waiting.fetch_add(1, Ordering::SeqCst);

@@ -72,7 +72,8 @@ impl GenerationService {
             .map_err(|e| match e {
                 SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
                 SubmitError::Unavailable(_) => Status::unavailable(e.to_string()),
-                SubmitError::TooLarge(_) => Status::invalid_argument(format!("parameters.max_new_tokens: {e}")),
+                SubmitError::TooLarge { prompt: true, .. } => Status::invalid_argument(format!("prompt: {e}")),
+                SubmitError::TooLarge { .. } => Status::invalid_argument(format!("parameters.max_new_tokens: {e}")),
             })
             .map_err(|e| turned_away(e, &id, "refused"))?;
         Ok((rx, dl, id))

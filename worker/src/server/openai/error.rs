@@ -96,7 +96,8 @@ impl From<SubmitError> for ApiError {
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             },
             SubmitError::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message),
-            SubmitError::TooLarge(_) => Self::invalid("max_tokens", format!("max_tokens: {message}")),
+            SubmitError::TooLarge { prompt: true, .. } => Self::invalid("prompt", format!("prompt: {message}")),
+            SubmitError::TooLarge { .. } => Self::invalid("max_tokens", format!("max_tokens: {message}")),
         }
     }
 }
