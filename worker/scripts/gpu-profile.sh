@@ -11,12 +11,8 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/profile.log") 2>&1
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 LAYERS=${NEOX_PROFILE_LAYERS:-4}
-echo "pack: $(cat .gpu/commit 2>/dev/null || echo 'unknown commit')"
-BIN=/tmp/neox-gpu
-mkdir -p "$BIN"
-gunzip -c .gpu/neox-worker.gz >"$BIN/neox-worker" && chmod +x "$BIN/neox-worker" || exit 1
-SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-export LD_LIBRARY_PATH=$SITE/nvidia/cu13/lib:$SITE/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# shellcheck source=gpu-env.sh
+. worker/scripts/gpu-env.sh neox-worker
 CKPT=/dev/shm/neox20b-${LAYERS}l
 python3 worker/benches/gpu_20b.py --write-only --layers "$LAYERS" --dir "$CKPT" || exit 1
 bench() { "$BIN/neox-worker" bench --model "$CKPT" --device cuda --dtype fp16 "$@"; }

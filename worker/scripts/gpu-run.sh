@@ -18,14 +18,8 @@ export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_B
 LOGS=${OUT:-/tmp}
 BENCH=0
 [ "${1:-}" = "--bench" ] && BENCH=1
-[ -d .gpu ] || { echo "gpu-run: no .gpu/ here (run worker/scripts/pack-for-gpu.sh, carry .gpu)" >&2; exit 1; }
-echo "pack: $(cat .gpu/commit 2>/dev/null || echo 'unknown commit')"
-BIN=/tmp/neox-gpu
-mkdir -p "$BIN"
-for b in neox-worker gpu-tests neox; do gunzip -c ".gpu/$b.gz" >"$BIN/$b" && chmod +x "$BIN/$b" || exit 1; done
-
-SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-export LD_LIBRARY_PATH=$SITE/nvidia/cu13/lib:$SITE/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# shellcheck source=gpu-env.sh
+. worker/scripts/gpu-env.sh neox-worker gpu-tests neox
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
 echo "missing libraries:"; ldd "$BIN/neox-worker" | grep "not found" || echo "  none"
 df -h / /tmp /dev/shm 2>/dev/null; free -g

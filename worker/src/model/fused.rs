@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::ModelError;
+use super::{Activation, ModelError};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/neox_kernels.ptx"));
 const MODULE: &str = "neox_fused";
@@ -200,9 +200,8 @@ pub(super) fn add_layernorm(
     Ok((x_out, o1, o2))
 }
 
-/// `act(x + bias)` with `bias` broadcast over the rows of `x`: act 0 GELU (erf), 1 GELU (tanh),
-/// 2 ReLU.
-pub(super) fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: i32) -> Result<Tensor, ModelError> {
+/// `act(x + bias)` with `bias` broadcast over the rows of `x`.
+pub(super) fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor, ModelError> {
     let cols = x.dim(x.rank().saturating_sub(1))?;
     if let Some(b) = bias {
         check_shape(b, &[cols], "an MLP bias")?;
@@ -221,7 +220,12 @@ pub(super) fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: i32) -> Result<Te
         Arg::U64(ptr(&y)?),
         Arg::U64(n as u64),
         Arg::I32(as_i32(cols, "MLP width")?),
-        Arg::I32(act),
+        // The kernel's codes.
+        Arg::I32(match act {
+            Activation::GeluErf => 0,
+            Activation::GeluTanh => 1,
+            Activation::Relu => 2,
+        }),
     ];
     if n > 0 {
         launch(x, "bias_act", cfg, &args)?;
@@ -237,18 +241,19 @@ pub(super) struct Rotary<'a> {
     pub dims: usize,
 }
 
-/// Where a step's tokens go and what they see in the paged arenas (all u32, on the device).
-pub(super) struct PagedIndex<'a> {
+/// Where a step's tokens go and what they see in the paged arenas (all u32, on the device),
+/// built once per step and shared by every layer.
+pub(super) struct PagedIndex {
     /// `[tokens]`: position of each new token in its sequence.
-    pub pos: &'a Tensor,
+    pub pos: Tensor,
     /// `[tokens]`: arena place of each new token.
-    pub slot: &'a Tensor,
+    pub slot: Tensor,
     /// `[sequences, max_blocks]`: each sequence's blocks.
-    pub blocks: &'a Tensor,
+    pub blocks: Tensor,
     /// `[tokens]`: which row of `blocks` each token belongs to.
-    pub seq_of: &'a Tensor,
+    pub seq_of: Tensor,
     /// `[tokens]`: how many of its sequence's tokens each token sees (itself included).
-    pub len_of: &'a Tensor,
+    pub len_of: Tensor,
     pub max_len: usize,
     pub block_size: usize,
 }
@@ -260,7 +265,7 @@ pub(super) fn rope_write_kv(
     qkv: &Tensor,
     bias: Option<&Tensor>,
     rotary: &Rotary<'_>,
-    index: &PagedIndex<'_>,
+    index: &PagedIndex,
     arenas: (&Tensor, &Tensor),
 ) -> Result<Tensor, ModelError> {
     let (heads, arena_len, hd) = arenas.0.dims3()?;
@@ -270,8 +275,8 @@ pub(super) fn rope_write_kv(
     if let Some(b) = bias {
         check_shape(b, &[heads * 3 * hd], "the qkv bias")?;
     }
-    check_shape(index.pos, &[tokens], "positions")?;
-    check_shape(index.slot, &[tokens], "arena places")?;
+    check_shape(&index.pos, &[tokens], "positions")?;
+    check_shape(&index.slot, &[tokens], "arena places")?;
     let half = rotary.dims / 2;
     if !rotary.dims.is_multiple_of(2)
         || rotary.dims > hd
@@ -296,8 +301,8 @@ pub(super) fn rope_write_kv(
         Arg::U64(opt_ptr(bias)?),
         Arg::U64(ptr(rotary.cos)?),
         Arg::U64(ptr(rotary.sin)?),
-        Arg::U64(ptr(index.pos)?),
-        Arg::U64(ptr(index.slot)?),
+        Arg::U64(ptr(&index.pos)?),
+        Arg::U64(ptr(&index.slot)?),
         Arg::U64(ptr(&q)?),
         Arg::U64(ptr(arenas.0)?),
         Arg::U64(ptr(arenas.1)?),
@@ -317,15 +322,15 @@ pub(super) fn rope_write_kv(
 pub(super) fn paged_attention(
     q: &Tensor,
     arenas: (&Tensor, &Tensor),
-    index: &PagedIndex<'_>,
+    index: &PagedIndex,
     scale: f32,
 ) -> Result<Tensor, ModelError> {
     let (tokens, heads, hd) = q.dims3()?;
     let arena_len = arenas.0.dim(1)?;
     check_shape(arenas.0, &[heads, arena_len, hd], "the K arena")?;
     check_shape(arenas.1, &[heads, arena_len, hd], "the V arena")?;
-    check_shape(index.seq_of, &[tokens], "sequence of each token")?;
-    check_shape(index.len_of, &[tokens], "visible length of each token")?;
+    check_shape(&index.seq_of, &[tokens], "sequence of each token")?;
+    check_shape(&index.len_of, &[tokens], "visible length of each token")?;
     let max_blocks = index.blocks.dim(1)?;
     if !attention_fits(hd, index.max_len) || index.max_len > max_blocks * index.block_size {
         return Err(ModelError::Internal(format!(
@@ -343,9 +348,9 @@ pub(super) fn paged_attention(
         Arg::U64(ptr(q)?),
         Arg::U64(ptr(arenas.0)?),
         Arg::U64(ptr(arenas.1)?),
-        Arg::U64(ptr(index.blocks)?),
-        Arg::U64(ptr(index.seq_of)?),
-        Arg::U64(ptr(index.len_of)?),
+        Arg::U64(ptr(&index.blocks)?),
+        Arg::U64(ptr(&index.seq_of)?),
+        Arg::U64(ptr(&index.len_of)?),
         Arg::U64(ptr(&out)?),
         Arg::I32(as_i32(heads, "heads")?),
         Arg::I32(as_i32(hd, "head_dim")?),

@@ -126,19 +126,6 @@ struct PagedPlan {
     attend: PagedAttend,
 }
 
-/// The fused kernels' view of a paged step (see `fused::PagedIndex`): u32 tensors, narrowed
-/// from one host-to-device copy.
-#[cfg(feature = "cuda")]
-struct FusedIndex {
-    pos: Tensor,
-    slot: Tensor,
-    seq_of: Tensor,
-    len_of: Tensor,
-    blocks: Tensor,
-    max_len: usize,
-    block_size: usize,
-}
-
 enum PagedAttend {
     /// Every sequence feeds one token: one gather of `[sequences · longest]` positions
     /// (padded), with an additive mask `[sequences, 1, 1, longest]` hiding the padding.
@@ -151,7 +138,7 @@ enum PagedAttend {
     Each(Vec<(Tensor, Option<Tensor>)>),
     /// Every layer runs the fused kernels (`forward_fused`).
     #[cfg(feature = "cuda")]
-    Fused(FusedIndex),
+    Fused(super::fused::PagedIndex),
 }
 
 fn ln(ckpt: &Checkpoint, prefix: &str, c: &NeoXConfig, dtype: DType, dev: &Device) -> Result<LayerNorm, ModelError> {
@@ -514,7 +501,7 @@ impl GptNeoX {
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let mut x = self.embed_in.index_select(&ids, 0)?;
-        let paged = self.paged_plan(seqs)?;
+        let paged = self.paged_plan(seqs, &positions)?;
         #[cfg(feature = "cuda")]
         if let Some(PagedPlan {
             attend: PagedAttend::Fused(index),
@@ -540,8 +527,10 @@ impl GptNeoX {
     }
 
     /// Blocks for the step's new tokens and the gather/scatter plan every layer shares, when
-    /// the caches are paged.
-    fn paged_plan(&self, seqs: &mut [SeqStep<'_>]) -> Result<Option<PagedPlan>, ModelError> {
+    /// the caches are paged. `positions` are the new tokens' positions (the fused kernels'
+    /// rotary reads them).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn paged_plan(&self, seqs: &mut [SeqStep<'_>], positions: &[u32]) -> Result<Option<PagedPlan>, ModelError> {
         let paged = seqs.iter().filter(|s| s.cache.blocks().is_some()).count();
         if paged == 0 {
             return Ok(None);
@@ -563,7 +552,7 @@ impl GptNeoX {
             write.extend(blocks.positions(start..start + n));
         }
         #[cfg(feature = "cuda")]
-        if let Some(index) = self.fused_index(seqs, &write)? {
+        if let Some(index) = self.fused_index(seqs, positions, &write)? {
             return Ok(Some(PagedPlan {
                 write: None,
                 attend: PagedAttend::Fused(index),
@@ -817,7 +806,12 @@ impl GptNeoX {
     /// at most [`FUSED_MAX_NEW`] tokens and the longest fits the attention kernel. `write`
     /// holds the arena places of the step's tokens, blocks already ensured.
     #[cfg(feature = "cuda")]
-    fn fused_index(&self, seqs: &[SeqStep<'_>], write: &[u32]) -> Result<Option<FusedIndex>, ModelError> {
+    fn fused_index(
+        &self,
+        seqs: &[SeqStep<'_>],
+        positions: &[u32],
+        write: &[u32],
+    ) -> Result<Option<super::fused::PagedIndex>, ModelError> {
         let max_len = seqs.iter().map(|s| s.cache.len() + s.tokens.len()).max().unwrap_or(0);
         let fits = self.fused
             && seqs.iter().all(|s| s.tokens.len() <= FUSED_MAX_NEW)
@@ -828,12 +822,10 @@ impl GptNeoX {
         let block_size = pool.block_size();
         let max_blocks = max_len.div_ceil(block_size).max(1);
         let t = write.len();
-        // One buffer: positions, arena places, sequence and visible length of each token, then
-        // each sequence's block table.
+        // One buffer (one host-to-device copy): positions, arena places, sequence and visible
+        // length of each token, then each sequence's block table.
         let mut buf = Vec::with_capacity(4 * t + seqs.len() * max_blocks);
-        for s in seqs {
-            buf.extend((0..s.tokens.len()).map(|j| (s.cache.len() + j) as u32));
-        }
+        buf.extend_from_slice(positions);
         buf.extend_from_slice(write);
         for (i, s) in seqs.iter().enumerate() {
             buf.extend(std::iter::repeat_n(i as u32, s.tokens.len()));
@@ -853,7 +845,7 @@ impl GptNeoX {
         let len = buf.len();
         let all = Tensor::from_vec(buf, len, &self.device)?;
         let part = |i: usize| all.narrow(0, i * t, t);
-        Ok(Some(FusedIndex {
+        Ok(Some(super::fused::PagedIndex {
             pos: part(0)?,
             slot: part(1)?,
             seq_of: part(2)?,
@@ -870,30 +862,16 @@ impl GptNeoX {
     /// the residual in one kernel, the four matmuls, and one kernel each for rotary + KV
     /// write, attention and the MLP activation. Returns the final layer norm's output.
     #[cfg(feature = "cuda")]
-    fn forward_fused(&self, x: Tensor, ix: &FusedIndex) -> Result<Tensor, ModelError> {
-        use super::fused::{self, PagedIndex, ResidualAdd, Rotary};
+    fn forward_fused(&self, x: Tensor, index: &super::fused::PagedIndex) -> Result<Tensor, ModelError> {
+        use super::fused::{self, ResidualAdd, Rotary};
         let pool = self
             .kv_pool
             .as_ref()
             .ok_or_else(|| ModelError::Internal("a fused step without a KV pool".into()))?;
-        let index = PagedIndex {
-            pos: &ix.pos,
-            slot: &ix.slot,
-            blocks: &ix.blocks,
-            seq_of: &ix.seq_of,
-            len_of: &ix.len_of,
-            max_len: ix.max_len,
-            block_size: ix.block_size,
-        };
         let rotary = Rotary {
             cos: &self.cos,
             sin: &self.sin,
             dims: self.config.rotary_dims,
-        };
-        let act = match self.config.activation {
-            Activation::GeluErf => 0,
-            Activation::GeluTanh => 1,
-            Activation::Relu => 2,
         };
         let scale = 1.0 / (self.config.head_dim() as f32).sqrt();
         fn norm(l: &LayerNorm) -> super::fused::Norm<'_> {
@@ -912,17 +890,17 @@ impl GptNeoX {
         for (li, layer) in self.layers.iter().enumerate() {
             let (ka, va) = pool.layer(li)?;
             let qkv = layer.qkv.forward_without_bias(&n1)?;
-            let q = fused::rope_write_kv(&qkv, layer.qkv.bias(), &rotary, &index, (ka, va))?;
+            let q = fused::rope_write_kv(&qkv, layer.qkv.bias(), &rotary, index, (ka, va))?;
             let attn = layer
                 .attn_out
-                .forward(&fused::paged_attention(&q, (ka, va), &index, scale)?)?;
+                .forward(&fused::paged_attention(&q, (ka, va), index, scale)?)?;
             let normed_mlp = n2
                 .take()
                 .ok_or_else(|| ModelError::Internal("a layer without its MLP layer norm".into()))?;
             let up = layer.mlp_up.forward_without_bias(&normed_mlp)?;
             let mlp = layer
                 .mlp_down
-                .forward(&fused::bias_act(&up, layer.mlp_up.bias(), act)?)?;
+                .forward(&fused::bias_act(&up, layer.mlp_up.bias(), self.config.activation)?)?;
             let (next1, next2, eps) = match self.layers.get(li + 1) {
                 Some(next) => (norm(&next.ln_attn), Some(norm(&next.ln_mlp)), next.ln_attn.eps),
                 None => (norm(&self.final_ln), None, self.final_ln.eps),
