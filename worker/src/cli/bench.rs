@@ -69,6 +69,12 @@ fn every_logits(out: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// The middle value (the upper one of an even count); `v` is never empty here.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Draft tokens per sequence in the speculative-verification figure.
 const VERIFY_DRAFTS: usize = 4;
 
@@ -111,8 +117,7 @@ fn sampling_cost(logits: &[Tensor], vocab: usize) -> Result<serde_json::Value> {
             sample(logits, vocab, params, place)?;
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[ms.len() / 2])
+        Ok(median(ms))
     };
     Ok(json!({
         "greedy_device_ms": median_ms(&SamplingParams::default(), SamplingPlace::Device)?,
@@ -215,12 +220,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             runner.model().device().synchronize()?;
             verify_secs.push(t.elapsed().as_secs_f64());
         }
-        verify_secs.sort_by(f64::total_cmp);
-        let verify = verify_secs[verify_secs.len() / 2];
+        let verify = median(verify_secs);
         peak = peak.max(memory_in_use(runner));
         runner.release(&ids)?;
-        step_secs.sort_by(f64::total_cmp);
-        let median = step_secs[step_secs.len() / 2];
+        let median = median(step_secs);
         decode.push(json!({
             "batch": b,
             "ms_per_step": median * 1e3,

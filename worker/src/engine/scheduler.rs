@@ -128,13 +128,14 @@ impl EngineHandle {
         let prompt = req.prompt_ids.len().div_ceil(block);
         let need = (req.prompt_ids.len() + req.stop.max_new_tokens).div_ceil(block);
         if need > self.config.kv_blocks {
-            let (what, blocks) = if prompt > self.config.kv_blocks {
+            let prompt_too_long = prompt > self.config.kv_blocks;
+            let (what, blocks) = if prompt_too_long {
                 (format!("the prompt ({} tokens)", req.prompt_ids.len()), prompt)
             } else {
                 ("prompt + max_new_tokens".to_owned(), need)
             };
             return Err(SubmitError::TooLarge {
-                prompt: prompt > self.config.kv_blocks,
+                prompt: prompt_too_long,
                 message: format!(
                     "{what} needs {blocks} KV blocks but the server has {} ({block} tokens each)",
                     self.config.kv_blocks
@@ -251,6 +252,15 @@ pub fn start(
     (handle, join)
 }
 
+/// Alternatives `(id, logprob)` with their text. A token that does not decode on its own reads
+/// as empty, never failing the step.
+fn named(tok: &NeoXTokenizer, alternatives: &[(u32, f32)]) -> Vec<(u32, String, f32)> {
+    alternatives
+        .iter()
+        .map(|&(id, lp)| (id, tok.decode(&[id]).unwrap_or_default(), lp))
+        .collect()
+}
+
 /// Marks the worker unhealthy if the engine thread unwinds. Without it a panic would leave
 /// health SERVING (the pod Ready, the group never restarted) while every request failed.
 struct UnwindGuard {
@@ -258,12 +268,17 @@ struct UnwindGuard {
     gauge: prometheus::IntGauge,
 }
 
+/// Health NOT_SERVING and `neox_group_healthy` 0: the worker exits and its group restarts.
+fn mark_unhealthy(healthy: &AtomicBool, gauge: &prometheus::IntGauge) {
+    healthy.store(false, Ordering::SeqCst);
+    gauge.set(0);
+}
+
 impl Drop for UnwindGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
             tracing::error!("the engine thread panicked: the worker reports itself unhealthy and exits");
-            self.healthy.store(false, Ordering::SeqCst);
-            self.gauge.set(0);
+            mark_unhealthy(&self.healthy, &self.gauge);
         }
     }
 }
@@ -715,15 +730,7 @@ impl Engine {
                 });
             }
             for (j, (&id, lp)) in targets.iter().zip(logprobs).enumerate() {
-                let top = match tops.get(j) {
-                    Some(row) => row
-                        .iter()
-                        // A token that does not decode on its own reads as empty, never
-                        // failing the step.
-                        .map(|&(t, l)| (t, tok.decode(&[t]).unwrap_or_default(), l))
-                        .collect(),
-                    None => Vec::new(),
-                };
+                let top = tops.get(j).map(|row| named(&tok, row)).unwrap_or_default();
                 s.prompt_lp.push(TokenInfo {
                     id,
                     text: tok.decode(&[id])?,
@@ -800,11 +807,7 @@ impl Engine {
             id: sampled.id,
             text: tok.decode(&[sampled.id])?,
             logprob: s.req.logprobs.then_some(sampled.logprob),
-            top: sampled
-                .top
-                .iter()
-                .map(|&(id, lp)| (id, tok.decode(&[id]).unwrap_or_default(), lp))
-                .collect(),
+            top: named(&tok, &sampled.top),
         };
         let _ = s.req.events.send(Event::Token {
             token: info,
@@ -831,8 +834,7 @@ impl Engine {
 
     /// The group is broken: fail every request, mark the engine unhealthy.
     fn fail_everything(&mut self, e: ModelError) {
-        self.healthy.store(false, Ordering::SeqCst);
-        self.metrics.group_healthy.set(0);
+        mark_unhealthy(&self.healthy, &self.metrics.group_healthy);
         let msg = e.to_string();
         // The group is gone and its caches with it; the blocks go back so the gauges say so.
         for e in self.prefix.as_mut().map(PrefixCache::clear).unwrap_or_default() {

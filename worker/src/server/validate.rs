@@ -68,22 +68,27 @@ fn unit_interval(field: &str, v: Option<f32>) -> Result<f32, Invalid> {
     }
 }
 
+/// A text prompt's token ids, refusing one over the byte limit (empty text gives none).
+pub fn encode_prompt(text: &str, tok: &NeoXTokenizer, lim: &Limits) -> Result<Vec<u32>, Invalid> {
+    if text.len() > lim.max_prompt_bytes {
+        return Err(bad(
+            "prompt",
+            format!(
+                "{} bytes exceeds the limit of {} bytes",
+                text.len(),
+                lim.max_prompt_bytes
+            ),
+        ));
+    }
+    tok.encode(text).map_err(|e| bad("prompt", e))
+}
+
 pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) -> Result<Validated, Invalid> {
     let mut ids = match (req.prompt.is_empty(), req.prompt_ids.is_empty()) {
         (true, true) => return Err(bad("prompt", "must not be empty (set prompt or prompt_ids)")),
         (false, false) => return Err(bad("prompt_ids", "set either prompt or prompt_ids, not both")),
         (false, true) => {
-            if req.prompt.len() > lim.max_prompt_bytes {
-                return Err(bad(
-                    "prompt",
-                    format!(
-                        "{} bytes exceeds the limit of {} bytes",
-                        req.prompt.len(),
-                        lim.max_prompt_bytes
-                    ),
-                ));
-            }
-            let ids = tok.encode(&req.prompt).map_err(|e| bad("prompt", e))?;
+            let ids = encode_prompt(&req.prompt, tok, lim)?;
             if ids.is_empty() {
                 return Err(bad("prompt", "encodes to no tokens"));
             }

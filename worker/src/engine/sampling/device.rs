@@ -171,18 +171,11 @@ fn apply_penalties(raw: &Tensor, rows: &[DeviceRow<'_>]) -> Result<Tensor> {
                 seen.entry(t).or_insert((1.0, 0.0)).0 = p.repetition_penalty;
             }
         }
-        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
-            let mut counts = std::collections::BTreeMap::<u32, u32>::new();
-            for &t in row.generated.iter().filter(|&&t| (t as usize) < vocab) {
-                *counts.entry(t).or_default() += 1;
+        // Penalties less any bias, as the host subtracts them.
+        for (t, m) in p.subtracted(row.generated) {
+            if (t as usize) < vocab {
+                seen.entry(t).or_insert((1.0, 0.0)).1 = m;
             }
-            for (t, c) in counts {
-                seen.entry(t).or_insert((1.0, 0.0)).1 = p.frequency_penalty * c as f32 + p.presence_penalty;
-            }
-        }
-        // A bias is added after the penalties, as the host adds it: subtracting its negation.
-        for &(t, bias) in p.logit_bias.iter().filter(|(t, _)| (*t as usize) < vocab) {
-            seen.entry(t).or_insert((1.0, 0.0)).1 -= bias;
         }
         for (t, (f, m)) in seen {
             at.push((r * vocab + t as usize) as u32);

@@ -57,6 +57,34 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Whether a penalty or a bias changes the logits before the choice.
+    pub fn adjusts_logits(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+            || !self.logit_bias.is_empty()
+    }
+
+    /// The amount subtracted from each token's logit after the repetition penalty: the
+    /// frequency and presence penalties (OpenAI's) less any logit bias. The host and device
+    /// samplers both take it from here, so they adjust by the same values bit for bit.
+    pub(super) fn subtracted(&self, generated: &[u32]) -> std::collections::BTreeMap<u32, f32> {
+        let mut minus = std::collections::BTreeMap::new();
+        if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            let mut counts = std::collections::BTreeMap::<u32, u32>::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                minus.insert(t, self.frequency_penalty * c as f32 + self.presence_penalty);
+            }
+        }
+        for &(t, bias) in self.logit_bias.iter() {
+            *minus.entry(t).or_insert(0.0) -= bias;
+        }
+        minus
+    }
 }
 
 /// The chosen token with its log-probability under the model and the top alternatives.
@@ -126,12 +154,7 @@ impl Sampler {
     /// alternatives to report), so the logits need not leave their device.
     pub fn needs_only_argmax(&self) -> bool {
         let p = &self.params;
-        p.is_greedy()
-            && p.repetition_penalty == 1.0
-            && p.frequency_penalty == 0.0
-            && p.presence_penalty == 0.0
-            && p.logit_bias.is_empty()
-            && p.top_n_tokens == 0
+        p.is_greedy() && !p.adjusts_logits() && p.top_n_tokens == 0
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -144,12 +167,8 @@ impl Sampler {
         let vocab = vocab.min(logits.len()).max(1);
         let raw = &logits[..vocab];
         let p = self.params.clone();
-        let penalised = p.repetition_penalty != 1.0
-            || p.frequency_penalty != 0.0
-            || p.presence_penalty != 0.0
-            || !p.logit_bias.is_empty();
         let mut adjusted: Vec<f32>;
-        let scores: &[f32] = if penalised {
+        let scores: &[f32] = if p.adjusts_logits() {
             adjusted = raw.to_vec();
             if p.repetition_penalty != 1.0 {
                 let mut seen = vec![false; vocab];
@@ -167,22 +186,7 @@ impl Sampler {
                     }
                 }
             }
-            // One amount subtracted per token (penalties less any bias), computed as the
-            // device sampler computes it, so both give the same values bit for bit.
-            let mut minus = std::collections::HashMap::<u32, f32>::new();
-            if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
-                let mut counts = std::collections::HashMap::<u32, u32>::new();
-                for &t in generated {
-                    *counts.entry(t).or_default() += 1;
-                }
-                for (t, c) in counts {
-                    minus.insert(t, p.frequency_penalty * c as f32 + p.presence_penalty);
-                }
-            }
-            for &(t, bias) in p.logit_bias.iter() {
-                *minus.entry(t).or_insert(0.0) -= bias;
-            }
-            for (t, m) in minus {
+            for (t, m) in p.subtracted(generated) {
                 if let Some(l) = adjusted.get_mut(t as usize) {
                     *l -= m;
                 }

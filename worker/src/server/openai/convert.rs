@@ -36,7 +36,8 @@ impl Plan {
     }
 }
 
-fn unsupported(param: &str, why: &str) -> ApiError {
+/// A 400 naming `param`, its message prefixed with it as every other error is.
+fn bad(param: &str, why: impl std::fmt::Display) -> ApiError {
     ApiError::invalid(param, format!("{param}: {why}"))
 }
 
@@ -46,51 +47,40 @@ fn unsupported(param: &str, why: &str) -> ApiError {
 /// (`max_choices`), so no request can make the server allocate much beyond its body.
 pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<Plan, ApiError> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(unsupported(
-            "suffix",
-            "not supported (GPT-NeoX is not trained to fill in text)",
-        ));
+        return Err(bad("suffix", "not supported (GPT-NeoX is not trained to fill in text)"));
     }
     // Keys are token ids as strings (JSON object keys); values are checked with the rest.
     let bias = req.logit_bias.unwrap_or_default();
     if bias.len() > MAX_LOGIT_BIAS {
-        return Err(ApiError::invalid(
+        return Err(bad(
             "logit_bias",
-            format!("logit_bias: {} entries given, at most {MAX_LOGIT_BIAS}", bias.len()),
+            format!("{} entries given, at most {MAX_LOGIT_BIAS}", bias.len()),
         ));
     }
     let logit_bias = bias
         .into_iter()
         .map(|(k, v)| match k.trim().parse::<u32>() {
             Ok(id) => Ok((id, v)),
-            Err(_) => Err(ApiError::invalid(
-                "logit_bias",
-                format!("logit_bias: key {k:?} is not a token id"),
-            )),
+            Err(_) => Err(bad("logit_bias", format!("key {k:?} is not a token id"))),
         })
         .collect::<Result<_, _>>()?;
     let n = req.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
-        return Err(ApiError::invalid("n", format!("n: must be in [1, {MAX_N}], got {n}")));
+        return Err(bad("n", format!("must be in [1, {MAX_N}], got {n}")));
     }
     if let Some(b) = req.best_of {
         if b != n {
-            return Err(unsupported("best_of", "only best_of equal to n is supported"));
+            return Err(bad("best_of", "only best_of equal to n is supported"));
         }
     }
     let stream = req.stream.unwrap_or(false);
     if req.stream_options.is_some() && !stream {
-        return Err(unsupported("stream_options", "only allowed when stream is true"));
+        return Err(bad("stream_options", "only allowed when stream is true"));
     }
     let top_k = match req.top_k {
         None | Some(0) | Some(-1) => 0,
         Some(k) if k > 0 => k as u32,
-        Some(k) => {
-            return Err(ApiError::invalid(
-                "top_k",
-                format!("top_k: must be -1 (off) or positive, got {k}"),
-            ))
-        }
+        Some(k) => return Err(bad("top_k", format!("must be -1 (off) or positive, got {k}"))),
     };
     let stop = req.stop.map(|s| s.into_vec()).unwrap_or_default();
     let stop_token_ids = req.stop_token_ids.unwrap_or_default();
@@ -99,28 +89,25 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
         ("stop_token_ids", stop_token_ids.len(), lim.max_stop_token_ids),
     ] {
         if given > most {
-            return Err(ApiError::invalid(
-                param,
-                format!("{param}: {given} given, at most {most}"),
-            ));
+            return Err(bad(param, format!("{given} given, at most {most}")));
         }
     }
     let prompts = req.prompt.into_list();
     if prompts.is_empty() {
-        return Err(ApiError::invalid("prompt", "prompt: must not be empty"));
+        return Err(bad("prompt", "must not be empty"));
     }
     if prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::invalid(
+        return Err(bad(
             "prompt",
-            format!("prompt: {} prompts given, at most {MAX_PROMPTS}", prompts.len()),
+            format!("{} prompts given, at most {MAX_PROMPTS}", prompts.len()),
         ));
     }
     let choices = prompts.len() * n as usize;
     if choices > max_choices {
-        return Err(ApiError::invalid(
+        return Err(bad(
             "n",
             format!(
-                "n: {} prompts x n {n} = {choices} choices, more than this server holds at once ({max_choices})",
+                "{} prompts x n {n} = {choices} choices, more than this server holds at once ({max_choices})",
                 prompts.len()
             ),
         ));
@@ -128,9 +115,9 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
     let score_only = req.max_tokens == Some(0);
     let echo = req.echo.unwrap_or(false);
     if score_only && !echo {
-        return Err(ApiError::invalid(
+        return Err(bad(
             "max_tokens",
-            "max_tokens: 0 generates nothing; it is only allowed with echo (to score the prompt)",
+            "0 generates nothing; it is only allowed with echo (to score the prompt)",
         ));
     }
     let max_tokens = match req.max_tokens {

@@ -217,6 +217,9 @@ struct Run {
     plan: Plan,
     events: StreamMap<usize, UnboundedReceiverStream<Event>>,
     choices: Vec<Choice>,
+    /// Per prompt: its tokens' character offsets, computed for its first choice that echoes
+    /// it and shared by the other `n - 1` (they see the same prompt ids).
+    prompt_offsets: Vec<Option<Vec<usize>>>,
 }
 
 impl OpenAiApi {
@@ -281,6 +284,7 @@ impl OpenAiApi {
             id: format!("cmpl-{id}"),
             model: self.model.clone(),
             tokenizer: self.tokenizer.clone(),
+            prompt_offsets: vec![None; plan.prompts.len()],
             plan,
             events,
             choices,
@@ -308,7 +312,11 @@ impl Run {
         let choice = &mut self.choices[i];
         let asm = &mut choice.asm;
         Some(Ok(match ev {
-            Event::PromptTokens(t) => Step::Piece(i, asm.prompt_tokens(&t, &prompt_offsets(&self.tokenizer, &t))),
+            Event::PromptTokens(t) => {
+                let offsets = self.prompt_offsets[i / self.plan.n.max(1)]
+                    .get_or_insert_with(|| prompt_offsets(&self.tokenizer, &t));
+                Step::Piece(i, asm.prompt_tokens(&t, offsets))
+            }
             Event::Token { token, delta } => Step::Piece(i, asm.token(&token, &delta)),
             Event::Finished(f) => {
                 self.events.remove(&i);

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::OpenAiApi;
+use crate::server::validate::encode_prompt;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,17 +47,8 @@ impl OpenAiApi {
         if let Some(m) = &req.model {
             self.check_model(m)?;
         }
-        let limit = self.limits.max_prompt_bytes;
-        if req.prompt.len() > limit {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!("prompt: {} bytes exceeds the limit of {limit} bytes", req.prompt.len()),
-            ));
-        }
-        let tokens = self
-            .tokenizer
-            .encode(&req.prompt)
-            .map_err(|e| ApiError::invalid("prompt", format!("prompt: {e}")))?;
+        let tokens = encode_prompt(&req.prompt, &self.tokenizer, &self.limits)
+            .map_err(|e| ApiError::invalid("prompt", format!("prompt: {}", e.message)))?;
         let token_strs = req.return_token_strs.unwrap_or(false).then(|| {
             tokens
                 .iter()
