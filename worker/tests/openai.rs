@@ -375,10 +375,11 @@ fn bad_requests_get_openai_errors_naming_the_parameter_and_lose_nothing() {
     }
     let r = s.http("POST", "/v1/chat/completions", &[], &base.to_string());
     assert_eq!(r.status, 404);
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("/v1/completions"));
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    // It lists every route the server has.
+    for route in ["/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health"] {
+        assert!(message.contains(route), "{route} missing from: {message}");
+    }
     let r = s.http("GET", "/v1/completions", &[], "");
     assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("GET"));
