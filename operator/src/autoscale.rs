@@ -51,13 +51,15 @@ pub fn query_for(d: &NeoXDeployment, a: &AutoscalingSpec) -> (String, bool) {
     }
 }
 
+/// What a query parameter keeps as is: RFC 3986's unreserved characters.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(q, QUERY_VALUE).to_string()
 }
 
 /// The URL with any `user:password@` taken out, for logs, errors and status.

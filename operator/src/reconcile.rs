@@ -387,13 +387,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     for action in &plan.actions {
         match action {
             Action::CreateGroup(g) => {
-                apply_group_service(&services, d, *g, &pp).await?;
-                stss.patch(
-                    &resources::group_name(d, *g),
-                    &pp,
-                    &Patch::Apply(resources::statefulset(d, *g)),
-                )
-                .await?;
+                apply_group(&services, &stss, d, *g, &pp).await?;
                 publish(
                     ctx,
                     d,
@@ -444,13 +438,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
                 .await;
             }
             Action::UpdateGroup(g) => {
-                apply_group_service(&services, d, *g, &pp).await?;
-                stss.patch(
-                    &resources::group_name(d, *g),
-                    &pp,
-                    &Patch::Apply(resources::statefulset(d, *g)),
-                )
-                .await?;
+                apply_group(&services, &stss, d, *g, &pp).await?;
                 delete_group_pods(&pods, &observed, *g).await?;
                 publish(
                     ctx,
@@ -488,6 +476,24 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
+}
+
+/// The group's Service, then its StatefulSet at the deployment's current spec.
+async fn apply_group(
+    services: &Api<Service>,
+    stss: &Api<StatefulSet>,
+    d: &NeoXDeployment,
+    g: i32,
+    pp: &PatchParams,
+) -> Result<(), Error> {
+    apply_group_service(services, d, g, pp).await?;
+    stss.patch(
+        &resources::group_name(d, g),
+        pp,
+        &Patch::Apply(resources::statefulset(d, g)),
+    )
+    .await?;
+    Ok(())
 }
 
 /// The group's headless Service, through which its ranks find the leader: applied whenever the

@@ -115,15 +115,9 @@ async fn an_object_the_api_server_refuses_is_reported_in_status_once() {
 #[tokio::test]
 async fn a_failed_rank_restarts_its_whole_group_only() {
     let d = deployment(2, 2);
-    let rev = resources::revision(&d);
-    let mut pods = ready_group(&d, 0);
     let mut g1 = ready_group(&d, 1);
     g1[1].status.as_mut().unwrap().phase = Some("Failed".into());
-    pods.extend(g1);
-    let (client, rec) = fake(
-        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
-        pods,
-    );
+    let (client, rec) = two_groups(&d, g1);
     let ctx = context(client, 1000);
     reconcile(Arc::new(d), ctx.clone()).await.unwrap();
     // Counted for the NeoXGroupRestarting alert.
@@ -166,28 +160,17 @@ async fn ranks_that_restarted_and_formed_their_group_again_are_left_alone() {
     // After a wait for capacity every rank of group 1 restarted once, then the group formed:
     // all Ready. Restarting it again would only reload the model.
     let d = deployment(2, 2);
-    let rev = resources::revision(&d);
-    let mut pods = ready_group(&d, 0);
     let mut g1 = ready_group(&d, 1);
     for p in &mut g1 {
         p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].restart_count = 1;
     }
-    pods.extend(g1.clone());
-    let (client, rec) = fake(
-        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
-        pods,
-    );
+    let (client, rec) = two_groups(&d, g1.clone());
     reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
     assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
     // The same rank restarted and not Ready: its group has lost it, all ranks go.
-    let mut pods = ready_group(&d, 0);
     let cs = g1[1].status.as_mut().unwrap();
     cs.conditions.as_mut().unwrap()[0].status = "False".into();
-    pods.extend(g1);
-    let (client, rec) = fake(
-        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
-        pods,
-    );
+    let (client, rec) = two_groups(&d, g1);
     reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
     assert_eq!(rec.lock().unwrap().events, vec!["RestartingGroup"]);
 }
@@ -315,19 +298,10 @@ fn condition_of(status: &serde_json::Value, type_: &str) -> serde_json::Value {
 }
 
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .unwrap()
+        .into_owned()
 }
 
 /// A stand-in Prometheus answering every instant query with `value`; returns its URL and the
@@ -375,14 +349,24 @@ fn two_ready_groups_autoscaled(
 ) {
     let mut d = deployment(2, 2);
     d.spec.autoscaling = Some(serde_json::from_value(autoscaling).unwrap());
-    let rev = resources::revision(&d);
-    let mut pods = ready_group(&d, 0);
-    pods.extend(ready_group(&d, 1));
-    let (client, rec) = fake(
-        vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))],
-        pods,
-    );
+    let g1 = ready_group(&d, 1);
+    let (client, rec) = two_groups(&d, g1);
     (d, client, rec)
+}
+
+/// Two groups existing at the deployment's current revision behind the fake API server:
+/// group 0 ready, group 1 with the pods `g1`.
+fn two_groups(
+    d: &neox_operator::crd::NeoXDeployment,
+    g1: Vec<k8s_openapi::api::core::v1::Pod>,
+) -> (kube::Client, Arc<std::sync::Mutex<Recorded>>) {
+    let rev = resources::revision(d);
+    let mut pods = ready_group(d, 0);
+    pods.extend(g1);
+    fake(
+        vec![existing_sts(d, 0, Some(&rev)), existing_sts(d, 1, Some(&rev))],
+        pods,
+    )
 }
 
 #[tokio::test]
