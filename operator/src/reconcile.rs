@@ -30,6 +30,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    /// Another controller's object holds a name this deployment needs.
+    #[error("Service {name} belongs to {owner}; rename this NeoXDeployment or that one")]
+    NameTaken { name: String, owner: String },
 }
 
 /// Shared state of the controller.
@@ -263,10 +266,13 @@ async fn publish(ctx: &Context, d: &NeoXDeployment, type_: EventType, reason: &s
 pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&d, &ctx).await;
-    if let Err(Error::Kube(kube::Error::Api(refusal))) = &result {
-        if refused_until_changed(refusal.code) {
-            report_refusal(&d, &ctx, &refusal.message).await;
+    match &result {
+        Err(Error::Kube(kube::Error::Api(refusal))) if refused_until_changed(refusal.code) => {
+            let note = format!("the API server refused an object made from this spec: {}", refusal.message);
+            report_blocked(&d, &ctx, "ApplyRefused", note).await;
         }
+        Err(e @ Error::NameTaken { .. }) => report_blocked(&d, &ctx, "NameConflict", e.to_string()).await,
+        _ => {}
     }
     ctx.metrics.observe_reconcile(started.elapsed(), result.is_err());
     result
@@ -280,24 +286,17 @@ fn refused_until_changed(code: u16) -> bool {
 
 /// Says in the Degraded condition, and once in an Event, why the deployment's objects cannot
 /// be written: the CRD holds Kubernetes types (tolerations, env, affinity) whose own rules
-/// only the API server checks, on the objects made from them. Written only when it changes,
-/// so the retries that follow do not write (and wake the controller) again.
-async fn report_refusal(d: &NeoXDeployment, ctx: &Context, message: &str) {
+/// only the API server checks, on the objects made from them; or a name it needs is another
+/// deployment's. Written only when it changes, so the retries that follow do not write (and
+/// wake the controller) again.
+async fn report_blocked(d: &NeoXDeployment, ctx: &Context, reason: &str, note: String) {
     let Some(ns) = d.namespace() else { return };
     let old = d.status.clone().unwrap_or_default().conditions;
-    let note = format!("the API server refused an object made from this spec: {message}");
-    let degraded = condition(
-        "Degraded",
-        true,
-        "ApplyRefused",
-        note.clone(),
-        &old,
-        &rfc3339((ctx.clock)()),
-    );
+    let degraded = condition("Degraded", true, reason, note.clone(), &old, &rfc3339((ctx.clock)()));
     if old.contains(&degraded) {
         return;
     }
-    publish(ctx, d, EventType::Warning, "ApplyRefused", note).await;
+    publish(ctx, d, EventType::Warning, reason, note).await;
     let mut conditions: Vec<Condition> = old.into_iter().filter(|c| c.type_ != "Degraded").collect();
     conditions.push(degraded);
     let api: Api<NeoXDeployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -360,6 +359,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
     let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    claim_service(&services, d, &name).await?;
     services
         .patch(&name, &pp, &Patch::Apply(resources::client_service(d)))
         .await?;
@@ -504,14 +504,29 @@ async fn apply_group_service(
     g: i32,
     pp: &PatchParams,
 ) -> Result<(), Error> {
+    let name = resources::group_name(d, g);
+    claim_service(services, d, &name).await?;
     services
-        .patch(
-            &resources::group_name(d, g),
-            pp,
-            &Patch::Apply(resources::headless_service(d, g)),
-        )
+        .patch(&name, pp, &Patch::Apply(resources::headless_service(d, g)))
         .await?;
     Ok(())
+}
+
+/// Refuses a Service name that another controller's object holds. A forced server-side apply
+/// would take it over, and Service names can collide: deployment `x-1`'s client Service is
+/// named as deployment `x`'s group 1 headless Service. The first to hold the name keeps it.
+async fn claim_service(services: &Api<Service>, d: &NeoXDeployment, name: &str) -> Result<(), Error> {
+    let Some(existing) = services.get_opt(name).await? else {
+        return Ok(());
+    };
+    let controller = existing.owner_references().iter().find(|o| o.controller == Some(true));
+    match controller {
+        Some(o) if Some(&o.uid) != d.uid().as_ref() => Err(Error::NameTaken {
+            name: name.to_owned(),
+            owner: format!("{} {}", o.kind, o.name),
+        }),
+        _ => Ok(()),
+    }
 }
 
 async fn patch_status(api: &Api<NeoXDeployment>, name: &str, status: &NeoXDeploymentStatus) -> Result<(), Error> {

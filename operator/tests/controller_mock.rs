@@ -16,6 +16,7 @@ const STATUS: &str = "PATCH /apis/serving.neox.dev/v1alpha1/namespaces/serving/n
 
 fn preamble() -> Vec<String> {
     vec![
+        format!("GET {SVC}/llm"),
         format!("PATCH {SVC}/llm"),
         "PATCH /apis/policy/v1/namespaces/serving/poddisruptionbudgets/llm".into(),
         "PATCH /apis/networking.k8s.io/v1/namespaces/serving/networkpolicies/llm".into(),
@@ -40,15 +41,17 @@ async fn creates_every_group_with_its_service_then_reports_status() {
     assert_eq!(
         rec.lines(),
         expect(&[
+            format!("GET {SVC}/llm-0"),
             format!("PATCH {SVC}/llm-0"),
             format!("PATCH {BASE}/llm-0"),
+            format!("GET {SVC}/llm-1"),
             format!("PATCH {SVC}/llm-1"),
             format!("PATCH {BASE}/llm-1"),
         ])
     );
     assert_eq!(rec.events, vec!["CreatedGroup", "CreatedGroup"]);
     // Server-side apply with our field manager.
-    assert!(rec.calls[0].query.contains("fieldManager=neox-operator") && rec.calls[0].query.contains("force=true"));
+    assert!(rec.calls[1].query.contains("fieldManager=neox-operator") && rec.calls[1].query.contains("force=true"));
     let sts = rec.body_of(&format!("PATCH {BASE}/llm-1"));
     assert_eq!(sts["spec"]["replicas"], 2);
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
@@ -130,6 +133,7 @@ async fn a_failed_rank_restarts_its_whole_group_only() {
         rec.lines(),
         expect(&[
             // The headless Service its ranks find the leader through, restored if need be.
+            format!("GET {SVC}/llm-1"),
             format!("PATCH {SVC}/llm-1"),
             format!("PATCH {BASE}/llm-1"),
             format!("DELETE {PODS}/llm-1-0"),
@@ -187,7 +191,11 @@ async fn scales_two_to_three_to_one_group() {
     reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
     assert_eq!(
         rec.lock().unwrap().lines(),
-        expect(&[format!("PATCH {SVC}/llm-2"), format!("PATCH {BASE}/llm-2")])
+        expect(&[
+            format!("GET {SVC}/llm-2"),
+            format!("PATCH {SVC}/llm-2"),
+            format!("PATCH {BASE}/llm-2")
+        ])
     );
 
     // 3 -> 1: groups 2 then 1 go, highest index first; group 0 untouched.
@@ -235,6 +243,7 @@ async fn an_image_change_rolls_group_by_group() {
     // What replacing group g sends: its new template, then its two pods deleted together.
     let rolled = |g: i32| {
         expect(&[
+            format!("GET {SVC}/llm-{g}"),
             format!("PATCH {SVC}/llm-{g}"),
             format!("PATCH {BASE}/llm-{g}"),
             format!("DELETE {PODS}/llm-{g}-0"),
@@ -286,6 +295,50 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     assert_eq!(degraded["reason"], "InvalidSpec");
     assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
     assert_eq!(rec.events, vec!["InvalidSpec"]);
+}
+
+#[tokio::test]
+async fn a_service_name_another_deployment_holds_is_never_taken_over() {
+    // Deployment `llm-1` came first: its client Service is named as `llm`'s group 1 would be.
+    let held_by = |owner: &str, uid: &str| {
+        let mut s = k8s_openapi::api::core::v1::Service::default();
+        s.metadata.name = Some(owner.into());
+        s.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "serving.neox.dev/v1alpha1".into(),
+            kind: "NeoXDeployment".into(),
+            name: owner.into(),
+            uid: uid.into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        s
+    };
+    let d = deployment(2, 2);
+    // Our own group 0 Service is ours to update; group 1's name is taken.
+    let mut ours = held_by("llm", "uid-1");
+    ours.metadata.name = Some("llm-0".into());
+    let (client, rec) = fake_with(vec![], vec![], vec![ours, held_by("llm-1", "uid-2")], None);
+    let err = reconcile(Arc::new(d), context(client, 1000)).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Service llm-1 belongs to NeoXDeployment llm-1; rename this NeoXDeployment or that one"
+    );
+    let rec = rec.lock().unwrap();
+    let mut want = preamble();
+    want.extend([
+        format!("GET {SVC}/llm-0"),
+        format!("PATCH {SVC}/llm-0"),
+        format!("PATCH {BASE}/llm-0"),
+        format!("GET {SVC}/llm-1"),
+        STATUS.to_owned(),
+    ]);
+    assert_eq!(rec.lines(), want);
+    assert_eq!(rec.events, vec!["CreatedGroup", "NameConflict"]);
+    let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("NameConflict"))
+    );
 }
 
 /// The status condition of type `type_`.
@@ -385,10 +438,13 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
     let rec = rec.lock().unwrap();
     let mut want = vec!["PATCH /apis/serving.neox.dev/v1alpha1/namespaces/serving/neoxdeployments/llm".to_owned()];
     want.extend(expect(&[
+        format!("GET {SVC}/llm-2"),
         format!("PATCH {SVC}/llm-2"),
         format!("PATCH {BASE}/llm-2"),
+        format!("GET {SVC}/llm-3"),
         format!("PATCH {SVC}/llm-3"),
         format!("PATCH {BASE}/llm-3"),
+        format!("GET {SVC}/llm-4"),
         format!("PATCH {SVC}/llm-4"),
         format!("PATCH {BASE}/llm-4"),
     ]));

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus, Service};
 use kube::client::Body;
 use kube::{Client, Resource, ResourceExt};
 use neox_operator::crd::{NeoXDeployment, NeoXDeploymentSpec};
@@ -67,6 +67,16 @@ pub struct Refusal {
 
 /// As `fake`, but refusing one call with an API error, as admission or validation would.
 pub fn fake_refusing(sts: Vec<StatefulSet>, pods: Vec<Pod>, refuse: Option<Refusal>) -> (Client, Arc<Mutex<Recorded>>) {
+    fake_with(sts, pods, vec![], refuse)
+}
+
+/// The general fake: `services` are those a GET by name finds (any other is 404).
+pub fn fake_with(
+    sts: Vec<StatefulSet>,
+    pods: Vec<Pod>,
+    services: Vec<Service>,
+    refuse: Option<Refusal>,
+) -> (Client, Arc<Mutex<Recorded>>) {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let rec = Arc::new(Mutex::new(Recorded::default()));
     let log = rec.clone();
@@ -90,18 +100,27 @@ pub fn fake_refusing(sts: Vec<StatefulSet>, pods: Vec<Pod>, refuse: Option<Refus
                     query,
                     body: body.clone(),
                 });
-                if let Some(r) = refuse.as_ref().filter(|r| r.call == format!("{method} {path}")) {
+                let service = path
+                    .strip_prefix("/api/v1/namespaces/serving/services/")
+                    .map(|name| services.iter().find(|s| s.name_any() == name));
+                let failure = match (&refuse, service) {
+                    (Some(r), _) if r.call == format!("{method} {path}") => Some((r.code, r.message.clone())),
+                    (_, Some(None)) if method == "GET" => Some((404, format!("services {path:?} not found"))),
+                    _ => None,
+                };
+                if let Some((code, message)) = failure {
                     let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": r.message, "reason": "Invalid", "code": r.code});
+                        "message": message, "reason": if code == 404 { "NotFound" } else { "Invalid" }, "code": code});
                     send.send_response(
                         Response::builder()
-                            .status(r.code)
+                            .status(code)
                             .body(Body::from(serde_json::to_vec(&status).unwrap()))
                             .unwrap(),
                     );
                     continue;
                 }
                 match method.as_str() {
+                    "GET" if service.is_some() => serde_json::to_value(service.flatten()).unwrap(),
                     "GET" if path.ends_with("/statefulsets") => list(&sts),
                     "GET" if path.ends_with("/pods") => list(&pods),
                     "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
