@@ -13,6 +13,8 @@ pub struct ObservedPod {
     pub terminating: bool,
     /// Pending because no node fits (the scheduler's message); not a failure.
     pub unschedulable: Option<String>,
+    /// The revision of the template the pod was made from, where it says.
+    pub revision: Option<String>,
 }
 
 /// A group that exists (its StatefulSet), with its pods.
@@ -117,7 +119,13 @@ pub fn plan(
         };
         existing += 1;
         let (ready, ready_ranks, capacity, failure) = assess(o, tp);
-        let current = o.revision == revision;
+        // The StatefulSet is applied before the group's pods are deleted: a pass that stopped
+        // between the two left pods of the old template, so the group is not updated yet.
+        let stale_pods = o
+            .pods
+            .iter()
+            .any(|p| !p.terminating && p.revision.as_deref().is_some_and(|r| r != revision));
+        let current = o.revision == revision && !stale_pods;
         let mut status = GroupStatus {
             index: g,
             phase: String::new(),
@@ -272,9 +280,7 @@ mod tests {
         g.pods.push(ObservedPod {
             name: "g0-1-new".into(),
             ready: false,
-            failed: false,
-            terminating: false,
-            unschedulable: None,
+            ..Default::default()
         });
         let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 1010);
         assert!(p.actions.is_empty(), "{:?}", p.actions);
@@ -332,6 +338,20 @@ mod tests {
             plan(3, 2, "new", 2, &obs, 0).actions,
             vec![Action::UpdateGroup(0), Action::UpdateGroup(1)]
         );
+    }
+
+    #[test]
+    fn a_group_whose_pods_still_run_the_old_template_is_not_updated() {
+        // The new template was applied but deleting the pods failed: replace them again.
+        let mut g = group(0, "new", true);
+        g.pods[1].revision = Some("old".into());
+        let p = plan(1, 2, "new", 1, &[g.clone()], 0);
+        assert_eq!((p.actions.clone(), p.updated), (vec![Action::UpdateGroup(0)], 0));
+        // Once the old pod is on its way out, the group counts as updated.
+        g.pods[1].terminating = true;
+        g.pods[0].revision = Some("new".into());
+        let p = plan(1, 2, "new", 1, &[g], 0);
+        assert_eq!((p.actions, p.updated), (vec![], 1));
     }
 
     #[test]

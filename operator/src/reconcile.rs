@@ -134,6 +134,7 @@ fn observe_pod(p: &Pod) -> ObservedPod {
         failed: status.phase.as_deref() == Some("Failed") || (restarted && !ready),
         terminating: p.metadata.deletion_timestamp.is_some(),
         unschedulable,
+        revision: p.labels().get(REVISION_LABEL).cloned(),
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use fake_api::*;
 use neox_operator::reconcile::reconcile;
+use kube::ResourceExt;
 use neox_operator::resources;
 
 const BASE: &str = "/apis/apps/v1/namespaces/serving/statefulsets";
@@ -273,6 +274,19 @@ async fn an_image_change_rolls_group_by_group() {
     assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
     // Step 3: group 0 ready: group 1 is next.
     let (client, rec) = fake(stss([&new_rev, &old_rev, &old_rev]), all_pods(true));
+    reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(rec.lines(), rolled(1));
+        assert_eq!(rec.body_of(STATUS)["status"]["updatedReplicas"], 1);
+    }
+    // Step 4: that pass stopped after group 1's StatefulSet was applied, before its pods were
+    // deleted: its pods still say the old revision, so it is replaced again, not counted.
+    let mut pods = all_pods(true);
+    for p in pods.iter_mut().filter(|p| p.labels()[resources::GROUP_LABEL] == "1") {
+        p.labels_mut().insert(resources::REVISION_LABEL.into(), old_rev.clone());
+    }
+    let (client, rec) = fake(stss([&new_rev, &new_rev, &old_rev]), pods);
     reconcile(Arc::new(new.clone()), context(client, 1000)).await.unwrap();
     let rec = rec.lock().unwrap();
     assert_eq!(rec.lines(), rolled(1));
