@@ -201,7 +201,16 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
     let replicas = d.spec.replicas;
     let needed = (replicas - d.spec.rollout.max_unavailable).max(1);
     let available = replicas == 0 || plan.ready >= needed;
-    let (progressing, p_reason, p_msg) = if plan.updated < replicas {
+    let (progressing, p_reason, p_msg) = if !problems.is_empty() {
+        (
+            false,
+            "InvalidSpec",
+            format!(
+                "held until the spec is fixed: {} groups keep the template they run",
+                plan.existing
+            ),
+        )
+    } else if plan.updated < replicas {
         (
             true,
             "RollingUpdate",
@@ -315,9 +324,16 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let deployments: Api<NeoXDeployment> = Api::namespaced(client.clone(), &ns);
     let now = (ctx.clock)();
 
+    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let problems = spec_problems(d);
     if !problems.is_empty() {
-        let plan = decisions::plan(0, d.spec.tensor_parallel_size, "", 1, &[], now);
+        // Nothing is changed until the spec is fixed; the groups go on serving the template
+        // they run, and the status says how they are (judged against that template).
+        let observed = observe_groups(d, &stss, &pods).await?;
+        let held = observed.first().map(|g| g.revision.clone()).unwrap_or_default();
+        let count = observed.len() as i32;
+        let plan = decisions::plan(count, d.spec.tensor_parallel_size, &held, 1, &observed, now);
         let status = status_for(d, &plan, &problems, now);
         if d.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions) {
             publish(ctx, d, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
@@ -358,8 +374,6 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     claim_service(&services, d, &name).await?;
     services
         .patch(&name, &pp, &Patch::Apply(resources::client_service(d)))
@@ -370,10 +384,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         .patch(&name, &pp, &Patch::Apply(resources::network_policy(d)))
         .await?;
 
-    let lp = ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={name}"));
-    let sts_list = stss.list(&lp).await?.items;
-    let pod_list = pods.list(&lp).await?.items;
-    let observed = observe(d, &sts_list, &pod_list);
+    let observed = observe_groups(d, &stss, &pods).await?;
     let revision = resources::revision(d);
     let spec = &d.spec;
     let plan = decisions::plan(
@@ -477,6 +488,14 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
+}
+
+/// The deployment's groups as they exist now.
+async fn observe_groups(d: &NeoXDeployment, stss: &Api<StatefulSet>, pods: &Api<Pod>) -> Result<Vec<ObservedGroup>, Error> {
+    let lp = ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", d.name_any()));
+    let sts_list = stss.list(&lp).await?.items;
+    let pod_list = pods.list(&lp).await?.items;
+    Ok(observe(d, &sts_list, &pod_list))
 }
 
 /// The group's Service, then its StatefulSet at the deployment's current spec.

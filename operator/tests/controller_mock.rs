@@ -302,13 +302,30 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
         ..Default::default()
     });
     let (client, rec) = fake(vec![], vec![]);
-    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(rec.lines(), vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]);
+        let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
+        assert_eq!(degraded["reason"], "InvalidSpec");
+        assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
+        assert_eq!(rec.events, vec!["InvalidSpec"]);
+    }
+    // Groups made from the last valid spec go on serving, untouched, and the status says so
+    // (it said 0 replicas).
+    let valid = deployment(2, 2);
+    let (client, rec) = two_groups(&valid, ready_group(&valid, 1));
+    let mut invalid = d;
+    invalid.spec.replicas = 2;
+    reconcile(Arc::new(invalid), context(client, 1000)).await.unwrap();
     let rec = rec.lock().unwrap();
-    assert_eq!(rec.lines(), vec![STATUS.to_owned()]);
-    let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
-    assert_eq!(degraded["reason"], "InvalidSpec");
-    assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
-    assert_eq!(rec.events, vec!["InvalidSpec"]);
+    assert_eq!(rec.lines(), vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]);
+    let status = &rec.body_of(STATUS)["status"];
+    assert_eq!((status["replicas"].as_i64(), status["readyReplicas"].as_i64()), (Some(2), Some(2)));
+    assert_eq!(status["groups"][1]["phase"], "Ready");
+    assert_eq!(condition_of(status, "Available")["status"], "True");
+    let progressing = condition_of(status, "Progressing");
+    assert_eq!((progressing["status"].as_str(), progressing["reason"].as_str()), (Some("False"), Some("InvalidSpec")));
 }
 
 #[tokio::test]
