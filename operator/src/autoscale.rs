@@ -23,6 +23,35 @@ pub enum QueryError {
     Http { url: String, message: String },
     #[error("Prometheus answered {0}")]
     Answer(String),
+    #[error(
+        "autoscaling.prometheusUrl {0} is not a Prometheus this operator may ask (its NEOX_PROMETHEUS_ALLOWED_URLS; Helm: prometheus.allowedUrls)"
+    )]
+    NotAllowed(String),
+}
+
+/// Whether `url` is under one of the `allowed` URLs: the same scheme, host and port, and a path
+/// at or below the allowed one. A NeoXDeployment's `prometheusUrl` is a URL the operator
+/// fetches from inside the cluster, so whoever may create one could otherwise make it send
+/// requests to any internal address.
+pub fn url_allowed(url: &str, allowed: &[String]) -> bool {
+    let Ok(u) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let origin = |x: &hyper::Uri| {
+        let scheme = x.scheme_str()?.to_ascii_lowercase();
+        let port = x.port_u16().or(match scheme.as_str() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        })?;
+        Some((scheme, x.host()?.to_ascii_lowercase(), port))
+    };
+    let Some(want) = origin(&u) else { return false };
+    allowed.iter().filter_map(|a| a.parse::<hyper::Uri>().ok()).any(|a| {
+        let base = a.path().trim_end_matches('/');
+        let rest = u.path().strip_prefix(base);
+        origin(&a).as_ref() == Some(&want) && rest.is_some_and(|r| r.is_empty() || r.starts_with('/'))
+    })
 }
 
 /// The PromQL giving the metric to hold at `target`, and whether it is a sum over groups
@@ -286,6 +315,35 @@ mod tests {
         assert_eq!(redact("http://prom:9090"), "http://prom:9090");
         assert_eq!(redact("http://a@b@prom"), "http://prom");
         assert_eq!(redact("no-scheme"), "no-scheme");
+    }
+
+    #[test]
+    fn only_allowed_prometheus_urls_pass() {
+        let allowed = vec![
+            "http://prometheus.monitoring:9090".to_owned(),
+            "https://thanos.example/prom/".to_owned(),
+        ];
+        for ok in [
+            "http://prometheus.monitoring:9090",
+            "http://PROMETHEUS.monitoring:9090/",
+            "http://user:pw@prometheus.monitoring:9090",
+            "https://thanos.example/prom",
+            "https://thanos.example:443/prom/tenant-a",
+        ] {
+            assert!(url_allowed(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "http://prometheus.monitoring:9091",
+            "https://prometheus.monitoring:9090",
+            "http://prometheus.monitoring.evil:9090",
+            "http://169.254.169.254/latest/meta-data",
+            "https://thanos.example/prometheus",
+            "https://thanos.example/",
+            "not a url",
+        ] {
+            assert!(!url_allowed(refused, &allowed), "{refused}");
+        }
+        assert!(!url_allowed("http://prometheus.monitoring:9090", &[]));
     }
 
     #[test]

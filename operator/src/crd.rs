@@ -72,7 +72,8 @@ pub struct AutoscalingSpec {
     pub min_replicas: i32,
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
-    /// Prometheus base URL (default: the operator's `NEOX_PROMETHEUS_URL`).
+    /// Prometheus base URL (default: the operator's `NEOX_PROMETHEUS_URL`). Any other must be
+    /// under one of the operator's `NEOX_PROMETHEUS_ALLOWED_URLS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus_url: Option<String>,
     /// A built-in signal (default queueDepth).

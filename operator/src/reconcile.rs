@@ -46,6 +46,12 @@ pub struct Context {
     /// reconcile woken by the look's own `spec.replicas` patch may start from a cached object
     /// that predates the status write, and would look (and scale) again at once.
     pub autoscaled_at: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// The Prometheus the autoscaler asks unless a deployment names its own
+    /// (`NEOX_PROMETHEUS_URL`).
+    pub prometheus_url: Option<String>,
+    /// The URLs a deployment's `prometheusUrl` may be under (`NEOX_PROMETHEUS_ALLOWED_URLS`,
+    /// comma-separated); none by default.
+    pub prometheus_allowed: Vec<String>,
 }
 
 impl Context {
@@ -71,12 +77,22 @@ impl Context {
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0)
         });
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         Self {
             client,
             reporter,
             metrics,
             clock,
             autoscaled_at: Default::default(),
+            prometheus_url: env("NEOX_PROMETHEUS_URL"),
+            prometheus_allowed: env("NEOX_PROMETHEUS_ALLOWED_URLS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|u| u.trim().to_owned())
+                        .filter(|u| !u.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -278,7 +294,10 @@ pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requ
     let result = reconcile_inner(&d, &ctx).await;
     match &result {
         Err(Error::Kube(kube::Error::Api(refusal))) if refused_until_changed(refusal.code) => {
-            let note = format!("the API server refused an object made from this spec: {}", refusal.message);
+            let note = format!(
+                "the API server refused an object made from this spec: {}",
+                refusal.message
+            );
             report_blocked(&d, &ctx, "ApplyRefused", note).await;
         }
         Err(e @ Error::NameTaken { .. }) => report_blocked(&d, &ctx, "NameConflict", e.to_string()).await,
@@ -352,7 +371,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         .map(|_| autoscale_due_in(d, ctx.last_autoscaled(d), now))
         .filter(|&wait| wait > 0);
     if let Some(a) = d.spec.autoscaling.as_ref().filter(|_| autoscale_wait.is_none()) {
-        let (desired, decision, recs) = autoscale_step(d, a, now).await;
+        let (desired, decision, recs) = autoscale_step(ctx, d, a, now).await;
         ctx.remember_autoscaled(d, now);
         if desired != replicas {
             let patch = Patch::Merge(json!({ "spec": { "replicas": desired } }));
@@ -491,7 +510,11 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
 }
 
 /// The deployment's groups as they exist now.
-async fn observe_groups(d: &NeoXDeployment, stss: &Api<StatefulSet>, pods: &Api<Pod>) -> Result<Vec<ObservedGroup>, Error> {
+async fn observe_groups(
+    d: &NeoXDeployment,
+    stss: &Api<StatefulSet>,
+    pods: &Api<Pod>,
+) -> Result<Vec<ObservedGroup>, Error> {
     let lp = ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", d.name_any()));
     let sts_list = stss.list(&lp).await?.items;
     let pod_list = pods.list(&lp).await?.items;
@@ -584,6 +607,7 @@ fn autoscale_due_in(d: &NeoXDeployment, remembered: Option<i64>, now: i64) -> u6
 /// One autoscaler look: the replicas to run, what was decided and why, and the recent
 /// recommendations. A metric that cannot be read leaves the replicas as they are (clamped).
 async fn autoscale_step(
+    ctx: &Context,
     d: &NeoXDeployment,
     a: &AutoscalingSpec,
     now: i64,
@@ -591,15 +615,17 @@ async fn autoscale_step(
     let current = d.spec.replicas;
     let history = d.status.as_ref().map(|s| s.recommendations.clone()).unwrap_or_default();
     let bounded = current.clamp(a.min_replicas, a.max_replicas);
-    let url = a
-        .prometheus_url
-        .clone()
-        .or_else(|| std::env::var("NEOX_PROMETHEUS_URL").ok())
-        .filter(|u| !u.is_empty());
+    let url = match a.prometheus_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(u) if ctx.prometheus_url.as_deref() == Some(u) || autoscale::url_allowed(u, &ctx.prometheus_allowed) => {
+            Ok(u.to_owned())
+        }
+        Some(u) => Err(autoscale::QueryError::NotAllowed(autoscale::redact(u))),
+        None => ctx.prometheus_url.clone().ok_or(autoscale::QueryError::NoUrl),
+    };
     let (promql, per_group) = autoscale::query_for(d, a);
     let value = match url {
-        None => Err(autoscale::QueryError::NoUrl.to_string()),
-        Some(u) => autoscale::query(&u, &promql).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+        Ok(u) => autoscale::query(&u, &promql).await.map_err(|e| e.to_string()),
     };
     let decision = |to: i32, metric_value: Option<f64>, message: String| ScaleDecision {
         time: rfc3339(now),

@@ -6,8 +6,8 @@ mod fake_api;
 use std::sync::Arc;
 
 use fake_api::*;
-use neox_operator::reconcile::reconcile;
 use kube::ResourceExt;
+use neox_operator::reconcile::{reconcile, Context};
 use neox_operator::resources;
 
 const BASE: &str = "/apis/apps/v1/namespaces/serving/statefulsets";
@@ -305,7 +305,10 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
     {
         let rec = rec.lock().unwrap();
-        assert_eq!(rec.lines(), vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]);
+        assert_eq!(
+            rec.lines(),
+            vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]
+        );
         let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
         assert_eq!(degraded["reason"], "InvalidSpec");
         assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
@@ -319,13 +322,22 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     invalid.spec.replicas = 2;
     reconcile(Arc::new(invalid), context(client, 1000)).await.unwrap();
     let rec = rec.lock().unwrap();
-    assert_eq!(rec.lines(), vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]);
+    assert_eq!(
+        rec.lines(),
+        vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]
+    );
     let status = &rec.body_of(STATUS)["status"];
-    assert_eq!((status["replicas"].as_i64(), status["readyReplicas"].as_i64()), (Some(2), Some(2)));
+    assert_eq!(
+        (status["replicas"].as_i64(), status["readyReplicas"].as_i64()),
+        (Some(2), Some(2))
+    );
     assert_eq!(status["groups"][1]["phase"], "Ready");
     assert_eq!(condition_of(status, "Available")["status"], "True");
     let progressing = condition_of(status, "Progressing");
-    assert_eq!((progressing["status"].as_str(), progressing["reason"].as_str()), (Some("False"), Some("InvalidSpec")));
+    assert_eq!(
+        (progressing["status"].as_str(), progressing["reason"].as_str()),
+        (Some("False"), Some("InvalidSpec"))
+    );
 }
 
 #[tokio::test]
@@ -460,7 +472,9 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url, "scaleUpStabilizationSeconds": 0
     }));
-    let action = reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    let action = reconcile(Arc::new(d), context_allowing(client, 1000, &[&url]))
+        .await
+        .unwrap();
     let q = seen.lock().unwrap().clone();
     assert_eq!(
         q,
@@ -502,8 +516,9 @@ async fn the_autoscaler_looks_once_a_period_however_often_it_is_woken() {
     let pass = |status: Option<serde_json::Value>, now: i64| {
         let (mut d, client, rec) = two_ready_groups_autoscaled(autoscaling.clone());
         d.status = status.map(|s| serde_json::from_value(s).unwrap());
+        let ctx = context_allowing(client, now, &[&url]);
         async move {
-            let action = reconcile(Arc::new(d), context(client, now)).await.unwrap();
+            let action = reconcile(Arc::new(d), ctx).await.unwrap();
             let status = rec.lock().unwrap().body_of(STATUS)["status"].clone();
             (action, status)
         }
@@ -532,11 +547,11 @@ async fn the_autoscaler_looks_once_a_period_however_often_it_is_woken() {
     // Woken by its own `spec.replicas` patch from a cache that has not seen the status write
     // yet: the operator remembers the look, so it neither looks nor scales again.
     let (d, client, _) = two_ready_groups_autoscaled(autoscaling.clone());
-    let ctx = context(client, 2000);
+    let ctx = context_allowing(client, 2000, &[&url]);
     reconcile(Arc::new(d.clone()), ctx.clone()).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 3);
     let (_, client, rec) = two_ready_groups_autoscaled(autoscaling.clone());
-    let woken = context(client, 2002);
+    let woken = context_allowing(client, 2002, &[&url]);
     *woken.autoscaled_at.lock().unwrap() = ctx.autoscaled_at.lock().unwrap().clone();
     reconcile(Arc::new(d), woken).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 3, "looked again from a stale cache");
@@ -550,7 +565,9 @@ async fn credentials_in_the_prometheus_url_are_sent_as_basic_auth_and_never_show
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": with_user
     }));
-    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    reconcile(Arc::new(d), context_allowing(client, 1000, &[&url]))
+        .await
+        .unwrap();
     // base64("neox:s3cret")
     assert_eq!(seen.lock().unwrap()[0], "authorization: Basic bmVveDpzM2NyZXQ=");
     let status = rec.lock().unwrap().body_of(STATUS)["status"].to_string();
@@ -559,7 +576,9 @@ async fn credentials_in_the_prometheus_url_are_sent_as_basic_auth_and_never_show
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "https://neox:s3cret@127.0.0.1:9"
     }));
-    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    reconcile(Arc::new(d), context_allowing(client, 1000, &["https://127.0.0.1:9"]))
+        .await
+        .unwrap();
     let decision = rec.lock().unwrap().body_of(STATUS)["status"]["lastScaleDecision"]["message"].to_string();
     assert!(
         decision.contains("https://127.0.0.1:9") && !decision.contains("s3cret"),
@@ -572,7 +591,9 @@ async fn an_unreachable_prometheus_never_scales_and_says_why() {
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "http://127.0.0.1:9"
     }));
-    reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    reconcile(Arc::new(d), context_allowing(client, 1000, &["http://127.0.0.1:9"]))
+        .await
+        .unwrap();
     let rec = rec.lock().unwrap();
     assert_eq!(rec.lines(), expect(&[]));
     let decision = &rec.body_of(STATUS)["status"]["lastScaleDecision"];
@@ -581,4 +602,40 @@ async fn an_unreachable_prometheus_never_scales_and_says_why() {
         decision["message"].as_str().unwrap().contains("metric unavailable"),
         "{decision}"
     );
+}
+
+#[tokio::test]
+async fn a_prometheus_url_the_operator_does_not_allow_is_never_asked() {
+    // Whoever may create a NeoXDeployment must not make the operator fetch internal URLs.
+    let (url, seen) = fake_prometheus("12").await;
+    let with_user = url.replace("http://", "http://neox:s3cret@");
+    let autoscaling =
+        serde_json::json!({"minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": with_user});
+    let (d, client, rec) = two_ready_groups_autoscaled(autoscaling);
+    reconcile(
+        Arc::new(d),
+        context_allowing(client, 1000, &["http://prometheus.monitoring:9090"]),
+    )
+    .await
+    .unwrap();
+    assert!(seen.lock().unwrap().is_empty(), "asked a Prometheus it may not");
+    let rec = rec.lock().unwrap();
+    assert_eq!(rec.lines(), expect(&[]));
+    let decision = &rec.body_of(STATUS)["status"]["lastScaleDecision"];
+    assert_eq!((decision["from"].as_i64(), decision["to"].as_i64()), (Some(2), Some(2)));
+    let message = decision["message"].as_str().unwrap();
+    assert!(
+        message.contains("is not a Prometheus this operator may ask") && !message.contains("s3cret"),
+        "{message}"
+    );
+
+    // With no prometheusUrl the operator's own Prometheus is asked: no allow-list needed.
+    let (d, client, _) =
+        two_ready_groups_autoscaled(serde_json::json!({"minReplicas": 1, "maxReplicas": 5, "target": 2.0}));
+    let mut ctx = Context::new(client, neox_operator::metrics::Metrics::new().unwrap());
+    ctx.clock = Box::new(|| 1000);
+    ctx.prometheus_url = Some(url);
+    ctx.prometheus_allowed.clear();
+    reconcile(Arc::new(d), Arc::new(ctx)).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }

@@ -48,6 +48,8 @@ const ALL_OPTIONS: &[&str] = &[
     "--set",
     "prometheus.url=http://prometheus.monitoring:9090",
     "--set",
+    "prometheus.allowedUrls={http://thanos.monitoring:9090,https://prom.example/tenant}",
+    "--set",
     "workerImage=registry.example/neox-worker:1",
     "--set",
     "workerCudaImage=registry.example/neox-worker-cuda:1",
@@ -185,6 +187,11 @@ fn helm_chart_lints_renders_and_validates() {
     assert!(all.contains("WATCH_NAMESPACE") && all.contains("registry.example/neox-worker:1"));
     assert!(all.contains("NEOX_WORKER_CUDA_IMAGE") && all.contains("registry.example/neox-worker-cuda:1"));
     assert!(all.contains("NEOX_PROMETHEUS_URL") && all.contains("http://prometheus.monitoring:9090"));
+    assert!(
+        all.contains("NEOX_PROMETHEUS_ALLOWED_URLS")
+            && all.contains("http://thanos.monitoring:9090,https://prom.example/tenant"),
+        "{all}"
+    );
     // The sample is a valid NeoXDeployment by the operator's types and the CRD's schema.
     let sample = all_docs.iter().find(|d| d["kind"] == "NeoXDeployment").unwrap();
     let _: NeoXDeployment = serde_json::from_value(sample.clone()).unwrap();
@@ -312,6 +319,7 @@ fn bad_values_are_refused_by_the_values_schema() {
         ("sample.tensorParallelSize=3", "/sample/tensorParallelSize"),
         ("metrics.port=70000", "/metrics/port"),
         ("prometheus.url=prometheus:9090", "/prometheus/url"),
+        ("prometheus.allowedUrls={prometheus:9090}", "/prometheus/allowedUrls/0"),
         ("replicas=3", "additional properties"),
         // Two operators without leader election would reconcile the same objects at once.
         ("leaderElection.enabled=false", "/replicaCount"),

@@ -170,8 +170,15 @@ pub fn deployment(replicas: i32, tp: i32) -> NeoXDeployment {
 }
 
 pub fn context(client: Client, now: i64) -> Arc<Context> {
+    context_allowing(client, now, &[])
+}
+
+/// A context whose autoscaler may ask the Prometheus servers under `allowed`.
+pub fn context_allowing(client: Client, now: i64, allowed: &[&str]) -> Arc<Context> {
     let mut ctx = Context::new(client, Metrics::new().unwrap());
     ctx.clock = Box::new(move || now);
+    ctx.prometheus_url = None;
+    ctx.prometheus_allowed = allowed.iter().map(|u| u.to_string()).collect();
     Arc::new(ctx)
 }
 
