@@ -619,15 +619,17 @@ async fn a_prometheus_url_the_operator_does_not_allow_is_never_asked() {
     .await
     .unwrap();
     assert!(seen.lock().unwrap().is_empty(), "asked a Prometheus it may not");
-    let rec = rec.lock().unwrap();
-    assert_eq!(rec.lines(), expect(&[]));
-    let decision = &rec.body_of(STATUS)["status"]["lastScaleDecision"];
-    assert_eq!((decision["from"].as_i64(), decision["to"].as_i64()), (Some(2), Some(2)));
-    let message = decision["message"].as_str().unwrap();
-    assert!(
-        message.contains("is not a Prometheus this operator may ask") && !message.contains("s3cret"),
-        "{message}"
-    );
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(rec.lines(), expect(&[]));
+        let decision = &rec.body_of(STATUS)["status"]["lastScaleDecision"];
+        assert_eq!((decision["from"].as_i64(), decision["to"].as_i64()), (Some(2), Some(2)));
+        let message = decision["message"].as_str().unwrap();
+        assert!(
+            message.contains("is not a Prometheus this operator may ask") && !message.contains("s3cret"),
+            "{message}"
+        );
+    }
 
     // With no prometheusUrl the operator's own Prometheus is asked: no allow-list needed.
     let (d, client, _) =
