@@ -169,9 +169,22 @@ fn text_held_back_for_a_stop_sequence_is_released_when_a_stop_token_ends_the_cho
         let mut body = greedy(p["prompt"].clone(), 40);
         body["stop_token_ids"] = json!(full_stop);
         body["stop"] = stop.clone();
+        body["logprobs"] = json!(0);
         let c = complete(&s, body);
         assert_eq!(c["choices"][0]["text"], want, "stop {stop}");
         assert_eq!(c["choices"][0]["finish_reason"], "stop");
+        // Each token's offset is where its text is, held back or not; the stop token's own
+        // text is not in the choice, so its offset is the text's end.
+        let lp = &c["choices"][0]["logprobs"];
+        let offsets = u64s(&lp["text_offset"]);
+        let chars: Vec<char> = want.chars().collect();
+        let (stop_at, generated) = offsets.split_last().unwrap();
+        assert_eq!(*stop_at as usize, chars.len(), "stop {stop}");
+        for (j, &o) in generated.iter().enumerate() {
+            let token = lp["tokens"][j].as_str().unwrap();
+            let at: String = chars[o as usize..].iter().take(token.chars().count()).collect();
+            assert_eq!(at, token, "stop {stop}: token {j} at offset {o}");
+        }
     }
 }
 

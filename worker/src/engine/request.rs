@@ -91,10 +91,13 @@ pub const ENGINE_STOPPED: &str = "the engine stopped before the request finished
 pub enum Event {
     /// Once, before any token, when prompt logprobs were asked for.
     PromptTokens(Vec<TokenInfo>),
-    /// One generated token and the text it completes (whole UTF-8 characters only).
+    /// One generated token and the text it releases (whole UTF-8 characters only; text a
+    /// stop sequence may start with is held back until it cannot).
     Token {
         token: TokenInfo,
         delta: String,
+        /// Characters of the generated text before this token's own, held-back text counted.
+        offset: usize,
     },
     Finished(Finish),
     Failed(Failure),

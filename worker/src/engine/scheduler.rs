@@ -171,6 +171,8 @@ pub(super) struct Seq {
     /// How many draft tokens it tries next (speculative decoding).
     pub(super) draft_len: DraftLength,
     pub(super) decoder: IncrementalDecoder,
+    /// Characters the decoder has given so far (what the client has, and what is held back).
+    pub(super) decoded_chars: usize,
     pub(super) stop: StopMatcher,
     pub(super) prompt_lp: Vec<TokenInfo>,
     pub(super) prompt_lp_sent: bool,
@@ -389,6 +391,7 @@ impl Engine {
             sampler,
             draft_len: DraftLength::new(self.config.speculation.max_tokens),
             decoder: IncrementalDecoder::new(),
+            decoded_chars: 0,
             stop,
             prompt_lp: Vec::new(),
             prompt_lp_sent: false,
@@ -789,6 +792,8 @@ impl Engine {
             // stop matcher like any other text.
             text.push_str(&s.decoder.finish(&tok)?);
         }
+        let offset = s.decoded_chars;
+        s.decoded_chars += text.chars().count();
         match s.stop.push(&text) {
             StopOutcome::Continue(t) => {
                 text = t;
@@ -812,6 +817,7 @@ impl Engine {
         let _ = s.req.events.send(Event::Token {
             token: info,
             delta: text,
+            offset,
         });
         let Some(reason) = reason else { return Ok(None) };
         let total = (now - s.req.received).as_secs_f64();

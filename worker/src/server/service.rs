@@ -120,7 +120,7 @@ async fn collect(
         let Some(ev) = ev else { break };
         match ev {
             Event::PromptTokens(t) => out.prompt_tokens = t.iter().map(token_pb).collect(),
-            Event::Token { token, delta } => {
+            Event::Token { token, delta, .. } => {
                 out.text.push_str(&delta);
                 out.token_ids.push(token.id);
                 out.tokens.push(token_pb(&token));
@@ -203,7 +203,7 @@ impl TextGeneration for GenerationService {
                         prompt_tokens = t.iter().map(token_pb).collect();
                         continue;
                     }
-                    Event::Token { token, delta } => Ok(pb::GenerateStreamResponse {
+                    Event::Token { token, delta, .. } => Ok(pb::GenerateStreamResponse {
                         token: Some(token_pb(&token)),
                         text_delta: delta,
                         prompt_tokens: std::mem::take(&mut prompt_tokens),

@@ -37,8 +37,10 @@ pub struct Assembler {
     logprobs: bool,
     /// False when only the prompt is scored: the one generated token is dropped.
     keep_tokens: bool,
-    /// Characters of the choice's text so far (where the next token's text starts).
+    /// Characters of the choice's text so far.
     chars: usize,
+    /// Characters of the echoed prompt: where the generated text starts.
+    prompt_chars: usize,
     pub completion_tokens: usize,
 }
 
@@ -49,6 +51,7 @@ impl Assembler {
             logprobs,
             keep_tokens,
             chars: 0,
+            prompt_chars: 0,
             completion_tokens: 0,
         }
     }
@@ -58,30 +61,42 @@ impl Assembler {
         self.chars += text.chars().count();
     }
 
+    /// The echoed prompt, once: generated text starts after it.
+    fn append_echo(&mut self, p: &mut Piece) {
+        if let Some(echo) = self.echo.take() {
+            self.append(p, &echo);
+            self.prompt_chars = self.chars;
+        }
+    }
+
     /// The prompt's tokens with their log-probabilities (only asked for with echo), and where
     /// each token's text starts in the prompt: the echoed prompt and its log-probabilities.
     pub fn prompt_tokens(&mut self, tokens: &[TokenInfo], offsets: &[usize]) -> Piece {
         let mut p = Piece::default();
-        let Some(echo) = self.echo.take() else { return p };
+        if self.echo.is_none() {
+            return p;
+        }
         if self.logprobs {
             let lp = p.logprobs.get_or_insert_with(Logprobs::default);
             for (t, &offset) in tokens.iter().zip(offsets) {
                 push_token(lp, t, self.chars + offset);
             }
         }
-        self.append(&mut p, &echo);
+        self.append_echo(&mut p);
         p
     }
 
-    /// A generated token and the text it completes.
-    pub fn token(&mut self, t: &TokenInfo, delta: &str) -> Piece {
+    /// A generated token, the text it releases, and where its own text starts in the generated
+    /// text (held-back text counted: a release may carry earlier tokens' text).
+    pub fn token(&mut self, t: &TokenInfo, delta: &str, offset: usize) -> Piece {
         let mut p = self.finish();
         if !self.keep_tokens {
             return p;
         }
         self.completion_tokens += 1;
         if self.logprobs {
-            push_token(p.logprobs.get_or_insert_with(Logprobs::default), t, self.chars);
+            let at = self.prompt_chars + offset;
+            push_token(p.logprobs.get_or_insert_with(Logprobs::default), t, at);
         }
         self.append(&mut p, delta);
         p
@@ -90,9 +105,7 @@ impl Assembler {
     /// Whatever is still owed at the end: the echoed prompt of a choice that got no event yet.
     pub fn finish(&mut self) -> Piece {
         let mut p = Piece::default();
-        if let Some(echo) = self.echo.take() {
-            self.append(&mut p, &echo);
-        }
+        self.append_echo(&mut p);
         p
     }
 }
@@ -144,10 +157,10 @@ mod tests {
         let mut a = Assembler::new(Some("Hé said".into()), true, true);
         let prompt = [tok(1, "Hé", None, &[]), tok(2, " said", Some(-2.0), &[(" said", -2.0)])];
         let mut whole = a.prompt_tokens(&prompt, &[0, 2]);
-        let first = a.token(&tok(3, " no", Some(-0.5), &[(" yes", -0.4)]), " no");
+        let first = a.token(&tok(3, " no", Some(-0.5), &[(" yes", -0.4)]), " no", 0);
         assert_eq!(first.text, " no");
         whole.extend(first);
-        whole.extend(a.token(&tok(4, "!", Some(-1.0), &[]), "!"));
+        whole.extend(a.token(&tok(4, "!", Some(-1.0), &[]), "!", 3));
         whole.extend(a.finish());
         assert_eq!(whole.text, "Hé said no!");
         let lp = whole.logprobs.unwrap();
@@ -166,9 +179,20 @@ mod tests {
     }
 
     #[test]
+    fn offsets_count_text_held_back_for_a_stop_sequence() {
+        // Stop sequence "\n\n": the first "\n" is held until "é" shows it was not one.
+        let mut a = Assembler::new(Some("Hi".into()), true, true);
+        let mut whole = a.token(&tok(1, "\n", Some(-1.0), &[]), "", 0);
+        whole.extend(a.token(&tok(2, "é", Some(-1.0), &[]), "\né", 1));
+        whole.extend(a.token(&tok(3, "!", Some(-1.0), &[]), "!", 2));
+        assert_eq!(whole.text, "Hi\né!");
+        assert_eq!(whole.logprobs.unwrap().text_offset, [2, 3, 4]);
+    }
+
+    #[test]
     fn echo_without_logprobs_comes_with_the_first_token_and_scoring_drops_the_token() {
         let mut a = Assembler::new(Some("ROMEO:".into()), false, true);
-        let p = a.token(&tok(1, "\n", None, &[]), "\n");
+        let p = a.token(&tok(1, "\n", None, &[]), "\n", 0);
         assert_eq!(
             p,
             Piece {
@@ -181,7 +205,7 @@ mod tests {
         let mut score = Assembler::new(Some("ROMEO:".into()), true, false);
         let p = score.prompt_tokens(&[tok(1, "ROMEO", None, &[]), tok(2, ":", Some(-3.0), &[])], &[0, 5]);
         assert_eq!(p.text, "ROMEO:");
-        assert!(score.token(&tok(9, "x", Some(-1.0), &[]), "x").is_empty());
+        assert!(score.token(&tok(9, "x", Some(-1.0), &[]), "x", 0).is_empty());
         assert_eq!(score.completion_tokens, 0);
         assert_eq!(finish_reason(FinishReason::EosToken, true), "length");
         assert_eq!(finish_reason(FinishReason::StopSequence, false), "stop");

@@ -317,7 +317,7 @@ impl Run {
                     .get_or_insert_with(|| prompt_offsets(&self.tokenizer, &t));
                 Step::Piece(i, asm.prompt_tokens(&t, offsets))
             }
-            Event::Token { token, delta } => Step::Piece(i, asm.token(&token, &delta)),
+            Event::Token { token, delta, offset } => Step::Piece(i, asm.token(&token, &delta, offset)),
             Event::Finished(f) => {
                 self.events.remove(&i);
                 if choice.counts_prompt {
