@@ -25,6 +25,15 @@ use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::model::NeoXTokenizer;
 
+/// Runs a request's CPU-bound part (tokenizing prompts of up to `max_prompt_bytes`) on the
+/// blocking pool: on the runtime's workers a large prompt would stall every stream sharing
+/// the worker. `Err` only if the work panicked.
+async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("handling the request failed: {e}"))
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub grpc_addr: SocketAddr,
@@ -198,5 +207,40 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn request_work_leaves_the_runtime_free_for_other_streams() {
+        // One runtime thread: a ticker advances only while nothing blocks it.
+        let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        let during = off_runtime({
+            let ticks = ticks.clone();
+            move || {
+                let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(300));
+                ticks.load(std::sync::atomic::Ordering::Relaxed) - before
+            }
+        })
+        .await
+        .unwrap();
+        ticker.abort();
+        assert!(during >= 5, "the runtime ticked {during} times during the work");
+        let panicked = off_runtime(|| -> usize { panic!("boom") }).await;
+        assert!(panicked.unwrap_err().contains("handling the request failed"));
     }
 }

@@ -11,6 +11,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::submit::submit;
+use super::off_runtime;
 use super::validate::{deadline, request_id, validate, Limits};
 use crate::engine::{self, EngineHandle, Event, Failure, SubmitError, ENGINE_STOPPED};
 use crate::model::NeoXTokenizer;
@@ -59,14 +60,17 @@ fn failure_status(f: Failure) -> Status {
 
 impl GenerationService {
     /// Validates and queues a request; returns its events, deadline and id.
-    fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
+    async fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
         let now = Instant::now();
         let dl = deadline(req.metadata(), now);
         let header = req.metadata().get("x-request-id").and_then(|v| v.to_str().ok());
         let id = request_id(&req.get_ref().request_id, header)
             .map_err(Status::from)
             .inspect_err(|e| tracing::info!(error = e.message(), "request rejected"))?;
-        let v = validate(req.get_ref(), &self.tokenizer, &self.limits)
+        let (body, tokenizer, limits) = (req.into_inner(), self.tokenizer.clone(), self.limits.clone());
+        let v = off_runtime(move || validate(&body, &tokenizer, &limits))
+            .await
+            .map_err(Status::internal)?
             .map_err(|e| turned_away(e.into(), &id, "rejected"))?;
         let rx = submit(&self.engine, v, id.clone(), dl, now)
             .map_err(|e| match e {
@@ -167,7 +171,7 @@ fn turned_away(st: Status, id: &str, how: &str) -> Status {
 #[tonic::async_trait]
 impl TextGeneration for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (rx, dl, request_id) = self.submit(req)?;
+        let (rx, dl, request_id) = self.submit(req).await?;
         let id = request_id.clone();
         let out = pb::GenerateResponse {
             request_id,
@@ -182,7 +186,7 @@ impl TextGeneration for GenerationService {
     type GenerateStreamStream = GenStream;
 
     async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
-        let (mut rx, _, request_id) = self.submit(req)?;
+        let (mut rx, _, request_id) = self.submit(req).await?;
         let id = request_id.clone();
         let stream = async_stream_from(move |yield_tx| async move {
             let mut prompt_tokens = Vec::new();
@@ -241,15 +245,15 @@ impl TextGeneration for GenerationService {
                 self.limits.max_prompt_bytes
             )));
         }
-        let ids = self
-            .tokenizer
-            .encode(text)
-            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
-        let tokens = ids
-            .iter()
-            .map(|&id| self.tokenizer.decode(&[id]).unwrap_or_default())
-            .collect();
-        Ok(Response::new(pb::TokenizeResponse { ids, tokens }))
+        let (text, tokenizer) = (req.into_inner().text, self.tokenizer.clone());
+        let answer = off_runtime(move || {
+            let ids = tokenizer
+                .encode(&text)
+                .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+            let tokens = ids.iter().map(|&id| tokenizer.decode(&[id]).unwrap_or_default()).collect();
+            Ok(pb::TokenizeResponse { ids, tokens })
+        });
+        answer.await.map_err(Status::internal)?.map(Response::new)
     }
 
     async fn model_info(&self, _req: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {

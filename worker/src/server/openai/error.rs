@@ -83,6 +83,10 @@ impl ApiError {
         )
     }
 
+    pub fn internal(message: String) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+    }
+
     pub fn engine_stopped() -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", ENGINE_STOPPED)
     }

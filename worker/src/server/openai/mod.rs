@@ -31,6 +31,7 @@ use self::convert::{choice_seed, openai_field, openai_message, plan, Plan};
 use self::error::ApiError;
 use self::schema::{Completion, CompletionRequest, ModelCard, ModelList, Usage};
 use super::submit::submit;
+use super::off_runtime;
 use super::validate::{header_request_id, validate, Limits};
 use crate::engine::{EngineHandle, Event, TokenInfo, ENGINE_STOPPED};
 use crate::model::{IncrementalDecoder, NeoXTokenizer};
@@ -78,23 +79,27 @@ fn now_secs() -> u64 {
 }
 
 async fn tokenize_handler(State(api): State<Arc<OpenAiApi>>, body: Result<Bytes, BytesRejection>) -> Response {
-    answer(&api, body, OpenAiApi::tokenize)
+    answer(api, body, OpenAiApi::tokenize).await
 }
 
 async fn detokenize_handler(State(api): State<Arc<OpenAiApi>>, body: Result<Bytes, BytesRejection>) -> Response {
-    answer(&api, body, OpenAiApi::detokenize)
+    answer(api, body, OpenAiApi::detokenize).await
 }
 
-/// A JSON request answered at once: parsed, handled, its answer or error as JSON.
-fn answer<Req: serde::de::DeserializeOwned, Res: Serialize>(
-    api: &OpenAiApi,
+/// A JSON request answered at once: parsed, handled (off the runtime), its answer or error as
+/// JSON.
+async fn answer<Req: serde::de::DeserializeOwned + 'static, Res: Serialize + Send + 'static>(
+    api: Arc<OpenAiApi>,
     body: Result<Bytes, BytesRejection>,
-    handle: impl FnOnce(&OpenAiApi, Req) -> Result<Res, ApiError>,
+    handle: fn(&OpenAiApi, Req) -> Result<Res, ApiError>,
 ) -> Response {
-    match read_body(api, body)
-        .and_then(|b| parse(&b))
-        .and_then(|r| handle(api, r))
-    {
+    let answered = off_runtime(move || {
+        read_body(&api, body)
+            .and_then(|b| parse(&b))
+            .and_then(|r| handle(&api, r))
+    })
+    .await;
+    match answered.map_err(ApiError::internal).and_then(|r| r) {
         Ok(r) => json(StatusCode::OK, &r),
         Err(e) => e.into_response(),
     }
@@ -144,7 +149,11 @@ async fn completions(
     let received = Instant::now();
     let header = headers.get("x-request-id").and_then(|v| v.to_str().ok());
     let id = header_request_id(header);
-    let mut response = match api.start(&id, body, received) {
+    let started = {
+        let (api, id) = (api.clone(), id.clone());
+        off_runtime(move || api.start(&id, body, received)).await
+    };
+    let mut response = match started.map_err(ApiError::internal).and_then(|r| r) {
         Err(e) => {
             // Debug-quoted: the message may quote the client's JSON keys, which must not be able
             // to forge log lines.
