@@ -72,7 +72,10 @@ impl Metrics {
                 "Time from request arrival to its last token",
                 DURATION_BUCKETS,
             )?,
-            prompt_tokens: IntCounter::new("neox_prompt_tokens_total", "Prompt tokens prefilled (not those copied from the prefix cache)")?,
+            prompt_tokens: IntCounter::new(
+                "neox_prompt_tokens_total",
+                "Prompt tokens of requests that got their first token (cached or computed; once per request)",
+            )?,
             generation_tokens: IntCounter::new("neox_generation_tokens_total", "Tokens generated")?,
             requests: IntCounterVec::new(
                 Opts::new("neox_requests_total", "Requests ended, by finish reason"),

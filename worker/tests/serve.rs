@@ -224,6 +224,19 @@ fn prompt_logprobs_survive_preemption_mid_prefill() {
         server.metric("neox_preemptions_total") > 0.0,
         "the budget should have forced preemption"
     );
+    // Each of the 8 requests' whole prompt once: not again for the preempted ones, and the
+    // runs served partly from the prefix cache count in full.
+    let prompts_len: usize = prompts(4).iter().map(|p| p.repeat(4)).map(|p| token_count(&server, &p)).sum();
+    assert_eq!(server.metric("neox_prompt_tokens_total"), (2 * prompts_len) as f64);
+}
+
+/// The number of tokens `text` encodes to, by the server's own Tokenize.
+fn token_count(server: &Server, text: &str) -> usize {
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let req = pb::TokenizeRequest { text: text.into() };
+        c.tokenize(req).await.unwrap().into_inner().ids.len()
+    })
 }
 
 #[test]

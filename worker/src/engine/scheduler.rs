@@ -701,10 +701,6 @@ impl Engine {
         // Drafts count as computed only once they are accepted.
         let fed = p.tokens.len() - drafted;
         s.computed += fed;
-        let prefill_tokens = s.prompt_len().saturating_sub(start).min(fed);
-        if prefill_tokens > 0 && s.generated.is_empty() {
-            self.metrics.prompt_tokens.inc_by(prefill_tokens as u64);
-        }
         let Some(logits) = logits else { return Ok(None) };
         if p.logits == LogitsWanted::All && s.req.prompt_logprobs && !s.prompt_lp_sent {
             // Row j predicts token start + j + 1.
@@ -764,6 +760,10 @@ impl Engine {
                 self.metrics
                     .time_to_first_token
                     .observe((now - s.req.received).as_secs_f64());
+                // Once per request, its whole prompt (as vLLM counts): a prompt recomputed
+                // after a preemption is not counted again, and the prefix cache's share is
+                // in neox_prefix_cache_hits_total.
+                self.metrics.prompt_tokens.inc_by(s.prompt_len() as u64);
             }
             Some(prev) => self.metrics.time_per_output_token.observe((now - prev).as_secs_f64()),
         }
