@@ -226,7 +226,11 @@ fn prompt_logprobs_survive_preemption_mid_prefill() {
     );
     // Each of the 8 requests' whole prompt once: not again for the preempted ones, and the
     // runs served partly from the prefix cache count in full.
-    let prompts_len: usize = prompts(4).iter().map(|p| p.repeat(4)).map(|p| token_count(&server, &p)).sum();
+    let prompts_len: usize = prompts(4)
+        .iter()
+        .map(|p| p.repeat(4))
+        .map(|p| token_count(&server, &p))
+        .sum();
     assert_eq!(server.metric("neox_prompt_tokens_total"), (2 * prompts_len) as f64);
 }
 
@@ -967,6 +971,53 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
         "server did not exit after draining",
     );
     assert!(status.success(), "{status}: {}", server.stderr.lock().unwrap());
+}
+
+#[test]
+fn sigterm_to_every_rank_at_once_still_drains_a_tp2_group() {
+    // As Ctrl-C in a terminal, or systemd stopping the unit: leader and follower get SIGTERM
+    // together. The follower must stay for the leader's drain, then leave with it.
+    let mut server = start(&["--tp", "2", "--shutdown-grace", "30"]);
+    let follower = {
+        let log = server.stderr.lock().unwrap();
+        let line = log
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("neox-worker: follower rank 1 pid "));
+        line.expect("the launcher names its follower's pid").trim().to_owned()
+    };
+    let leader = server.child.id().to_string();
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let mut s = c.generate_stream(greedy("ROMEO:\n", 200)).await.unwrap().into_inner();
+        s.message().await.unwrap().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &follower, &leader])
+            .status()
+            .unwrap();
+        let mut n = 1;
+        let mut fin = None;
+        while let Some(m) = s.message().await.unwrap() {
+            n += m.token.is_some() as usize;
+            fin = fin.or(m.finish_reason);
+        }
+        assert_eq!(
+            (n, fin),
+            (200, Some(pb::FinishReason::Length as i32)),
+            "in-flight stream cut short"
+        );
+    });
+    let status = common::wait_with_deadline(&mut server.child, Duration::from_secs(10), "the leader after draining");
+    assert!(status.success(), "{status}: {}", server.stderr.lock().unwrap());
+    let t0 = Instant::now();
+    while std::path::Path::new(&format!("/proc/{follower}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{follower}/stat")).is_ok_and(|st| st.contains(") Z "))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "follower {follower} left running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

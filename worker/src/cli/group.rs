@@ -353,6 +353,46 @@ fn watch_children(children: Arc<Mutex<Vec<(usize, Child)>>>, leader: GroupLeader
     });
 }
 
+/// A follower outlives the first SIGTERM or SIGINT. The whole group gets one at once (a
+/// terminal's Ctrl-C, systemd stopping a unit, `kill` of a process group) and the leader then
+/// drains its in-flight requests, which needs every rank; it ends the group when done, and a
+/// follower also ends when its leader is gone. A second signal ends the follower at once. (In
+/// a container the rank is PID 1, which the kernel already spares signals it does not handle.)
+fn outlive_first_signal(rank: usize) {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers are in place before this returns: a signal from then on is caught.
+    let install = || -> std::io::Result<_> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        let signals = {
+            let _in = rt.enter();
+            (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+        };
+        Ok((rt, signals))
+    };
+    let (rt, (mut term, mut int)) = match install() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("cannot catch signals (SIGTERM will stop this rank at once): {e}");
+            return;
+        }
+    };
+    let watch = move || {
+        rt.block_on(async move {
+            let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            tracing::info!(
+                rank,
+                "{name}: staying up until the leader ends the group (again to stop now)"
+            );
+            let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            tracing::warn!(rank, "second {name}: exiting now");
+            std::process::exit(130);
+        })
+    };
+    if let Err(e) = std::thread::Builder::new().name("signals".into()).spawn(watch) {
+        tracing::warn!("cannot watch for signals (SIGTERM will stop this rank at once): {e}");
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct FollowerArgs {
     #[command(flatten)]
@@ -373,6 +413,7 @@ pub fn follower_with_health(a: FollowerArgs, health_addr: Option<std::net::Socke
     if role.rank.rank == 0 || role.launcher {
         bail!("a follower needs --rank ≥ 1 with --world-size and --leader-addr (or NEOX_RANK, NEOX_WORLD_SIZE, NEOX_LEADER_ADDR)");
     }
+    outlive_first_signal(role.rank.rank);
     set_threads(&a.model, role.rank.world_size, false)?;
     let loaded = load(&a.model, role.rank)?;
     let opts = shard::FollowerOptions {

@@ -10,8 +10,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::submit::submit;
 use super::off_runtime;
+use super::submit::submit;
 use super::validate::{deadline, request_id, validate, Limits};
 use crate::engine::{self, EngineHandle, Event, Failure, SubmitError, ENGINE_STOPPED};
 use crate::model::NeoXTokenizer;
@@ -250,7 +250,10 @@ impl TextGeneration for GenerationService {
             let ids = tokenizer
                 .encode(&text)
                 .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
-            let tokens = ids.iter().map(|&id| tokenizer.decode(&[id]).unwrap_or_default()).collect();
+            let tokens = ids
+                .iter()
+                .map(|&id| tokenizer.decode(&[id]).unwrap_or_default())
+                .collect();
             Ok(pb::TokenizeResponse { ids, tokens })
         });
         answer.await.map_err(Status::internal)?.map(Response::new)
