@@ -32,7 +32,7 @@ pub struct ObservedGroup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     CreateGroup(i32),
-    /// Removes a group beyond `replicas` (highest index first).
+    /// Removes a group beyond `replicas` (the least useful first: not ready, outdated, highest index).
     DeleteGroup(i32),
     /// Deletes every pod of the group so all ranks start together; `restarts` is the new count.
     RestartGroup {
@@ -96,14 +96,29 @@ pub fn plan(
     let mut unhealthy = Vec::new();
     let (mut ready_count, mut updated, mut existing) = (0, 0, 0);
 
-    let mut extra: Vec<i32> = observed.iter().map(|g| g.index).filter(|&i| i >= replicas).collect();
-    extra.sort_unstable_by(|a, b| b.cmp(a));
-    actions.extend(extra.into_iter().map(Action::DeleteGroup));
+    // Scale-in removes the groups that serve least: those not ready first (a broken or
+    // loading group, not a serving one), then those on an older template, then the highest
+    // index. Scale-out fills the lowest free indices.
+    let mut by_worth: Vec<&ObservedGroup> = observed.iter().collect();
+    by_worth.sort_by_key(|g| (assess(g, tp).0, g.revision == revision, std::cmp::Reverse(g.index)));
+    let excess = observed.len().saturating_sub(replicas.max(0) as usize);
+    let removed: Vec<i32> = by_worth[..excess].iter().map(|g| g.index).collect();
+    actions.extend(removed.iter().copied().map(Action::DeleteGroup));
+    let mut indices: Vec<i32> = observed
+        .iter()
+        .map(|g| g.index)
+        .filter(|i| !removed.contains(i))
+        .collect();
+    let mut free = (0..).filter(|i| !observed.iter().any(|g| g.index == *i));
+    while indices.len() < replicas.max(0) as usize {
+        indices.extend(free.next());
+    }
+    indices.sort_unstable();
 
     // Groups that are down count against the rollout budget.
     let mut unavailable = 0;
     let mut outdated = Vec::new();
-    for g in 0..replicas {
+    for g in indices {
         let Some(o) = observed.iter().find(|o| o.index == g) else {
             actions.push(Action::CreateGroup(g));
             statuses.push(GroupStatus {
@@ -338,6 +353,27 @@ mod tests {
             plan(3, 2, "new", 2, &obs, 0).actions,
             vec![Action::UpdateGroup(0), Action::UpdateGroup(1)]
         );
+    }
+
+    #[test]
+    fn scale_in_removes_the_groups_that_serve_least_and_scale_out_fills_the_gaps() {
+        // Group 0 is down: going to 2 removes it, not the serving group 2.
+        let obs = [group(0, "r1", false), group(1, "r1", true), group(2, "r1", true)];
+        let p = plan(2, 2, "r1", 1, &obs, 0);
+        assert_eq!(p.actions, vec![Action::DeleteGroup(0)]);
+        assert_eq!(p.groups.iter().map(|g| g.index).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!((p.ready, p.existing), (2, 2));
+        // Then an outdated one before a current one.
+        let obs = [group(1, "old", true), group(2, "r1", true)];
+        assert_eq!(plan(1, 2, "r1", 1, &obs, 0).actions, vec![Action::DeleteGroup(1)]);
+        // Back to 3: index 0 is free again.
+        let obs = [group(1, "r1", true), group(2, "r1", true)];
+        assert_eq!(plan(3, 2, "r1", 1, &obs, 0).actions, vec![Action::CreateGroup(0)]);
+        // Gaps are kept as they are when the count is right.
+        let obs = [group(0, "r1", true), group(5, "r1", true)];
+        assert!(plan(2, 2, "r1", 1, &obs, 0).actions.is_empty());
+        // To zero: every group goes.
+        assert_eq!(plan(0, 2, "r1", 1, &obs, 0).actions.len(), 2);
     }
 
     #[test]
