@@ -137,17 +137,19 @@ fn observe_pod(p: &Pod) -> ObservedPod {
         .iter()
         .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
         .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
-    let restarted = status
+    // A rank whose container restarted and is not running now (crash-looping, or exited):
+    // one that restarted and runs again is forming its group anew (every rank is NOT_SERVING
+    // until then), as after a wait for capacity when the last rank is placed; its startup
+    // probe ends it if the group never forms.
+    let down_after_restart = status
         .container_statuses
         .unwrap_or_default()
         .iter()
-        .any(|c| c.restart_count > 0);
+        .any(|c| c.restart_count > 0 && !c.state.as_ref().is_some_and(|s| s.running.is_some()));
     ObservedPod {
         name: p.name_any(),
         ready,
-        // A restarted rank that is Ready again has rejoined a group that formed anew (every
-        // rank is NOT_SERVING until then), as after a wait for capacity: nothing to restart.
-        failed: status.phase.as_deref() == Some("Failed") || (restarted && !ready),
+        failed: status.phase.as_deref() == Some("Failed") || (down_after_restart && !ready),
         terminating: p.metadata.deletion_timestamp.is_some(),
         unschedulable,
         revision: p.labels().get(REVISION_LABEL).cloned(),

@@ -6,6 +6,7 @@ mod fake_api;
 use std::sync::Arc;
 
 use fake_api::*;
+use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting};
 use kube::ResourceExt;
 use neox_operator::reconcile::{reconcile, Context};
 use neox_operator::resources;
@@ -172,9 +173,28 @@ async fn ranks_that_restarted_and_formed_their_group_again_are_left_alone() {
     let (client, rec) = two_groups(&d, g1.clone());
     reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
     assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
-    // The same rank restarted and not Ready: its group has lost it, all ranks go.
-    let cs = g1[1].status.as_mut().unwrap();
-    cs.conditions.as_mut().unwrap()[0].status = "False".into();
+    // Restarted, running again and not Ready: the ranks are forming the group anew (the
+    // last one was placed after a wait for capacity, say). Restarting them would cost every
+    // rank another model load.
+    for p in &mut g1 {
+        let st = p.status.as_mut().unwrap();
+        st.conditions.as_mut().unwrap()[0].status = "False".into();
+        st.container_statuses.as_mut().unwrap()[0].state = Some(ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        });
+    }
+    let (client, rec) = two_groups(&d, g1.clone());
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
+    // One of them crash-looping instead: its group has lost it, all ranks go.
+    g1[1].status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state = Some(ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some("CrashLoopBackOff".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let (client, rec) = two_groups(&d, g1);
     reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
     assert_eq!(rec.lock().unwrap().events, vec!["RestartingGroup"]);
