@@ -145,7 +145,7 @@ fn observe_pod(p: &Pod) -> ObservedPod {
         .container_statuses
         .unwrap_or_default()
         .iter()
-        .any(|c| c.restart_count > 0 && !c.state.as_ref().is_some_and(|s| s.running.is_some()));
+        .any(|c| c.restart_count > 0 && c.state.as_ref().is_none_or(|s| s.running.is_none()));
     ObservedPod {
         name: p.name_any(),
         ready,
