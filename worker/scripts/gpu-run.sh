@@ -155,6 +155,8 @@ speculation() {
 
 check "GPU test suite (HF goldens in fp32/fp16/bf16, fp16 perplexity, paged KV, sampling, NCCL)" gpu_tests
 check "TP=2 ranks sharing the GPU over TCP: greedy ids equal the CPU's (fp32)" tp2_over_tcp
+check "the logits (fp32) and perplexity (fp16) commands on the GPU against HF's goldens" \
+  python3 worker/scripts/check_cli_goldens.py "$BIN/neox-worker" "$PWD/.gpu/fixtures/tiny-neox" --device cuda
 check "serving on the GPU (fp32, paged KV): HF ids, seeded sampling, prefix cache" serving
 check "speculative decoding on the GPU: the same greedy and seeded ids, drafts kept" speculation
 
