@@ -37,9 +37,8 @@ pub struct Assembler {
     logprobs: bool,
     /// False when only the prompt is scored: the one generated token is dropped.
     keep_tokens: bool,
-    /// Characters of the choice's text so far.
-    chars: usize,
-    /// Characters of the echoed prompt: where the generated text starts.
+    /// Characters of the echoed prompt (the choice's text starts with it): where the generated
+    /// text starts.
     prompt_chars: usize,
     pub completion_tokens: usize,
 }
@@ -50,22 +49,16 @@ impl Assembler {
             echo,
             logprobs,
             keep_tokens,
-            chars: 0,
             prompt_chars: 0,
             completion_tokens: 0,
         }
     }
 
-    fn append(&mut self, p: &mut Piece, text: &str) {
-        p.text.push_str(text);
-        self.chars += text.chars().count();
-    }
-
     /// The echoed prompt, once: generated text starts after it.
     fn append_echo(&mut self, p: &mut Piece) {
         if let Some(echo) = self.echo.take() {
-            self.append(p, &echo);
-            self.prompt_chars = self.chars;
+            p.text.push_str(&echo);
+            self.prompt_chars = echo.chars().count();
         }
     }
 
@@ -79,7 +72,7 @@ impl Assembler {
         if self.logprobs {
             let lp = p.logprobs.get_or_insert_with(Logprobs::default);
             for (t, &offset) in tokens.iter().zip(offsets) {
-                push_token(lp, t, self.chars + offset);
+                push_token(lp, t, offset);
             }
         }
         self.append_echo(&mut p);
@@ -98,7 +91,7 @@ impl Assembler {
             let at = self.prompt_chars + offset;
             push_token(p.logprobs.get_or_insert_with(Logprobs::default), t, at);
         }
-        self.append(&mut p, delta);
+        p.text.push_str(delta);
         p
     }
 
