@@ -100,7 +100,7 @@ pub fn plan(
     // loading group, not a serving one), then those on an older template, then the highest
     // index. Scale-out fills the lowest free indices.
     let mut by_worth: Vec<&ObservedGroup> = observed.iter().collect();
-    by_worth.sort_by_key(|g| (assess(g, tp).0, g.revision == revision, std::cmp::Reverse(g.index)));
+    by_worth.sort_by_cached_key(|g| (assess(g, tp).0, g.revision == revision, std::cmp::Reverse(g.index)));
     let excess = observed.len().saturating_sub(replicas.max(0) as usize);
     let removed: Vec<i32> = by_worth[..excess].iter().map(|g| g.index).collect();
     actions.extend(removed.iter().copied().map(Action::DeleteGroup));
