@@ -102,10 +102,7 @@ async fn an_object_the_api_server_refuses_is_reported_in_status_once() {
         rec.body_of(STATUS)["status"].clone()
     };
     let degraded = condition_of(&status, "Degraded");
-    assert_eq!(
-        (degraded["status"].as_str(), degraded["reason"].as_str()),
-        (Some("True"), Some("ApplyRefused"))
-    );
+    assert_eq!(state(&degraded), (Some("True"), Some("ApplyRefused")));
     assert!(degraded["message"].as_str().unwrap().contains(message), "{degraded}");
     // The retry meets the same refusal: nothing new to say, no status write, no second Event.
     let mut reported = d;
@@ -155,10 +152,7 @@ async fn a_failed_rank_restarts_its_whole_group_only() {
     assert_eq!(status["readyReplicas"], 1);
     assert_eq!(status["groups"][1]["phase"], "Restarting");
     let degraded = condition_of(status, "Degraded");
-    assert_eq!(
-        (degraded["status"].as_str(), degraded["reason"].as_str()),
-        (Some("True"), Some("GroupRestarting"))
-    );
+    assert_eq!(state(&degraded), (Some("True"), Some("GroupRestarting")));
 }
 
 #[tokio::test]
@@ -354,10 +348,7 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     assert_eq!(status["groups"][1]["phase"], "Ready");
     assert_eq!(condition_of(status, "Available")["status"], "True");
     let progressing = condition_of(status, "Progressing");
-    assert_eq!(
-        (progressing["status"].as_str(), progressing["reason"].as_str()),
-        (Some("False"), Some("InvalidSpec"))
-    );
+    assert_eq!(state(&progressing), (Some("False"), Some("InvalidSpec")));
 }
 
 #[tokio::test]
@@ -398,10 +389,12 @@ async fn a_service_name_another_deployment_holds_is_never_taken_over() {
     assert_eq!(rec.lines(), want);
     assert_eq!(rec.events, vec!["CreatedGroup", "NameConflict"]);
     let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
-    assert_eq!(
-        (degraded["status"].as_str(), degraded["reason"].as_str()),
-        (Some("True"), Some("NameConflict"))
-    );
+    assert_eq!(state(&degraded), (Some("True"), Some("NameConflict")));
+}
+
+/// A condition's status and reason.
+fn state(condition: &serde_json::Value) -> (Option<&str>, Option<&str>) {
+    (condition["status"].as_str(), condition["reason"].as_str())
 }
 
 /// The status condition of type `type_`.

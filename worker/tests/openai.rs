@@ -177,14 +177,20 @@ fn text_held_back_for_a_stop_sequence_is_released_when_a_stop_token_ends_the_cho
         // text is not in the choice, so its offset is the text's end.
         let lp = &c["choices"][0]["logprobs"];
         let offsets = u64s(&lp["text_offset"]);
-        let chars: Vec<char> = want.chars().collect();
         let (stop_at, generated) = offsets.split_last().unwrap();
-        assert_eq!(*stop_at as usize, chars.len(), "stop {stop}");
-        for (j, &o) in generated.iter().enumerate() {
-            let token = lp["tokens"][j].as_str().unwrap();
-            let at: String = chars[o as usize..].iter().take(token.chars().count()).collect();
-            assert_eq!(at, token, "stop {stop}: token {j} at offset {o}");
-        }
+        assert_eq!(*stop_at as usize, want.chars().count(), "stop {stop}");
+        assert_tokens_at_offsets(want, lp, generated, &format!("stop {stop}"));
+    }
+}
+
+/// Each of the first `offsets.len()` tokens of `lp` is found in `text` at its offset (in
+/// characters).
+fn assert_tokens_at_offsets(text: &str, lp: &Value, offsets: &[u64], what: &str) {
+    let chars: Vec<char> = text.chars().collect();
+    for (j, &o) in offsets.iter().enumerate() {
+        let token = lp["tokens"][j].as_str().unwrap();
+        let at: String = chars[o as usize..].iter().take(token.chars().count()).collect();
+        assert_eq!(at, token, "{what}: token {j} at offset {o}");
     }
 }
 
@@ -240,13 +246,7 @@ fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
         }
     }
     // Offsets point into the returned text.
-    let offsets = u64s(&lp["text_offset"]);
-    let chars: Vec<char> = prompt.chars().collect();
-    for (j, &o) in offsets.iter().enumerate() {
-        let token = lp["tokens"][j].as_str().unwrap();
-        let at: String = chars[o as usize..].iter().take(token.chars().count()).collect();
-        assert_eq!(at, token, "token {j} at offset {o}");
-    }
+    assert_tokens_at_offsets(prompt, lp, &u64s(&lp["text_offset"]), "scored prompt");
 }
 
 #[test]
