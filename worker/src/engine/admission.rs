@@ -87,6 +87,16 @@ impl Engine {
                 }
                 _ => None,
             };
+            // A running sequence still computing more of this prompt: wait for its KV.
+            let running = self.running.iter().map(|r| (r.computed, &r.tokens[..]));
+            if queried
+                && self
+                    .prefix
+                    .as_ref()
+                    .is_some_and(|p| p.worth_waiting(&front.tokens, hit, running))
+            {
+                break;
+            }
             // Full blocks of the prefix the ranks share with the source instead of copying.
             let shared = match hit {
                 Some(h) if self.config.forks_share_blocks => h.tokens / bs,

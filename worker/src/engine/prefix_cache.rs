@@ -109,6 +109,25 @@ impl PrefixCache {
         }
     }
 
+    /// Whether a prompt that would start from `hit` had better wait for one of `running` (each
+    /// its computed token count and all its tokens): one still computing a share of the prompt
+    /// at least the minimum match longer than `hit`. Identical prompts queued together (a
+    /// request's `n` choices, a burst with one system prompt) then compute it once and copy
+    /// it, where each would otherwise compute it beside the others in the same steps.
+    pub fn worth_waiting<'a>(
+        &self,
+        tokens: &[u32],
+        hit: Option<Hit>,
+        running: impl IntoIterator<Item = (usize, &'a [u32])>,
+    ) -> bool {
+        let wanted = &tokens[..tokens.len().saturating_sub(1)];
+        let now = hit.map_or(0, |h| h.tokens);
+        running.into_iter().any(|(computed, all)| {
+            let share = common_prefix(all, wanted);
+            share > computed && share >= now + self.min_tokens
+        })
+    }
+
     /// Keeps the KV of the finished sequence `id` (`tokens` cached, in `hold`'s blocks).
     /// Returns what to free now: entries the new one contains, or the sequence itself when an
     /// entry already contains it or it is too short to be worth keeping.
@@ -199,6 +218,26 @@ mod tests {
         assert_eq!(c.lookup(&[1, 2, 3, 7], live), Some(Hit { id: 1, tokens: 3 }));
         assert_eq!(c.lookup(&[9, 9, 9, 9], live), Some(Hit { id: 8, tokens: 3 }));
         assert_eq!(c.lookup(&[9, 5, 5], live), None);
+    }
+
+    #[test]
+    fn a_prompt_waits_for_a_running_sequence_still_computing_more_of_it() {
+        let mut c = PrefixCache::new(2);
+        c.insert(1, vec![1, 2], Holding::own(1));
+        let prompt = [1, 2, 3, 4, 5, 6];
+        let hit = c.lookup(&prompt, []);
+        assert_eq!(hit, Some(Hit { id: 1, tokens: 2 }));
+        // Its twin has computed nothing yet: 5 tokens to gain.
+        let twin: [(usize, &[u32]); 1] = [(0, &prompt)];
+        assert!(c.worth_waiting(&prompt, hit, twin));
+        assert!(c.worth_waiting(&prompt, None, twin));
+        // Already computed (a lookup finds it), or it would add less than the minimum match.
+        assert!(!c.worth_waiting(&prompt, hit, [(5, &prompt[..])]));
+        assert!(!c.worth_waiting(&prompt, hit, [(0, &[1, 2, 3][..])]));
+        assert!(c.worth_waiting(&prompt, hit, [(0, &[1, 2, 3, 4, 9][..])]));
+        // Nothing shared, or nothing running.
+        assert!(!c.worth_waiting(&prompt, None, [(0, &[7, 7, 7, 7][..])]));
+        assert!(!c.worth_waiting(&prompt, None, []));
     }
 
     #[test]

@@ -1,0 +1,208 @@
+//! The engine driven directly (no server), over a runner that records what every step feeds,
+//! so the scheduling decisions themselves are asserted, against HF's greedy goldens.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use neox_worker::engine::{
+    self, EngineConfig, Event, Request, SamplingParams, SamplingPlace, SpeculationConfig, StopCriteria,
+};
+use neox_worker::metrics::Metrics;
+use neox_worker::model::{GptNeoX, ModelError};
+use neox_worker::shard::{LocalRunner, SeqPlan, StepRunner};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+#[derive(Default)]
+struct Log {
+    /// Tokens fed per sequence id, over every step.
+    fed: HashMap<u64, usize>,
+    /// `(from, to, tokens)` of every fork.
+    forks: Vec<(u64, u64, usize)>,
+}
+
+/// A local runner whose first step waits for the test (so requests can queue meanwhile), and
+/// which logs every step and fork.
+struct Recording {
+    inner: LocalRunner,
+    entered: Option<mpsc::Sender<()>>,
+    gate: Option<mpsc::Receiver<()>>,
+    log: Arc<Mutex<Log>>,
+}
+
+impl StepRunner for Recording {
+    fn step(&mut self, plan: &[SeqPlan]) -> Result<Vec<Option<Tensor>>, ModelError> {
+        if let (Some(entered), Some(gate)) = (self.entered.take(), self.gate.take()) {
+            entered.send(()).unwrap();
+            gate.recv().unwrap();
+        }
+        let mut log = self.log.lock().unwrap();
+        for p in plan {
+            *log.fed.entry(p.id).or_default() += p.tokens.len();
+        }
+        drop(log);
+        self.inner.step(plan)
+    }
+    fn release(&mut self, ids: &[u64]) -> Result<(), ModelError> {
+        self.inner.release(ids)
+    }
+    fn fork(&mut self, from: u64, to: u64, tokens: usize, reserve: usize) -> Result<(), ModelError> {
+        self.log.lock().unwrap().forks.push((from, to, tokens));
+        self.inner.fork(from, to, tokens, reserve)
+    }
+    fn model(&self) -> &GptNeoX {
+        self.inner.model()
+    }
+    fn use_paged_kv(&mut self, blocks: usize, block_size: usize) -> Result<(), ModelError> {
+        self.inner.use_paged_kv(blocks, block_size)
+    }
+}
+
+fn greedy_request(prompt: &[u32], max_new_tokens: usize) -> (Request, UnboundedReceiver<Event>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = Request {
+        id: "test".into(),
+        prompt_ids: prompt.to_vec(),
+        sampling: SamplingParams::default(),
+        stop: StopCriteria {
+            max_new_tokens,
+            ..Default::default()
+        },
+        logprobs: false,
+        prompt_logprobs: false,
+        deadline: None,
+        received: Instant::now(),
+        events: tx,
+    };
+    (req, rx)
+}
+
+fn generated(mut rx: UnboundedReceiver<Event>) -> Vec<u32> {
+    let mut ids = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { token, .. } => ids.push(token.id),
+            Event::Finished(_) => return ids,
+            Event::Failed(f) => panic!("request failed: {f}"),
+            Event::PromptTokens(_) => {}
+        }
+    }
+    panic!("the events ended without a finish");
+}
+
+/// Queues `copies` identical greedy requests for HF's longest golden case while the engine is
+/// held in a step for an unrelated request, so they reach one admission together. Returns each
+/// copy's continuation and the log.
+fn identical_prompts_queued_together(prefix_caching: bool, copies: usize) -> (Vec<Vec<u32>>, Log, usize) {
+    let g = Goldens::load();
+    let (prompt, _) = g.longest_case();
+    let shortest = g
+        .cases()
+        .into_iter()
+        .map(|i| g.ids(&format!("case{i}.input_ids")))
+        .min_by_key(Vec::len)
+        .unwrap();
+    let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
+    let config = EngineConfig {
+        max_batch_size: 8,
+        max_tokens_per_step: 512,
+        max_waiting_requests: 16,
+        max_total_tokens: loaded.model.config().max_position_embeddings,
+        kv_block_size: 16,
+        kv_blocks: 64,
+        sampling: SamplingPlace::Host,
+        prefix_caching,
+        forks_share_blocks: false,
+        speculation: SpeculationConfig {
+            max_tokens: 0,
+            max_ngram: 0,
+            min_ngram: 0,
+            max_batch: 0,
+        },
+    };
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, gate) = mpsc::channel();
+    let log = Arc::new(Mutex::new(Log::default()));
+    let runner = Recording {
+        inner: LocalRunner::new(loaded.model),
+        entered: Some(entered_tx),
+        gate: Some(gate),
+        log: log.clone(),
+    };
+    let (handle, join) = engine::start(
+        Box::new(runner),
+        Arc::new(loaded.tokenizer),
+        config,
+        Metrics::new().unwrap(),
+    );
+    let (first, first_rx) = greedy_request(&shortest, 1);
+    handle.submit(first).unwrap();
+    entered.recv().unwrap();
+    let mut rxs = Vec::new();
+    for _ in 0..copies {
+        let (req, rx) = greedy_request(&prompt, 20);
+        handle.submit(req).unwrap();
+        rxs.push(rx);
+    }
+    release.send(()).unwrap();
+    generated(first_rx);
+    let outs = rxs.into_iter().map(generated).collect();
+    drop(handle);
+    join.join().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    (outs, log, prompt.len())
+}
+
+#[test]
+fn identical_prompts_queued_together_compute_their_prompt_once() {
+    let g = Goldens::load();
+    let (prompt, _) = g.longest_case();
+    let case = g
+        .cases()
+        .into_iter()
+        .find(|i| g.ids(&format!("case{i}.input_ids")) == prompt)
+        .unwrap();
+    let want = g.ids(&format!("case{case}.greedy"));
+    let copies = 4;
+    // Sequence ids: 1 is the request that holds the engine, then the copies in order.
+    let copy_ids = 2..2 + copies as u64;
+    for prefix_caching in [false, true] {
+        let (outs, log, len) = identical_prompts_queued_together(prefix_caching, copies);
+        for out in &outs {
+            assert_eq!(
+                out, &want,
+                "prefix caching {prefix_caching}: a copy differs from HF's greedy"
+            );
+        }
+        // A sequence feeds its prompt, then each generated token but the last.
+        let whole = len + want.len() - 1;
+        let fed: Vec<usize> = copy_ids.clone().map(|id| log.fed[&id]).collect();
+        if prefix_caching {
+            // The first computes the prompt; the others wait a step and copy all of it but
+            // the last token, whose logits they need.
+            assert_eq!(fed[0], whole, "the first copy's tokens");
+            assert!(
+                fed[1..].iter().all(|&f| f == whole - (len - 1)),
+                "the other copies computed their prompts themselves: fed {fed:?} of a {len}-token prompt"
+            );
+            let copied: Vec<_> = log.forks.iter().map(|&(_, to, tokens)| (to, tokens)).collect();
+            let want: Vec<_> = copy_ids.clone().skip(1).map(|to| (to, len - 1)).collect();
+            assert_eq!(copied, want);
+            assert!(
+                log.forks
+                    .iter()
+                    .all(|&(from, to, _)| copy_ids.contains(&from) && from < to),
+                "each copy starts from an earlier one: {:?}",
+                log.forks
+            );
+        } else {
+            assert!(fed.iter().all(|&f| f == whole), "{fed:?}");
+            assert!(log.forks.is_empty());
+        }
+    }
+}
