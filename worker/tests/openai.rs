@@ -250,6 +250,68 @@ fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
 }
 
 #[test]
+fn several_choices_share_one_scoring_of_their_echoed_prompt() {
+    let s = server();
+    let prompt = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.";
+    let body = |n: u64, stream: bool| {
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 6, "echo": true, "logprobs": 2, "n": n,
+               "temperature": 1.0, "seed": 3, "stream": stream})
+    };
+    let one = complete(&s, body(1, false));
+    let lp1 = &one["choices"][0]["logprobs"];
+    let prompt_len = one["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let hits = s.metric("neox_prefix_cache_hits_total");
+    let three = complete(&s, body(3, false));
+    assert_eq!(three["usage"]["prompt_tokens"], prompt_len, "the prompt counted once");
+    assert_eq!(three["choices"].as_array().unwrap().len(), 3);
+    // Every choice carries the prompt's log-probabilities as one request scores them.
+    for (i, c) in three["choices"].as_array().unwrap().iter().enumerate() {
+        let text = c["text"].as_str().unwrap();
+        assert!(text.starts_with(prompt), "choice {i}: {text:?}");
+        let lp = &c["logprobs"];
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let got = &lp[key].as_array().unwrap()[..prompt_len];
+            assert_eq!(got, &lp1[key].as_array().unwrap()[..prompt_len], "choice {i}: {key}");
+        }
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt_len + 6, "choice {i}");
+    }
+    // Seeds: choice 0 is the single request's sample.
+    assert_eq!(three["choices"][0]["text"], one["choices"][0]["text"]);
+    // Choices after the first started from its KV (all but the last prompt token each)
+    // instead of scoring the prompt again.
+    let copied = s.metric("neox_prefix_cache_hits_total") - hits;
+    assert!(
+        copied >= 2.0 * (prompt_len as f64 - 1.0),
+        "{copied} prompt tokens copied for 2 choices of a {prompt_len}-token prompt"
+    );
+    // Streamed: each choice's first chunk is its echoed prompt with its log-probabilities.
+    let r = s.http("POST", "/v1/completions", &[], &body(3, true).to_string());
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = vec![String::new(); 3];
+    let mut tokens = [0; 3];
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        let piece = choice["text"].as_str().unwrap();
+        if texts[i].is_empty() {
+            assert_eq!(piece, prompt, "choice {i}'s first chunk");
+            assert_eq!(
+                choice["logprobs"]["token_logprobs"],
+                json!(lp1["token_logprobs"].as_array().unwrap()[..prompt_len])
+            );
+        }
+        texts[i].push_str(piece);
+        tokens[i] += choice["logprobs"]["tokens"].as_array().map_or(0, Vec::len);
+    }
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(three["choices"][i]["text"], text.as_str(), "streamed choice {i}");
+        assert_eq!(tokens[i], prompt_len + 6, "streamed choice {i}");
+    }
+}
+
+#[test]
 fn several_choices_stream_each_with_its_own_index_and_finish_and_count_each_prompt_once() {
     let s = server();
     let gold = golden();

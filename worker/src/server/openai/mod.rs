@@ -10,6 +10,7 @@ mod error;
 mod schema;
 mod tokenize;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -229,6 +230,11 @@ struct Run {
     /// Per prompt: its tokens' character offsets, computed for its first choice that echoes
     /// it and shared by the other `n - 1` (they see the same prompt ids).
     prompt_offsets: Vec<Option<Vec<usize>>>,
+    /// Per prompt whose log-probabilities are asked for: the events of its choices after the
+    /// first, read once the first's scored prompt tokens came (their echo goes first).
+    held: Vec<Vec<(usize, UnboundedReceiverStream<Event>)>>,
+    /// Steps due before the next event: those choices' echoed prompts.
+    ready: VecDeque<Step>,
 }
 
 impl OpenAiApi {
@@ -264,8 +270,13 @@ impl OpenAiApi {
             })?);
         }
         let mut events = StreamMap::new();
+        let mut held: Vec<Vec<_>> = (0..plan.prompts.len()).map(|_| Vec::new()).collect();
         let mut choices = Vec::with_capacity(plan.choices());
         for (p, v) in validated.into_iter().enumerate() {
+            // Only the first choice scores the prompt; the others are given its log-probabilities
+            // (and start from its KV, which the engine copies), rather than each recomputing
+            // every position's.
+            let scored = v.prompt_logprobs;
             let echo = plan.echo.then(|| {
                 self.tokenizer
                     .decode(&v.prompt_ids)
@@ -275,6 +286,7 @@ impl OpenAiApi {
                 let index = p * plan.n + j;
                 let mut v = v.clone();
                 v.sampling.seed = choice_seed(v.sampling.seed, j);
+                v.prompt_logprobs = scored && j == 0;
                 choices.push(Choice {
                     asm: Assembler::new(echo.clone(), plan.logprobs, !plan.score_only),
                     counts_prompt: j == 0,
@@ -285,8 +297,12 @@ impl OpenAiApi {
                     id.to_owned()
                 };
                 // A refusal drops the choices queued so far, which cancels them.
-                let rx = submit(&self.engine, v, sub_id, None, received)?;
-                events.insert(index, UnboundedReceiverStream::new(rx));
+                let rx = UnboundedReceiverStream::new(submit(&self.engine, v, sub_id, None, received)?);
+                if scored && j > 0 {
+                    held[p].push((index, rx));
+                } else {
+                    events.insert(index, rx);
+                }
             }
         }
         Ok(Run {
@@ -296,6 +312,8 @@ impl OpenAiApi {
             prompt_offsets: vec![None; plan.prompts.len()],
             plan,
             events,
+            held,
+            ready: VecDeque::new(),
             choices,
         })
     }
@@ -317,14 +335,23 @@ enum Step {
 impl Run {
     /// The next event as a step; `None` once every choice finished.
     async fn next(&mut self, usage: &mut Usage) -> Option<Result<Step, ApiError>> {
+        if let Some(step) = self.ready.pop_front() {
+            return Some(Ok(step));
+        }
         let (i, ev) = self.events.next().await?;
         let choice = &mut self.choices[i];
         let asm = &mut choice.asm;
         Some(Ok(match ev {
             Event::PromptTokens(t) => {
-                let offsets = self.prompt_offsets[i / self.plan.n.max(1)]
-                    .get_or_insert_with(|| prompt_offsets(&self.tokenizer, &t));
-                Step::Piece(i, asm.prompt_tokens(&t, offsets))
+                let p = i / self.plan.n.max(1);
+                let offsets = self.prompt_offsets[p].get_or_insert_with(|| prompt_offsets(&self.tokenizer, &t));
+                let piece = asm.prompt_tokens(&t, offsets);
+                for (k, rx) in std::mem::take(&mut self.held[p]) {
+                    let echoed = self.choices[k].asm.prompt_tokens(&t, offsets);
+                    self.ready.push_back(Step::Piece(k, echoed));
+                    self.events.insert(k, rx);
+                }
+                Step::Piece(i, piece)
             }
             Event::Token { token, delta, offset } => Step::Piece(i, asm.token(&token, &delta, offset)),
             Event::Finished(f) => {
