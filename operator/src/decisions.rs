@@ -22,6 +22,8 @@ pub struct ObservedPod {
 pub struct ObservedGroup {
     pub index: i32,
     pub revision: String,
+    /// The ranks its StatefulSet runs (`spec.replicas`), where it says.
+    pub ranks: Option<i32>,
     /// Restarts since the group was last Ready (for back-off).
     pub restarts: i32,
     /// Unix seconds of the last restart.
@@ -67,11 +69,22 @@ pub fn backoff_secs(n: i32) -> i64 {
     (10i64 << n.clamp(0, 5)).min(300)
 }
 
-/// What a group looks like now.
-fn assess(g: &ObservedGroup, tp: i32) -> (bool, i32, Option<String>, Option<String>) {
+/// The ranks a group is made of: the spec's for one of the current revision, its own
+/// StatefulSet's for an older one, which may predate a change of `tensorParallelSize` and
+/// serves until the rollout replaces it.
+fn ranks_of(g: &ObservedGroup, tp: i32, revision: &str) -> i32 {
+    if g.revision == revision {
+        tp
+    } else {
+        g.ranks.unwrap_or(tp)
+    }
+}
+
+/// What a group looks like now, judged against the ranks it is made of.
+fn assess(g: &ObservedGroup, ranks: i32) -> (bool, i32, Option<String>, Option<String>) {
     let live: Vec<&ObservedPod> = g.pods.iter().filter(|p| !p.terminating).collect();
     let ready_ranks = live.iter().filter(|p| p.ready && !p.failed).count() as i32;
-    let ready = ready_ranks == tp && live.len() as i32 == tp;
+    let ready = ranks > 0 && ready_ranks == ranks && live.len() as i32 == ranks;
     let capacity = g.pods.iter().find_map(|p| p.unschedulable.clone());
     // A failed rank already being deleted is on its way out (this restart's, or an eviction's):
     // counting it again would restart the group's fresh ranks at every back-off while it
@@ -100,7 +113,10 @@ pub fn plan(
     // loading group, not a serving one), then those on an older template, then the highest
     // index. Scale-out fills the lowest free indices.
     let mut by_worth: Vec<&ObservedGroup> = observed.iter().collect();
-    by_worth.sort_by_cached_key(|g| (assess(g, tp).0, g.revision == revision, std::cmp::Reverse(g.index)));
+    by_worth.sort_by_cached_key(|g| {
+        let ready = assess(g, ranks_of(g, tp, revision)).0;
+        (ready, g.revision == revision, std::cmp::Reverse(g.index))
+    });
     let excess = observed.len().saturating_sub(replicas.max(0) as usize);
     let removed: Vec<i32> = by_worth[..excess].iter().map(|g| g.index).collect();
     actions.extend(removed.iter().copied().map(Action::DeleteGroup));
@@ -133,14 +149,16 @@ pub fn plan(
             continue;
         };
         existing += 1;
-        let (ready, ready_ranks, capacity, failure) = assess(o, tp);
+        let (ready, ready_ranks, capacity, failure) = assess(o, ranks_of(o, tp, revision));
         // The StatefulSet is applied before the group's pods are deleted: a pass that stopped
         // between the two left pods of the old template, so the group is not updated yet.
         let stale_pods = o
             .pods
             .iter()
             .any(|p| !p.terminating && p.revision.as_deref().is_some_and(|r| r != revision));
-        let current = o.revision == revision && !stale_pods;
+        // A StatefulSet scaled by hand (`kubectl scale`) is applied again, as an outdated one is.
+        let resized = o.ranks.is_some_and(|r| r != tp);
+        let current = o.revision == revision && !stale_pods && !resized;
         let mut status = GroupStatus {
             index: g,
             phase: String::new(),
@@ -244,6 +262,7 @@ mod tests {
         ObservedGroup {
             index,
             revision: rev.into(),
+            ranks: Some(2),
             pods: pods(2, ready),
             ..Default::default()
         }
@@ -388,6 +407,40 @@ mod tests {
         g.pods[0].revision = Some("new".into());
         let p = plan(1, 2, "new", 1, &[g], 0);
         assert_eq!((p.actions, p.updated), (vec![], 1));
+    }
+
+    #[test]
+    fn a_new_tensor_parallel_size_rolls_groups_judged_by_the_ranks_they_run() {
+        // TP 2 -> 4: the old groups still serve with their 2 ranks, so they roll one at a time.
+        let obs = [group(0, "tp2", true), group(1, "tp2", true), group(2, "tp2", true)];
+        let p = plan(3, 4, "tp4", 1, &obs, 0);
+        assert_eq!(p.actions, vec![Action::UpdateGroup(0)]);
+        assert_eq!((p.ready, p.updated), (3, 0));
+        assert!(p.groups.iter().all(|g| g.ready_ranks == 2 && g.phase == "Updating"));
+        // The replaced group is judged by the new size: 2 of its 4 ranks is not ready.
+        let mut new = group(0, "tp4", true);
+        new.ranks = Some(4);
+        let p = plan(3, 4, "tp4", 1, &[new.clone(), obs[1].clone(), obs[2].clone()], 0);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!((p.ready, p.updated, p.groups[0].phase.as_str()), (2, 1, "Starting"));
+        new.pods = pods(4, true);
+        let p = plan(3, 4, "tp4", 1, &[new, obs[1].clone(), obs[2].clone()], 0);
+        assert_eq!(p.actions, vec![Action::UpdateGroup(1)]);
+    }
+
+    #[test]
+    fn a_statefulset_scaled_by_hand_is_applied_again() {
+        // `kubectl scale --replicas=0` on a current group: not ready, and put back.
+        let mut g = group(0, "r1", true);
+        g.ranks = Some(0);
+        g.pods.clear();
+        let p = plan(1, 2, "r1", 1, &[g], 0);
+        assert_eq!(p.actions, vec![Action::UpdateGroup(0)]);
+        assert_eq!((p.ready, p.updated), (0, 0));
+        // Scaled up past its ranks while serving: put back too.
+        let mut g = group(0, "r1", true);
+        g.ranks = Some(3);
+        assert_eq!(plan(1, 2, "r1", 1, &[g], 0).actions, vec![Action::UpdateGroup(0)]);
     }
 
     #[test]

@@ -172,6 +172,7 @@ pub fn observe(d: &NeoXDeployment, stss: &[StatefulSet], pods: &[Pod]) -> Vec<Ob
             Some(ObservedGroup {
                 index,
                 revision: s.labels().get(REVISION_LABEL).cloned().unwrap_or_default(),
+                ranks: s.spec.as_ref().and_then(|spec| spec.replicas),
                 restarts: label_i32(ann, RESTARTS_ANNOTATION).unwrap_or(0),
                 last_restart: ann.get(LAST_RESTART_ANNOTATION).and_then(|v| v.parse().ok()),
                 pods: Vec::new(),
@@ -353,8 +354,16 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         // they run, and the status says how they are (judged against that template).
         let observed = observe_groups(d, &stss, &pods).await?;
         let held = observed.first().map(|g| g.revision.clone()).unwrap_or_default();
+        let ranks = observed.first().and_then(|g| g.ranks);
         let count = observed.len() as i32;
-        let plan = decisions::plan(count, d.spec.tensor_parallel_size, &held, 1, &observed, now);
+        let plan = decisions::plan(
+            count,
+            ranks.unwrap_or(d.spec.tensor_parallel_size),
+            &held,
+            1,
+            &observed,
+            now,
+        );
         let status = status_for(d, &plan, &problems, now);
         if d.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions) {
             publish(ctx, d, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
