@@ -319,18 +319,32 @@ fn refused_until_changed(code: u16) -> bool {
 /// Says in the Degraded condition, and once in an Event, why the deployment's objects cannot
 /// be written: the CRD holds Kubernetes types (tolerations, env, affinity) whose own rules
 /// only the API server checks, on the objects made from them; or a name it needs is another
-/// deployment's. Written only when it changes, so the retries that follow do not write (and
-/// wake the controller) again.
+/// deployment's. Progressing turns False for the same reason: this generation is observed
+/// but will not roll out, and a check waiting for the rollout must not read the previous
+/// one's "Complete" as this one's. Written only when it changes, so the retries that follow
+/// do not write (and wake the controller) again.
 async fn report_blocked(d: &NeoXDeployment, ctx: &Context, reason: &str, note: String) {
     let Some(ns) = d.namespace() else { return };
     let old = d.status.clone().unwrap_or_default().conditions;
-    let degraded = condition("Degraded", true, reason, note.clone(), &old, &rfc3339((ctx.clock)()));
-    if old.contains(&degraded) {
+    let now = rfc3339((ctx.clock)());
+    let degraded = condition("Degraded", true, reason, note.clone(), &old, &now);
+    let progressing = condition(
+        "Progressing",
+        false,
+        reason,
+        "held until the objects this spec makes can be written (see Degraded)".into(),
+        &old,
+        &now,
+    );
+    if old.contains(&degraded) && old.contains(&progressing) {
         return;
     }
     publish(ctx, d, EventType::Warning, reason, note).await;
-    let mut conditions: Vec<Condition> = old.into_iter().filter(|c| c.type_ != "Degraded").collect();
-    conditions.push(degraded);
+    let mut conditions: Vec<Condition> = old
+        .into_iter()
+        .filter(|c| c.type_ != "Degraded" && c.type_ != "Progressing")
+        .collect();
+    conditions.extend([progressing, degraded]);
     let api: Api<NeoXDeployment> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = Patch::Merge(json!({ "status": {
         "conditions": conditions, "observedGeneration": d.metadata.generation } }));
@@ -340,6 +354,11 @@ async fn report_blocked(d: &NeoXDeployment, ctx: &Context, reason: &str, note: S
 }
 
 async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, Error> {
+    if d.metadata.deletion_timestamp.is_some() {
+        // Being deleted: the garbage collector removes what it owns. Re-creating the groups its
+        // deletions wake us for would start pods (and GPU node scale-ups) for nothing.
+        return Ok(Requeue::await_change());
+    }
     let name = d.name_any();
     let ns = d.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let client = ctx.client.clone();

@@ -104,6 +104,12 @@ async fn an_object_the_api_server_refuses_is_reported_in_status_once() {
     let degraded = condition_of(&status, "Degraded");
     assert_eq!(state(&degraded), (Some("True"), Some("ApplyRefused")));
     assert!(degraded["message"].as_str().unwrap().contains(message), "{degraded}");
+    // This generation is observed, and said not to be rolling out.
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(
+        state(&condition_of(&status, "Progressing")),
+        (Some("False"), Some("ApplyRefused"))
+    );
     // The retry meets the same refusal: nothing new to say, no status write, no second Event.
     let mut reported = d;
     reported.status = Some(serde_json::from_value(status).unwrap());
@@ -112,6 +118,21 @@ async fn an_object_the_api_server_refuses_is_reported_in_status_once() {
     let rec = rec.lock().unwrap();
     assert!(rec.events.is_empty(), "{:?}", rec.events);
     assert!(!rec.lines().iter().any(|l| l == STATUS), "{:?}", rec.lines());
+}
+
+#[tokio::test]
+async fn a_deployment_being_deleted_is_left_to_the_garbage_collector() {
+    let mut d = deployment(2, 2);
+    d.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(900).unwrap(),
+    ));
+    // One group already gone: nothing is created again, nothing written.
+    let (client, rec) = fake(vec![existing_sts(&d, 0, None)], ready_group(&d, 0));
+    let action = reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    let rec = rec.lock().unwrap();
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+    assert!(rec.events.is_empty());
 }
 
 #[tokio::test]
