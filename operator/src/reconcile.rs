@@ -30,9 +30,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0} has no namespace")]
     NoNamespace(String),
-    /// Another controller's object holds a name this deployment needs.
-    #[error("Service {name} belongs to {owner}; rename this NeoXDeployment or that one")]
-    NameTaken { name: String, owner: String },
+    /// An object this deployment does not control holds a name it needs.
+    #[error("{kind} {name} {why}")]
+    NameTaken { kind: String, name: String, why: String },
 }
 
 /// Shared state of the controller.
@@ -423,12 +423,14 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    claim_service(&services, d, &name).await?;
+    claim(&services, d, &name).await?;
     services
         .patch(&name, &pp, &Patch::Apply(resources::client_service(d)))
         .await?;
+    claim(&pdbs, d, &name).await?;
     pdbs.patch(&name, &pp, &Patch::Apply(resources::disruption_budget(d)))
         .await?;
+    claim(&policies, d, &name).await?;
     policies
         .patch(&name, &pp, &Patch::Apply(resources::network_policy(d)))
         .await?;
@@ -560,12 +562,10 @@ async fn apply_group(
     pp: &PatchParams,
 ) -> Result<(), Error> {
     apply_group_service(services, d, g, pp).await?;
-    stss.patch(
-        &resources::group_name(d, g),
-        pp,
-        &Patch::Apply(resources::statefulset(d, g)),
-    )
-    .await?;
+    let name = resources::group_name(d, g);
+    claim(stss, d, &name).await?;
+    stss.patch(&name, pp, &Patch::Apply(resources::statefulset(d, g)))
+        .await?;
     Ok(())
 }
 
@@ -578,28 +578,41 @@ async fn apply_group_service(
     pp: &PatchParams,
 ) -> Result<(), Error> {
     let name = resources::group_name(d, g);
-    claim_service(services, d, &name).await?;
+    claim(services, d, &name).await?;
     services
         .patch(&name, pp, &Patch::Apply(resources::headless_service(d, g)))
         .await?;
     Ok(())
 }
 
-/// Refuses a Service name that another controller's object holds. A forced server-side apply
-/// would take it over, and Service names can collide: deployment `x-1`'s client Service is
-/// named as deployment `x`'s group 1 headless Service. The first to hold the name keeps it.
-async fn claim_service(services: &Api<Service>, d: &NeoXDeployment, name: &str) -> Result<(), Error> {
-    let Some(existing) = services.get_opt(name).await? else {
+/// Refuses a name that an object this deployment does not control holds. A forced server-side
+/// apply would take it over: replace a user's Service selector or NetworkPolicy, and make it
+/// ours, so deleting the deployment would delete it. Names can collide between deployments
+/// too: `x-1`'s client Service is named as `x`'s group 1 headless Service. The first to hold
+/// a name keeps it.
+async fn claim<K>(api: &Api<K>, d: &NeoXDeployment, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(existing) = api.get_opt(name).await? else {
         return Ok(());
     };
     let controller = existing.owner_references().iter().find(|o| o.controller == Some(true));
-    match controller {
-        Some(o) if Some(&o.uid) != d.uid().as_ref() => Err(Error::NameTaken {
-            name: name.to_owned(),
-            owner: format!("{} {}", o.kind, o.name),
-        }),
-        _ => Ok(()),
-    }
+    let why = match controller {
+        Some(o) if d.uid().as_ref() == Some(&o.uid) => return Ok(()),
+        Some(o) => format!(
+            "belongs to {} {}; rename this NeoXDeployment or that one",
+            o.kind, o.name
+        ),
+        None => "exists and no controller owns it (it was made outside this operator); delete or rename it, \
+                 or rename this NeoXDeployment"
+            .to_owned(),
+    };
+    Err(Error::NameTaken {
+        kind: K::kind(&()).into_owned(),
+        name: name.to_owned(),
+        why,
+    })
 }
 
 async fn patch_status(api: &Api<NeoXDeployment>, name: &str, status: &NeoXDeploymentStatus) -> Result<(), Error> {

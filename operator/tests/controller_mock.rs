@@ -16,12 +16,17 @@ const SVC: &str = "/api/v1/namespaces/serving/services";
 const PODS: &str = "/api/v1/namespaces/serving/pods";
 const STATUS: &str = "PATCH /apis/serving.neox.dev/v1alpha1/namespaces/serving/neoxdeployments/llm/status";
 
+const PDB: &str = "/apis/policy/v1/namespaces/serving/poddisruptionbudgets/llm";
+const NETPOL: &str = "/apis/networking.k8s.io/v1/namespaces/serving/networkpolicies/llm";
+
 fn preamble() -> Vec<String> {
     vec![
         format!("GET {SVC}/llm"),
         format!("PATCH {SVC}/llm"),
-        "PATCH /apis/policy/v1/namespaces/serving/poddisruptionbudgets/llm".into(),
-        "PATCH /apis/networking.k8s.io/v1/namespaces/serving/networkpolicies/llm".into(),
+        format!("GET {PDB}"),
+        format!("PATCH {PDB}"),
+        format!("GET {NETPOL}"),
+        format!("PATCH {NETPOL}"),
         format!("GET {BASE}"),
         format!("GET {PODS}"),
     ]
@@ -45,9 +50,11 @@ async fn creates_every_group_with_its_service_then_reports_status() {
         expect(&[
             format!("GET {SVC}/llm-0"),
             format!("PATCH {SVC}/llm-0"),
+            format!("GET {BASE}/llm-0"),
             format!("PATCH {BASE}/llm-0"),
             format!("GET {SVC}/llm-1"),
             format!("PATCH {SVC}/llm-1"),
+            format!("GET {BASE}/llm-1"),
             format!("PATCH {BASE}/llm-1"),
         ])
     );
@@ -230,6 +237,7 @@ async fn scales_two_to_three_to_one_group() {
         expect(&[
             format!("GET {SVC}/llm-2"),
             format!("PATCH {SVC}/llm-2"),
+            format!("GET {BASE}/llm-2"),
             format!("PATCH {BASE}/llm-2")
         ])
     );
@@ -281,6 +289,7 @@ async fn an_image_change_rolls_group_by_group() {
         expect(&[
             format!("GET {SVC}/llm-{g}"),
             format!("PATCH {SVC}/llm-{g}"),
+            format!("GET {BASE}/llm-{g}"),
             format!("PATCH {BASE}/llm-{g}"),
             format!("DELETE {PODS}/llm-{g}-0"),
             format!("DELETE {PODS}/llm-{g}-1"),
@@ -392,7 +401,8 @@ async fn a_service_name_another_deployment_holds_is_never_taken_over() {
     // Our own group 0 Service is ours to update; group 1's name is taken.
     let mut ours = held_by("llm", "uid-1");
     ours.metadata.name = Some("llm-0".into());
-    let (client, rec) = fake_with(vec![], vec![], vec![ours, held_by("llm-1", "uid-2")], None);
+    let named = [ours, held_by("llm-1", "uid-2")].map(|s| serde_json::to_value(s).unwrap());
+    let (client, rec) = fake_with(vec![], vec![], named.into(), None);
     let err = reconcile(Arc::new(d), context(client, 1000)).await.unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -403,6 +413,7 @@ async fn a_service_name_another_deployment_holds_is_never_taken_over() {
     want.extend([
         format!("GET {SVC}/llm-0"),
         format!("PATCH {SVC}/llm-0"),
+        format!("GET {BASE}/llm-0"),
         format!("PATCH {BASE}/llm-0"),
         format!("GET {SVC}/llm-1"),
         STATUS.to_owned(),
@@ -411,6 +422,32 @@ async fn a_service_name_another_deployment_holds_is_never_taken_over() {
     assert_eq!(rec.events, vec!["CreatedGroup", "NameConflict"]);
     let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
     assert_eq!(state(&degraded), (Some("True"), Some("NameConflict")));
+}
+
+#[tokio::test]
+async fn an_object_made_outside_the_operator_is_never_taken_over() {
+    // The user's own NetworkPolicy has the deployment's name: applying ours would replace its
+    // pod selector and make it ours (deleted with the deployment).
+    let d = deployment(1, 2);
+    let theirs = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "llm", "namespace": NS}, "spec": {"podSelector": {"matchLabels": {"app": "web"}}}});
+    let (client, rec) = fake_with(vec![], vec![], vec![theirs], None);
+    let err = reconcile(Arc::new(d), context(client, 1000)).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("NetworkPolicy llm exists and no controller owns it (it was made outside this operator)"),
+        "{err}"
+    );
+    let rec = rec.lock().unwrap();
+    let lines = rec.lines();
+    assert_eq!(lines[lines.len() - 2..], [format!("GET {NETPOL}"), STATUS.to_owned()]);
+    assert!(!lines.contains(&format!("PATCH {NETPOL}")));
+    assert_eq!(rec.events, vec!["NameConflict"]);
+    let status = &rec.body_of(STATUS)["status"];
+    assert_eq!(
+        state(&condition_of(status, "Degraded")),
+        (Some("True"), Some("NameConflict"))
+    );
 }
 
 /// A condition's status and reason.
@@ -519,12 +556,15 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
     want.extend(expect(&[
         format!("GET {SVC}/llm-2"),
         format!("PATCH {SVC}/llm-2"),
+        format!("GET {BASE}/llm-2"),
         format!("PATCH {BASE}/llm-2"),
         format!("GET {SVC}/llm-3"),
         format!("PATCH {SVC}/llm-3"),
+        format!("GET {BASE}/llm-3"),
         format!("PATCH {BASE}/llm-3"),
         format!("GET {SVC}/llm-4"),
         format!("PATCH {SVC}/llm-4"),
+        format!("GET {BASE}/llm-4"),
         format!("PATCH {BASE}/llm-4"),
     ]));
     assert_eq!(rec.lines(), want);

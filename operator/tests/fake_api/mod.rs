@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus, Service};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
 use kube::client::Body;
 use kube::{Client, Resource, ResourceExt};
 use neox_operator::crd::{NeoXDeployment, NeoXDeploymentSpec};
@@ -70,13 +70,32 @@ pub fn fake_refusing(sts: Vec<StatefulSet>, pods: Vec<Pod>, refuse: Option<Refus
     fake_with(sts, pods, vec![], refuse)
 }
 
-/// The general fake: `services` are those a GET by name finds (any other is 404).
+/// The general fake: a GET by name finds `sts` and the objects of `named` (Services, PDBs,
+/// NetworkPolicies as JSON, by their `kind`); any other is 404.
 pub fn fake_with(
     sts: Vec<StatefulSet>,
     pods: Vec<Pod>,
-    services: Vec<Service>,
+    named: Vec<Value>,
     refuse: Option<Refusal>,
 ) -> (Client, Arc<Mutex<Recorded>>) {
+    let mut named: Vec<(String, Value)> = named
+        .into_iter()
+        .map(|o| {
+            let plural = match o["kind"].as_str() {
+                Some("Service") => "services",
+                Some("PodDisruptionBudget") => "poddisruptionbudgets",
+                Some("NetworkPolicy") => "networkpolicies",
+                k => panic!("the fake holds no {k:?}"),
+            };
+            (format!("{plural}/{}", o["metadata"]["name"].as_str().unwrap()), o)
+        })
+        .collect();
+    named.extend(sts.iter().map(|s| {
+        (
+            format!("statefulsets/{}", s.name_any()),
+            serde_json::to_value(s).unwrap(),
+        )
+    }));
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let rec = Arc::new(Mutex::new(Recorded::default()));
     let log = rec.clone();
@@ -100,12 +119,14 @@ pub fn fake_with(
                     query,
                     body: body.clone(),
                 });
-                let service = path
-                    .strip_prefix("/api/v1/namespaces/serving/services/")
-                    .map(|name| services.iter().find(|s| s.name_any() == name));
-                let failure = match (&refuse, service) {
+                // `.../namespaces/serving/{plural}/{name}`: a GET by name.
+                let segments: Vec<&str> = path.rsplitn(4, '/').collect();
+                let by_name = (segments.len() == 4 && segments[2] == NS)
+                    .then(|| format!("{}/{}", segments[1], segments[0]))
+                    .map(|key| named.iter().find(|(k, _)| *k == key).map(|(_, o)| o.clone()));
+                let failure = match (&refuse, &by_name) {
                     (Some(r), _) if r.call == format!("{method} {path}") => Some((r.code, r.message.clone())),
-                    (_, Some(None)) if method == "GET" => Some((404, format!("services {path:?} not found"))),
+                    (_, Some(None)) if method == "GET" => Some((404, format!("{path:?} not found"))),
                     _ => None,
                 };
                 if let Some((code, message)) = failure {
@@ -120,7 +141,7 @@ pub fn fake_with(
                     continue;
                 }
                 match method.as_str() {
-                    "GET" if service.is_some() => serde_json::to_value(service.flatten()).unwrap(),
+                    "GET" if by_name.is_some() => by_name.flatten().unwrap_or_default(),
                     "GET" if path.ends_with("/statefulsets") => list(&sts),
                     "GET" if path.ends_with("/pods") => list(&pods),
                     "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
