@@ -146,7 +146,11 @@ class Api(unittest.TestCase):
             (pb.GenerateRequest(prompt="x", parameters=pb.GenerationParameters(stop_token_ids=[70000])), "stop_token_ids"),
             (pb.GenerateRequest(prompt="x", parameters=pb.GenerationParameters(top_n_tokens=50)), "top_n_tokens"),
             (pb.GenerateRequest(prompt="x", parameters=pb.GenerationParameters(repetition_penalty=0)), "repetition_penalty"),
+            (pb.GenerateRequest(prompt="x", parameters=pb.GenerationParameters(repetition_penalty=1e-30)), "repetition_penalty"),
             (pb.GenerateRequest(prompt="x" * 5000), "prompt"),
+            # Past the message limit (prompt limit + 64 KiB) too: still validation's answer.
+            (pb.GenerateRequest(prompt="x" * 100_000), "prompt"),
+            (pb.GenerateRequest(prompt="x", parameters=pb.GenerationParameters(temperature=0, top_k=40)), "temperature"),
         ]
         for req, field in cases:
             for call in (STUB.Generate, lambda r: list(STUB.GenerateStream(r))):
@@ -154,6 +158,21 @@ class Api(unittest.TestCase):
                     call(req)
                 self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT, field)
                 self.assertIn(field, cm.exception.details())
+
+    def test_the_default_max_new_tokens_shrinks_to_the_room_left(self):
+        info = STUB.ModelInfo(pb.ModelInfoRequest())
+        room = 5
+        ids = [int(i) for i in STUB.Tokenize(pb.TokenizeRequest(text="ROMEO:\n")).ids]
+        prompt = (ids * info.max_total_tokens)[:info.max_total_tokens - room]
+        r = STUB.Generate(pb.GenerateRequest(prompt_ids=prompt, parameters=pb.GenerationParameters(ignore_eos=True)))
+        self.assertEqual(r.usage.generated_tokens, room)
+        self.assertEqual(r.finish_reason, pb.FINISH_REASON_LENGTH)
+        # A prompt that fills the context leaves no room at all: refused, naming the prompt.
+        full = (ids * info.max_total_tokens)[:info.max_total_tokens]
+        with self.assertRaises(grpc.RpcError) as cm:
+            STUB.Generate(pb.GenerateRequest(prompt_ids=full))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("prompt", cm.exception.details())
 
     def test_oversized_message_is_refused(self):
         with self.assertRaises(grpc.RpcError) as cm:

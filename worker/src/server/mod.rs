@@ -89,8 +89,10 @@ pub async fn serve(
         limits,
         info,
     };
+    // Room for prompts well past the limit, so that validation (which names the field) refuses
+    // them rather than the decoder (OUT_OF_RANGE, no field).
     let generation = TextGenerationServer::new(svc)
-        .max_decoding_message_size(opts.max_message_bytes)
+        .max_decoding_message_size(opts.max_message_bytes.saturating_mul(4))
         .max_encoding_message_size(64 << 20);
 
     let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr).await?;

@@ -114,8 +114,12 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
     if p.truncate > 0 && ids.len() > p.truncate as usize {
         ids.drain(..ids.len() - p.truncate as usize);
     }
+    // The server default shrinks to the room the prompt leaves (as TGI's does): a prompt that
+    // fits is never refused over a number the client did not choose.
     let max_new = if p.max_new_tokens == 0 {
         lim.default_max_new_tokens
+            .min(lim.max_total_tokens.saturating_sub(ids.len()))
+            .max(1)
     } else {
         p.max_new_tokens as usize
     };
@@ -151,8 +155,15 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
     let typical_p = unit_interval("parameters.typical_p", p.typical_p)?;
     let repetition_penalty = match p.repetition_penalty {
         None => 1.0,
-        Some(r) if r > 0.0 && r.is_finite() => r,
-        Some(r) => return Err(bad("parameters.repetition_penalty", format!("must be > 0, got {r}"))),
+        // Bounded so a penalised logit stays finite (1e-39 would make it infinite, and the
+        // samplers' softmax NaN).
+        Some(r) if (0.01..=100.0).contains(&r) => r,
+        Some(r) => {
+            return Err(bad(
+                "parameters.repetition_penalty",
+                format!("must be in [0.01, 100], got {r}"),
+            ))
+        }
     };
     for (field, v) in [
         ("parameters.frequency_penalty", p.frequency_penalty),
@@ -219,6 +230,13 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
     logit_bias.sort_unstable_by_key(|&(id, _)| id);
     // Sampling options without a temperature mean sampling at temperature 1 (as in TGI's do_sample).
     let samples = p.top_k > 0 || top_p < 1.0 || typical_p < 1.0;
+    if temperature == Some(0.0) && samples {
+        return Err(bad(
+            "parameters.temperature",
+            "0 means greedy decoding, which top_k, top_p and typical_p would not change; leave temperature unset \
+             (sampling at 1) or set it above 0, or leave those options unset",
+        ));
+    }
     let temperature = temperature.unwrap_or(if samples { 1.0 } else { 0.0 });
     let seed = p.seed.unwrap_or_else(rand::random);
     Ok(Validated {

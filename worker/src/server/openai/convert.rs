@@ -125,13 +125,16 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
         Some(0) => 1,
         Some(m) => m,
     };
+    // Temperature 0 is greedy whatever filters come with it, as OpenAI and vLLM take it (the
+    // gRPC API refuses the mix as contradictory).
+    let greedy = req.temperature == Some(0.0);
     let parameters = pb::GenerationParameters {
         max_new_tokens: max_tokens,
         // OpenAI samples at temperature 1 unless told otherwise.
         temperature: Some(req.temperature.unwrap_or(1.0)),
-        top_k,
-        top_p: req.top_p,
-        typical_p: req.typical_p,
+        top_k: if greedy { 0 } else { top_k },
+        top_p: req.top_p.filter(|_| !greedy),
+        typical_p: req.typical_p.filter(|_| !greedy),
         repetition_penalty: req.repetition_penalty,
         frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         presence_penalty: req.presence_penalty.unwrap_or(0.0),
@@ -292,7 +295,7 @@ mod tests {
     #[test]
     fn extensions_and_logprobs_map_to_the_grpc_parameters() {
         let p = plan_of(serde_json::json!({
-            "model": "m", "prompt": "x", "max_tokens": 5, "temperature": 0, "top_k": 40, "top_p": 0.9,
+            "model": "m", "prompt": "x", "max_tokens": 5, "temperature": 0.7, "top_k": 40, "top_p": 0.9,
             "typical_p": 0.8, "repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": -0.5,
             "stop": "\n", "stop_token_ids": [0], "ignore_eos": true, "logprobs": 2, "echo": true,
             "truncate_prompt_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "seed": 3,
@@ -303,7 +306,7 @@ mod tests {
             params(&p),
             pb::GenerationParameters {
                 max_new_tokens: 5,
-                temperature: Some(0.0),
+                temperature: Some(0.7),
                 top_k: 40,
                 top_p: Some(0.9),
                 typical_p: Some(0.8),
@@ -324,6 +327,17 @@ mod tests {
         assert!(p.stream && p.include_usage && p.echo && p.logprobs);
         let off = plan_of(serde_json::json!({"model": "m", "prompt": "x", "top_k": -1})).unwrap();
         assert_eq!(params(&off).top_k, 0);
+        // Temperature 0 is greedy: the filters that came with it are dropped.
+        let greedy = plan_of(
+            serde_json::json!({"model": "m", "prompt": "x", "temperature": 0, "top_k": 40,
+                                                "top_p": 0.9, "typical_p": 0.8}),
+        )
+        .unwrap();
+        let g = params(&greedy);
+        assert_eq!(
+            (g.temperature, g.top_k, g.top_p, g.typical_p),
+            (Some(0.0), 0, None, None)
+        );
     }
 
     #[test]
