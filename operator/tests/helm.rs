@@ -45,6 +45,9 @@ const ALL_OPTIONS: &[&str] = &[
     "prometheusRule.enabled=true",
     "--set",
     "sample.enabled=true",
+    // A number, as `--set` makes it: the template quotes it (the CRD wants a quantity string).
+    "--set",
+    "sample.resources.cpu=2",
     "--set",
     "prometheus.url=http://prometheus.monitoring:9090",
     "--set",
@@ -225,6 +228,39 @@ fn helm_chart_lints_renders_and_validates() {
             namespaced == "true",
             "{notes}"
         );
+        assert!(notes.contains("helm uninstall x -n team-a"), "{notes}");
+    }
+    // With the release's own sample: no second one to apply, and its name where it is used.
+    let (ok, out, err) = run(
+        &helm,
+        &[
+            "install",
+            "x",
+            &chart,
+            "-n",
+            "team-a",
+            "--dry-run=client",
+            "--set",
+            "sample.enabled=true",
+            "--set",
+            "sample.name=chat",
+        ],
+    );
+    assert!(ok, "helm install --dry-run: {err}");
+    let notes = &out[out.find("NOTES:").unwrap()..];
+    assert!(
+        !notes.contains("apply -f deploy/samples/shakespeare-cpu.yaml"),
+        "{notes}"
+    );
+    assert!(notes.contains("kubectl -n team-a port-forward svc/chat "), "{notes}");
+
+    // The longest release names still give valid Service names (DNS labels).
+    let long = "x".repeat(53);
+    let (ok, out, err) = run(&helm, &["template", &long, &chart]);
+    assert!(ok, "{err}");
+    for d in docs(&out).into_iter().filter(|d| d["kind"] == "Service") {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        assert!(name.len() <= 63, "{name}");
     }
 
     // A Prometheus URL with credentials comes from a Secret, never as a plain value.
@@ -321,6 +357,15 @@ fn bad_values_are_refused_by_the_values_schema() {
         ("prometheus.url=prometheus:9090", "/prometheus/url"),
         ("prometheus.allowedUrls={prometheus:9090}", "/prometheus/allowedUrls/0"),
         ("replicas=3", "additional properties"),
+        // Helm merges a model source into the default builtin: two sources, which the CRD
+        // refuses at apply time; the values schema says so at install.
+        ("sample.model.pvc.claimName=ckpt", "/sample/model"),
+        ("sample.name=9lives", "/sample/name"),
+        // A ServiceMonitor needs the metrics Service it selects.
+        (
+            "serviceMonitor.enabled=true,metrics.service.enabled=false",
+            "/metrics/service/enabled",
+        ),
         // Two operators without leader election would reconcile the same objects at once.
         ("leaderElection.enabled=false", "/replicaCount"),
     ] {
