@@ -318,68 +318,72 @@ fn unreachable_leader_and_bad_sizes_are_clear_errors() {
     assert!(!out.status.success() && msg.contains("does not divide"), "{msg}");
 }
 
+/// A `neox-worker serve` rank of a 2-rank group configured as in Kubernetes (the NEOX_*
+/// variables), its API on `api`.
+fn serve_rank(rank: &str, api: u16, group_port: u16, extra: &[&str]) -> Child {
+    worker()
+        .arg("serve")
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{api}"),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "off",
+        ])
+        .args(extra)
+        .env("NEOX_RANK", rank)
+        .env("NEOX_WORLD_SIZE", "2")
+        .env("NEOX_LEADER_ADDR", format!("127.0.0.1:{group_port}"))
+        .env("NEOX_ADVERTISE_HOST", "127.0.0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether gRPC health on `port` says SERVING within 20 s.
+fn serving(port: u16) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let t0 = Instant::now();
+        loop {
+            let ok = async {
+                let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                let r = h
+                    .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                    .await
+                    .ok()?;
+                Some(r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+            }
+            .await;
+            if ok == Some(true) {
+                return true;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// As in a Kubernetes group: every rank runs `neox-worker serve` with the NEOX_* variables;
 /// rank 0 serves the API, every rank answers gRPC health once the group has formed.
 #[test]
 fn every_rank_runs_serve_from_env_and_answers_health() {
     let group_port = free_port();
     let (api0, api1) = (free_port(), free_port());
-    let spawn = |rank: &str, api: u16| {
-        worker()
-            .arg("serve")
-            .args([
-                "--grpc-addr",
-                &format!("127.0.0.1:{api}"),
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "off",
-            ])
-            .env("NEOX_RANK", rank)
-            .env("NEOX_WORLD_SIZE", "2")
-            .env("NEOX_LEADER_ADDR", format!("127.0.0.1:{group_port}"))
-            .env("NEOX_ADVERTISE_HOST", "127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut leader = spawn("0", api0);
-    let mut follower = spawn("1", api1);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let serving = |port: u16| {
-        rt.block_on(async {
-            let t0 = Instant::now();
-            loop {
-                let ok = async {
-                    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-                        .ok()?
-                        .connect()
-                        .await
-                        .ok()?;
-                    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-                    let r = h
-                        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-                        .await
-                        .ok()?;
-                    Some(
-                        r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-                    )
-                }
-                .await;
-                if ok == Some(true) {
-                    return true;
-                }
-                if t0.elapsed() > Duration::from_secs(20) {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let mut leader = serve_rank("0", api0, group_port, &[]);
+    let mut follower = serve_rank("1", api1, group_port, &[]);
     assert!(serving(api0), "leader never SERVING");
     assert!(serving(api1), "follower never SERVING");
     // Killing the follower takes the leader down (heartbeat within the collective timeout).
@@ -387,4 +391,36 @@ fn every_rank_runs_serve_from_env_and_answers_health() {
     follower.wait().unwrap();
     let status = wait_with_deadline(&mut leader, Duration::from_secs(40), "the leader");
     assert!(!status.success());
+}
+
+/// A leader that stops answering without closing its connections (a lost node, a partition:
+/// no FIN reaches the follower; SIGSTOP here) is noticed by an idle follower, which exits
+/// instead of waiting, and reporting SERVING, forever.
+#[test]
+fn a_follower_leaves_a_leader_that_went_silent() {
+    let group_port = free_port();
+    let (api0, api1) = (free_port(), free_port());
+    let timeout = ["--collective-timeout", "2"];
+    let mut leader = serve_rank("0", api0, group_port, &timeout);
+    let mut follower = serve_rank("1", api1, group_port, &timeout);
+    assert!(serving(api0) && serving(api1), "the group never formed");
+    let stop = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &leader.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    stop("-STOP");
+    let t0 = Instant::now();
+    // The collective timeout plus the 5 s margin for the leader's next plan.
+    let status = wait_with_deadline(&mut follower, Duration::from_secs(20), "the follower");
+    let waited = t0.elapsed();
+    stop("-CONT");
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    assert!(!status.success(), "the follower must fail without its leader");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "left after {waited:?}, before the timeout"
+    );
 }

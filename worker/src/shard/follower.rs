@@ -11,6 +11,10 @@ use super::{LocalRunner, SeqPlan, StepRunner};
 use crate::model::{GptNeoX, LogitsWanted, ModelError};
 use crate::parallel::{connect_nccl, Communicator, ParallelError, RankInfo, TcpCommunicator};
 
+/// How much longer than the collective timeout a rank waits for the leader's next plan: the
+/// leader's heartbeat comes every second, a plan after each step.
+const LEADER_SILENCE_MARGIN: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct FollowerOptions {
     pub rank: RankInfo,
@@ -93,8 +97,21 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
         .block_on(client.join(join))
         .map_err(|s| rendezvous(format!("the leader refused rank {}: {}", opts.rank.rank, s.message())))?
         .into_inner();
-    let mut next = |what: &str| -> Result<pb::step_plan::Kind, ModelError> {
-        match rt.block_on(stream.message()) {
+    // The leader sends a plan at least every second (a heartbeat when idle), so a silence past
+    // the collective timeout means it is gone without closing the stream: a lost node or a
+    // partition sends no FIN, and this rank would otherwise wait (and report SERVING) forever.
+    let mut next = |what: &str, within: Duration| -> Result<pb::step_plan::Kind, ModelError> {
+        let Ok(message) = rt.block_on(async { tokio::time::timeout(within, stream.message()).await }) else {
+            return Err(ModelError::Collective(ParallelError::PeerLost {
+                op: "group stream",
+                peer: 0,
+                message: format!(
+                    "no word from the leader for {:.0} s while this rank waited for {what}",
+                    within.as_secs_f64()
+                ),
+            }));
+        };
+        match message {
             Ok(Some(pb::StepPlan { kind: Some(k) })) => Ok(k),
             Ok(Some(_)) => Err(ModelError::Internal(format!("empty message while waiting for {what}"))),
             Ok(None) => Err(ModelError::Collective(ParallelError::PeerLost {
@@ -109,7 +126,11 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
             })),
         }
     };
-    let pb::step_plan::Kind::Setup(setup) = next("the group setup")? else {
+    // The setup comes once every rank joined, which the leader waits for up to its rendezvous
+    // timeout.
+    let setup_wait = opts.rendezvous_timeout + opts.collective_timeout;
+    let step_wait = opts.collective_timeout + LEADER_SILENCE_MARGIN;
+    let pb::step_plan::Kind::Setup(setup) = next("the group setup", setup_wait)? else {
         return Err(ModelError::Internal("the leader sent a step before the setup".into()));
     };
     // The leader chose the collectives: NCCL when it sent an id, TCP otherwise.
@@ -140,7 +161,7 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
         .and_then(|v| v.parse::<u64>().ok());
     tracing::info!(rank = opts.rank.rank, "group formed; running step plans");
     loop {
-        match next("the next step")? {
+        match next("the next step", step_wait)? {
             pb::step_plan::Kind::Forward(f) if f.sequences.is_empty() => runner.model().barrier()?,
             pb::step_plan::Kind::Forward(f) => {
                 if let Some(ms) = delay {
