@@ -244,9 +244,12 @@ pub struct RankResources {
     pub gpu_resource_name: Option<String>,
 }
 
-/// Engine limits, passed to every leader.
+/// Engine limits, passed to every leader. Every running sequence feeds a token each step, so
+/// the step budget must cover the batch (the worker refuses to start otherwise); the rule
+/// applies the worker's defaults, 512 and 32, to whichever is unset.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.maxTokensPerStep) ? self.maxTokensPerStep : 512) >= (has(self.maxBatchSize) ? self.maxBatchSize : 32)").message("engine.maxTokensPerStep (default 512) must be at least engine.maxBatchSize (default 32)"))]
 pub struct EngineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

@@ -116,6 +116,14 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
             }),
         ),
         (
+            "maxTokensPerStep (default 512) must be at least engine.maxBatchSize",
+            Box::new(|v| v["spec"]["engine"] = serde_json::json!({"maxTokensPerStep": 16})),
+        ),
+        (
+            "maxTokensPerStep (default 512) must be at least engine.maxBatchSize",
+            Box::new(|v| v["spec"]["engine"] = serde_json::json!({"maxBatchSize": 600})),
+        ),
+        (
             "missing required",
             Box::new(|v| {
                 v["spec"].as_object_mut().unwrap().remove("model");

@@ -89,6 +89,7 @@ fn bad_arguments_fail_cleanly() {
         vec!["bench", "--batch", "0"],
         vec!["serve", "--kv-layout", "bogus"],
         vec!["serve", "--default-max-new-tokens", "0"],
+        vec!["serve", "--max-batch-size", "32", "--max-tokens-per-step", "16"],
         vec!["bench", "--prefill-len", "100000"],
     ] {
         let out = worker().args(&args).output().unwrap();

@@ -83,7 +83,9 @@ pub struct ServeArgs {
     /// Speculative decoding by prompt lookup: a decoding sequence whose last tokens occurred
     /// earlier in its prompt or output feeds up to this many of the tokens that followed them
     /// as drafts, and keeps those the model agrees with (several tokens for one step's weight
-    /// reads). Output is unchanged, seeded sampling included. 0: off.
+    /// reads). Output is unchanged, seeded sampling included (on a GPU with `--sampling auto`,
+    /// up to the f32 rounding of the device sampler, which a step's extra rows may bring in:
+    /// see the README). 0: off.
     #[arg(long, env = "NEOX_SPECULATIVE_TOKENS", default_value_t = 0)]
     speculative_tokens: usize,
     /// Longest and shortest suffix (in tokens) looked up for drafts.
@@ -165,6 +167,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         if v == 0 {
             bail!("--{name} must be at least 1");
         }
+    }
+    if a.max_tokens_per_step < a.max_batch_size {
+        // Every running sequence feeds a token each step; a smaller budget starves the last.
+        bail!(
+            "--max-tokens-per-step ({}) must be at least --max-batch-size ({})",
+            a.max_tokens_per_step,
+            a.max_batch_size
+        );
     }
     if a.speculative_ngram_min > a.speculative_ngram_max {
         bail!(

@@ -285,6 +285,13 @@ impl Drop for UnwindGuard {
     }
 }
 
+/// A step's tokens for one sequence: when its previous token came, and how many came now.
+#[derive(Clone, Copy)]
+struct Pace {
+    since: Option<Instant>,
+    tokens: usize,
+}
+
 /// One row to sample: a sequence's logits row with the sampler state and the tokens plain
 /// decoding would have had there (a verification row's include the drafts before it).
 struct RowSource<'a> {
@@ -511,7 +518,9 @@ impl Engine {
             .filter_map(|(id, n, drafts)| {
                 let s = self.running.iter().find(|s| s.id == id)?;
                 let completes = s.computed + n == s.tokens.len();
-                let logits = if !drafts.is_empty() || (s.req.prompt_logprobs && s.computed < s.prompt_len()) {
+                // Prompt logprobs already sent (before a preemption) are not computed again.
+                let scores_prompt = s.req.prompt_logprobs && !s.prompt_lp_sent && s.computed < s.prompt_len();
+                let logits = if !drafts.is_empty() || scores_prompt {
                     LogitsWanted::All
                 } else if completes {
                     LogitsWanted::Last
@@ -554,10 +563,14 @@ impl Engine {
             // Every sampled token but the last is a draft the model agreed with: its KV is
             // already cached.
             let last = sampled.len() - 1;
+            let pace = Pace {
+                since: self.running[idx].last_token_at,
+                tokens: sampled.len(),
+            };
             let mut emitted = 0;
             for (j, t) in sampled.into_iter().enumerate() {
                 emitted += 1;
-                if let Some(label) = self.emit(idx, t)? {
+                if let Some(label) = self.emit(idx, t, pace)? {
                     finished.push((id, label));
                     break;
                 }
@@ -749,13 +762,13 @@ impl Engine {
     }
 
     /// Appends a sampled token to a sequence and streams it; returns the finish label if the
-    /// sequence ended.
-    fn emit(&mut self, idx: usize, sampled: Sampled) -> Result<Option<&'static str>, ModelError> {
+    /// sequence ended. `pace` is the step's: its tokens share the time since the previous one.
+    fn emit(&mut self, idx: usize, sampled: Sampled, pace: Pace) -> Result<Option<&'static str>, ModelError> {
         let tok = self.tokenizer.clone();
         let s = &mut self.running[idx];
         let now = Instant::now();
-        match s.last_token_at {
-            None => {
+        match (s.last_token_at, pace.since) {
+            (None, _) => {
                 s.first_token_at = Some(now);
                 self.metrics
                     .time_to_first_token
@@ -765,7 +778,13 @@ impl Engine {
                 // in neox_prefix_cache_hits_total.
                 self.metrics.prompt_tokens.inc_by(s.prompt_len() as u64);
             }
-            Some(prev) => self.metrics.time_per_output_token.observe((now - prev).as_secs_f64()),
+            // Accepted drafts come in the same step: each token took its share of the step,
+            // not the ~0 s since the token before it.
+            (Some(_), Some(since)) => self
+                .metrics
+                .time_per_output_token
+                .observe((now - since).as_secs_f64() / pace.tokens.max(1) as f64),
+            (Some(_), None) => {}
         }
         s.last_token_at = Some(now);
         self.metrics.generation_tokens.inc();
