@@ -50,10 +50,11 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
             opts.lease_duration,
         )
     });
+    let mut leading_since = std::time::Instant::now();
     if let Some(l) = &lease {
         tracing::info!(identity = %opts.identity, "waiting for the leader lease");
         tokio::select! {
-            _ = l.acquire() => {},
+            since = l.acquire() => leading_since = since,
             _ = terminated() => {
                 tracing::info!("stopped before leading");
                 return Ok(());
@@ -100,7 +101,7 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
     tokio::pin!(controller);
     let lost_lease = async {
         match &lease {
-            Some(l) => l.hold().await,
+            Some(l) => l.hold(leading_since).await,
             None => std::future::pending().await,
         }
     };

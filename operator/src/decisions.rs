@@ -13,6 +13,9 @@ pub struct ObservedPod {
     pub terminating: bool,
     /// Pending because no node fits (the scheduler's message); not a failure.
     pub unschedulable: Option<String>,
+    /// A container that cannot start and will not by itself retrying into a restart
+    /// (ImagePullBackOff, CreateContainerConfigError, ...): its reason and message.
+    pub waiting: Option<String>,
     /// The revision of the template the pod was made from, where it says.
     pub revision: Option<String>,
 }
@@ -61,6 +64,9 @@ pub struct Plan {
     pub insufficient_capacity: Option<String>,
     /// Groups restarting or backing off, for the Degraded condition.
     pub unhealthy: Vec<String>,
+    /// Groups that cannot start: containers stuck waiting, or pods no node can ever take
+    /// (a selector, taint or volume; not a lack of capacity the autoscaler can add).
+    pub stuck: Vec<String>,
 }
 
 /// Seconds to wait after the `n`-th consecutive restart before the next: 10 s doubling, at
@@ -107,6 +113,7 @@ pub fn plan(
     let mut requeue = 30u64;
     let mut insufficient = None;
     let mut unhealthy = Vec::new();
+    let mut stuck = Vec::new();
     let (mut ready_count, mut updated, mut existing) = (0, 0, 0);
 
     // Scale-in removes the groups that serve least: those not ready first (a broken or
@@ -174,9 +181,25 @@ pub fn plan(
         if current {
             updated += 1;
         }
+        let waiting = o
+            .pods
+            .iter()
+            .filter(|p| !p.terminating)
+            .find_map(|p| p.waiting.as_ref().map(|w| format!("pod {}: {w}", p.name)));
         if !current {
             status.phase = "Updating".into();
             outdated.push((g, ready));
+        } else if let Some(why) = waiting {
+            // Restarting would not help (the image, a Secret or ConfigMap is missing): say so
+            // until the spec or the cluster is fixed.
+            status.phase = "Stuck".into();
+            status.message = Some(why.clone());
+            stuck.push(format!("group {g}: {why}"));
+            requeue = requeue.min(30);
+        } else if let Some(msg) = capacity.clone().filter(|m| !m.contains("Insufficient")) {
+            status.phase = "Unschedulable".into();
+            status.message = Some(msg.clone());
+            stuck.push(format!("group {g}: {msg}"));
         } else if let Some(msg) = capacity {
             // Pending for capacity is not failure: wait for the cluster autoscaler. Ranks that
             // gave up waiting for the pending one meanwhile are no reason to restart the group:
@@ -241,6 +264,7 @@ pub fn plan(
         existing,
         insufficient_capacity: insufficient,
         unhealthy,
+        stuck,
     }
 }
 
@@ -332,6 +356,32 @@ mod tests {
         assert_eq!(p.groups[0].phase, "InsufficientCapacity");
         assert!(p.insufficient_capacity.unwrap().contains("Insufficient nvidia.com/gpu"));
         assert_eq!(p.ready, 0);
+    }
+
+    #[test]
+    fn groups_that_cannot_start_are_stuck_not_starting() {
+        // A mistyped image: never restarted (it would not help), reported.
+        let mut g = group(0, "r1", false);
+        g.pods[1].waiting = Some("ImagePullBackOff: Back-off pulling image \"neox:typo\"".into());
+        let p = plan(1, 2, "r1", 1, std::slice::from_ref(&g), 0);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.groups[0].phase, "Stuck");
+        assert_eq!(
+            p.stuck,
+            ["group 0: pod p-1: ImagePullBackOff: Back-off pulling image \"neox:typo\""]
+        );
+        // No node can ever take it (a selector, not capacity): not a wait for the autoscaler.
+        let mut g = group(0, "r1", false);
+        g.pods[0].unschedulable =
+            Some("0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector.".into());
+        let p = plan(1, 2, "r1", 1, &[g], 0);
+        assert_eq!(p.groups[0].phase, "Unschedulable");
+        assert!(p.insufficient_capacity.is_none());
+        assert_eq!(p.stuck.len(), 1);
+        // An outdated group is replaced whatever blocks it.
+        let mut g = group(0, "old", false);
+        g.pods[0].waiting = Some("ErrImagePull: not found".into());
+        assert_eq!(plan(1, 2, "new", 1, &[g], 0).actions, vec![Action::UpdateGroup(0)]);
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so two operator replicas never
-//! reconcile at once. The holder renews every `duration / 3`; others take over once a lease
-//! has not been renewed for `duration`. A leader that cannot renew in time stops leading.
+//! reconcile at once (client-go's scheme). The holder renews every `duration / 3` and stops
+//! leading when no renewal has gone through for `2/3 duration` (each attempt is cut off at
+//! that deadline, so a hung request cannot keep it leading). Others take over once they have
+//! seen the lease unchanged for `duration` by their own clock: never by comparing the
+//! holder's `renewTime` with theirs, which clock skew would make early. A third of the
+//! duration separates the old leader's last moment from the new one's first.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -15,7 +20,12 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The lease's holder and renewal as last read, and when they last changed (our clock).
+    seen: Mutex<Option<(Record, Instant)>>,
 }
+
+/// What a renewal changes: the holder and its renew time.
+type Record = (Option<String>, Option<MicroTime>);
 
 impl LeaseLock {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
@@ -24,6 +34,21 @@ impl LeaseLock {
             name: name.into(),
             identity: identity.into(),
             duration,
+            seen: Mutex::new(None),
+        }
+    }
+
+    /// How long the lease has been seen as it is now (zero when it just changed).
+    fn unchanged_for(&self, record: Record) -> Duration {
+        let Ok(mut seen) = self.seen.lock() else {
+            return Duration::ZERO;
+        };
+        match seen.as_ref() {
+            Some((r, at)) if *r == record => at.elapsed(),
+            _ => {
+                *seen = Some((record, Instant::now()));
+                Duration::ZERO
+            }
         }
     }
 
@@ -60,14 +85,12 @@ impl LeaseLock {
         };
         let spec = current.spec.clone().unwrap_or_default();
         let ours = spec.holder_identity.as_deref() == Some(&self.identity);
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(t), Some(secs)) => {
-                let age = Timestamp::now().duration_since(t.0).as_secs();
-                age > i64::from(secs)
-            }
-            _ => true,
-        };
-        if !ours && !expired && spec.holder_identity.is_some() {
+        let held_for = spec
+            .lease_duration_seconds
+            .map_or(self.duration, |s| Duration::from_secs(s.max(0) as u64));
+        let unchanged = self.unchanged_for((spec.holder_identity.clone(), spec.renew_time.clone()));
+        let expired = spec.holder_identity.is_none() || unchanged > held_for;
+        if !ours && !expired {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
@@ -82,29 +105,37 @@ impl LeaseLock {
         }
     }
 
-    /// Blocks until this replica holds the lease.
-    pub async fn acquire(&self) {
+    /// Blocks until this replica holds the lease; returns when the winning request was sent
+    /// (the renew time it wrote is no later).
+    pub async fn acquire(&self) -> Instant {
         loop {
-            match self.try_acquire().await {
-                Ok(true) => return,
-                Ok(false) => tracing::info!(lease = %self.name, "another replica leads; waiting"),
-                Err(e) => tracing::warn!(lease = %self.name, "lease: {e}"),
+            let sent = Instant::now();
+            match tokio::time::timeout(self.duration / 3, self.try_acquire()).await {
+                Ok(Ok(true)) => return sent,
+                Ok(Ok(false)) => tracing::info!(lease = %self.name, "another replica leads; waiting"),
+                Ok(Err(e)) => tracing::warn!(lease = %self.name, "lease: {e}"),
+                Err(_) => tracing::warn!(lease = %self.name, "lease: no answer in time"),
             }
             tokio::time::sleep(self.duration / 3).await;
         }
     }
 
-    /// Renews until a renewal fails for a whole lease duration; then returns (leadership lost).
-    pub async fn hold(&self) {
-        let mut last_ok = std::time::Instant::now();
+    /// Renews the lease acquired at `since` until no renewal has gone through for the renew
+    /// deadline (`2/3` of the duration); then returns: leadership is lost.
+    pub async fn hold(&self, since: Instant) {
+        let deadline = self.duration * 2 / 3;
+        let mut last_ok = since;
         loop {
             tokio::time::sleep(self.duration / 3).await;
-            match self.try_acquire().await {
-                Ok(true) => last_ok = std::time::Instant::now(),
-                Ok(false) => return,
-                Err(e) => tracing::warn!(lease = %self.name, "renewing lease: {e}"),
+            let sent = Instant::now();
+            let left = deadline.saturating_sub(last_ok.elapsed());
+            match tokio::time::timeout(left, self.try_acquire()).await {
+                Ok(Ok(true)) => last_ok = sent,
+                Ok(Ok(false)) => return,
+                Ok(Err(e)) => tracing::warn!(lease = %self.name, "renewing lease: {e}"),
+                Err(_) => tracing::warn!(lease = %self.name, "renewing lease: no answer before the deadline"),
             }
-            if last_ok.elapsed() >= self.duration {
+            if last_ok.elapsed() >= deadline {
                 return;
             }
         }

@@ -129,6 +129,16 @@ pub fn spec_problems(d: &NeoXDeployment) -> Vec<String> {
     out
 }
 
+/// Container waiting reasons that last until someone fixes the image, Secret or ConfigMap.
+const STUCK_REASONS: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
 fn observe_pod(p: &Pod) -> ObservedPod {
     let status = p.status.clone().unwrap_or_default();
     let conds = status.conditions.unwrap_or_default();
@@ -141,17 +151,26 @@ fn observe_pod(p: &Pod) -> ObservedPod {
     // one that restarted and runs again is forming its group anew (every rank is NOT_SERVING
     // until then), as after a wait for capacity when the last rank is placed; its startup
     // probe ends it if the group never forms.
-    let down_after_restart = status
-        .container_statuses
-        .unwrap_or_default()
+    let containers = status.container_statuses.unwrap_or_default();
+    let down_after_restart = containers
         .iter()
         .any(|c| c.restart_count > 0 && c.state.as_ref().is_none_or(|s| s.running.is_none()));
+    // Waiting for something only a fix provides (CrashLoopBackOff is a failure, counted above).
+    let waiting = containers.iter().find_map(|c| {
+        let w = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = w.reason.as_deref()?;
+        STUCK_REASONS.contains(&reason).then(|| match &w.message {
+            Some(m) => format!("{reason}: {m}"),
+            None => reason.to_owned(),
+        })
+    });
     ObservedPod {
         name: p.name_any(),
         ready,
         failed: status.phase.as_deref() == Some("Failed") || (down_after_restart && !ready),
         terminating: p.metadata.deletion_timestamp.is_some(),
         unschedulable,
+        waiting,
         revision: p.labels().get(REVISION_LABEL).cloned(),
     }
 }
@@ -244,6 +263,8 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
         (true, "InvalidSpec", problems.join("; "))
     } else if !plan.unhealthy.is_empty() {
         (true, "GroupRestarting", plan.unhealthy.join("; "))
+    } else if !plan.stuck.is_empty() {
+        (true, "GroupsCannotStart", plan.stuck.join("; "))
     } else if let Some(m) = &plan.insufficient_capacity {
         (true, "InsufficientCapacity", m.clone())
     } else {

@@ -217,9 +217,31 @@ async fn ranks_that_restarted_and_formed_their_group_again_are_left_alone() {
         }),
         ..Default::default()
     });
+    let (client, rec) = two_groups(&d, g1.clone());
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    assert_eq!(rec.lock().unwrap().events, vec!["RestartingGroup"]);
+    // Its image missing instead: a restart would not help. Nothing is deleted, and Degraded
+    // says why the group cannot start.
+    g1[1].status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0] = Default::default();
+    g1[1].status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0].state = Some(ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some("ImagePullBackOff".into()),
+            message: Some("Back-off pulling image \"neox:typo\"".into()),
+        }),
+        ..Default::default()
+    });
     let (client, rec) = two_groups(&d, g1);
     reconcile(Arc::new(d), context(client, 1000)).await.unwrap();
-    assert_eq!(rec.lock().unwrap().events, vec!["RestartingGroup"]);
+    let rec = rec.lock().unwrap();
+    assert_eq!(rec.lines(), expect(&[]));
+    let status = &rec.body_of(STATUS)["status"];
+    let degraded = condition_of(status, "Degraded");
+    assert_eq!(state(&degraded), (Some("True"), Some("GroupsCannotStart")));
+    assert!(
+        degraded["message"].as_str().unwrap().contains("ImagePullBackOff"),
+        "{degraded}"
+    );
+    assert_eq!(status["groups"][1]["phase"], "Stuck");
 }
 
 #[tokio::test]
