@@ -144,6 +144,9 @@ async fn forget_deleted(store: Store<NeoXDeployment>, ctx: Arc<Context>) {
         if let Ok(mut looks) = ctx.autoscaled_at.lock() {
             looks.retain(|uid, _| uids.contains(uid));
         }
+        if let Ok(mut failures) = ctx.failures.lock() {
+            failures.retain(|uid, _| uids.contains(uid));
+        }
     }
 }
 

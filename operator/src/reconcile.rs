@@ -38,7 +38,9 @@ pub enum Error {
 /// Shared state of the controller.
 pub struct Context {
     pub client: Client,
-    pub reporter: Reporter,
+    /// One recorder for the controller's life: it remembers the Events it sent, so a repeated
+    /// one updates its series (a count) instead of creating another Event object.
+    pub recorder: Recorder,
     pub metrics: Metrics,
     /// Unix seconds; injectable so tests are deterministic.
     pub clock: Box<dyn Fn() -> i64 + Send + Sync>,
@@ -46,6 +48,8 @@ pub struct Context {
     /// reconcile woken by the look's own `spec.replicas` patch may start from a cached object
     /// that predates the status write, and would look (and scale) again at once.
     pub autoscaled_at: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Failed reconciles in a row, per NeoXDeployment uid: the retry backs off.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// The Prometheus the autoscaler asks unless a deployment names its own
     /// (`NEOX_PROMETHEUS_URL`).
     pub prometheus_url: Option<String>,
@@ -58,6 +62,22 @@ impl Context {
     fn last_autoscaled(&self, d: &NeoXDeployment) -> Option<i64> {
         let uid = d.uid()?;
         self.autoscaled_at.lock().ok()?.get(&uid).copied()
+    }
+
+    /// Counts a failed reconcile of `d`; returns how many in a row.
+    fn failed(&self, d: &NeoXDeployment) -> u32 {
+        let (Some(uid), Ok(mut m)) = (d.uid(), self.failures.lock()) else {
+            return 1;
+        };
+        let n = m.entry(uid).or_default();
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn succeeded(&self, d: &NeoXDeployment) {
+        if let (Some(uid), Ok(mut m)) = (d.uid(), self.failures.lock()) {
+            m.remove(&uid);
+        }
     }
 
     fn remember_autoscaled(&self, d: &NeoXDeployment, now: i64) {
@@ -79,11 +99,12 @@ impl Context {
         });
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         Self {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
-            reporter,
             metrics,
             clock,
             autoscaled_at: Default::default(),
+            failures: Default::default(),
             prometheus_url: env("NEOX_PROMETHEUS_URL"),
             prometheus_allowed: env("NEOX_PROMETHEUS_ALLOWED_URLS")
                 .map(|v| {
@@ -299,7 +320,6 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
 }
 
 async fn publish(ctx: &Context, d: &NeoXDeployment, type_: EventType, reason: &str, note: String) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -307,7 +327,7 @@ async fn publish(ctx: &Context, d: &NeoXDeployment, type_: EventType, reason: &s
         action: reason.into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&ev, &d.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&ev, &d.object_ref(&())).await {
         tracing::warn!(name = %d.name_any(), "could not publish event {reason}: {e}");
     }
 }
@@ -328,6 +348,9 @@ pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requ
         _ => {}
     }
     ctx.metrics.observe_reconcile(started.elapsed(), result.is_err());
+    if result.is_ok() {
+        ctx.succeeded(&d);
+    }
     result
 }
 
@@ -745,8 +768,16 @@ async fn delete_group_pods(pods: &Api<Pod>, observed: &[ObservedGroup], g: i32) 
     Ok(())
 }
 
-/// On errors: log, count, retry soon.
-pub fn error_policy(d: Arc<NeoXDeployment>, err: &Error, _ctx: Arc<Context>) -> Requeue {
-    tracing::warn!(name = %d.name_any(), "reconcile failed: {err}");
-    Requeue::requeue(Duration::from_secs(15))
+/// Seconds before the `n`-th retry in a row: 5 s doubling, at most 5 minutes. A refusal that
+/// lasts until the spec changes is retried rarely (the change itself wakes the controller);
+/// an outage or conflict soon.
+pub fn retry_secs(n: u32) -> u64 {
+    (5u64 << n.saturating_sub(1).min(6)).min(300)
+}
+
+/// On errors: log, retry with back-off.
+pub fn error_policy(d: Arc<NeoXDeployment>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    let wait = retry_secs(ctx.failed(&d));
+    tracing::warn!(name = %d.name_any(), retry_in_secs = wait, "reconcile failed: {err}");
+    Requeue::requeue(Duration::from_secs(wait))
 }

@@ -472,6 +472,36 @@ async fn an_object_made_outside_the_operator_is_never_taken_over() {
     );
 }
 
+#[tokio::test]
+async fn failed_reconciles_retry_with_backoff_until_one_succeeds() {
+    use kube::runtime::controller::Action;
+    use neox_operator::reconcile::error_policy;
+    let d = Arc::new(deployment(1, 2));
+    let refusal = Refusal {
+        call: format!("PATCH {SVC}/llm"),
+        code: 422,
+        message: "Service \"llm\" is invalid".into(),
+    };
+    let (client, _rec) = fake_refusing(vec![], vec![], Some(refusal));
+    let ctx = context(client, 1000);
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let err = reconcile(d.clone(), ctx.clone()).await.unwrap_err();
+        waits.push(error_policy(d.clone(), &err, ctx.clone()));
+    }
+    let secs = |s| Action::requeue(std::time::Duration::from_secs(s));
+    assert_eq!(waits, [secs(5), secs(10), secs(20)]);
+    // Once a pass goes through, the next failure starts over.
+    let (client, _rec) = fake(vec![], vec![]);
+    let mut ok_ctx = Arc::try_unwrap(ctx).ok().unwrap();
+    ok_ctx.client = client;
+    let ctx = Arc::new(ok_ctx);
+    reconcile(d.clone(), ctx.clone()).await.unwrap();
+    let err = neox_operator::reconcile::Error::NoNamespace("x".into());
+    assert_eq!(error_policy(d, &err, ctx), secs(5));
+    assert_eq!(neox_operator::reconcile::retry_secs(20), 300);
+}
+
 /// A condition's status and reason.
 fn state(condition: &serde_json::Value) -> (Option<&str>, Option<&str>) {
     (condition["status"].as_str(), condition["reason"].as_str())
