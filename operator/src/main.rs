@@ -17,7 +17,7 @@ use neox_operator::metrics::Metrics;
 )]
 struct Args {
     /// Serve /metrics and /healthz here.
-    #[arg(long, env = "NEOX_OPERATOR_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "NEOX_OPERATOR_METRICS_ADDR", default_value = "[::]:8080")]
     metrics_addr: SocketAddr,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
@@ -57,9 +57,14 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .context("binding the metrics address")?;
+    // The IPv6 wildcard takes IPv4 too; the IPv4 one where the node has no IPv6.
+    let listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Err(_) if args.metrics_addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, args.metrics_addr.port())).await
+        }
+        bound => bound,
+    }
+    .context("binding the metrics address")?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("metrics server: {e}");

@@ -210,9 +210,11 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         env("NEOX_WORLD_SIZE", tp.to_string()),
         // Rank 0's stable name through the group's headless Service; set per group below.
         field_env("NEOX_ADVERTISE_HOST", "status.podIP"),
-        env("NEOX_GRPC_ADDR", format!("0.0.0.0:{GRPC_PORT}")),
-        env("NEOX_METRICS_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
-        env("NEOX_HTTP_ADDR", format!("0.0.0.0:{HTTP_PORT}")),
+        // The IPv6 wildcard takes IPv4 too (and the worker falls back to the IPv4 one where
+        // the node has no IPv6): IPv4, IPv6 and dual-stack clusters alike.
+        env("NEOX_GRPC_ADDR", format!("[::]:{GRPC_PORT}")),
+        env("NEOX_METRICS_ADDR", format!("[::]:{METRICS_PORT}")),
+        env("NEOX_HTTP_ADDR", format!("[::]:{HTTP_PORT}")),
         // OpenAI API requests name the model as clients know it: the NeoXDeployment (as KServe
         // names an InferenceService's model), not the path it is mounted at.
         env("NEOX_SERVED_MODEL_NAME", d.name_any()),

@@ -78,10 +78,10 @@ fn the_statefulset_pod_template_brings_up_a_serving_group() {
                 && leader.ends_with(&format!(":{}", resources::GROUP_PORT))
         );
         env.insert("NEOX_LEADER_ADDR".into(), format!("127.0.0.1:{group_port}"));
-        assert_eq!(env["NEOX_GRPC_ADDR"], format!("0.0.0.0:{}", resources::GRPC_PORT));
+        assert_eq!(env["NEOX_GRPC_ADDR"], format!("[::]:{}", resources::GRPC_PORT));
         env.insert("NEOX_GRPC_ADDR".into(), format!("127.0.0.1:{}", grpc[r as usize]));
         env.insert("NEOX_METRICS_ADDR".into(), "127.0.0.1:0".into());
-        assert_eq!(env["NEOX_HTTP_ADDR"], format!("0.0.0.0:{}", resources::HTTP_PORT));
+        assert_eq!(env["NEOX_HTTP_ADDR"], format!("[::]:{}", resources::HTTP_PORT));
         env.insert("NEOX_HTTP_ADDR".into(), format!("127.0.0.1:{http}"));
         env.insert("NEOX_COLLECTIVE_PORT".into(), free_port().to_string());
         let child = Command::new(binary("neox-worker"))

@@ -321,6 +321,11 @@ fn unreachable_leader_and_bad_sizes_are_clear_errors() {
 /// A `neox-worker serve` rank of a 2-rank group configured as in Kubernetes (the NEOX_*
 /// variables), its API on `api`.
 fn serve_rank(rank: &str, api: u16, group_port: u16, extra: &[&str]) -> Child {
+    serve_rank_at(rank, api, &format!("127.0.0.1:{group_port}"), "127.0.0.1", extra)
+}
+
+/// [`serve_rank`] with the leader at `leader` and this rank advertising `host` to its peers.
+fn serve_rank_at(rank: &str, api: u16, leader: &str, host: &str, extra: &[&str]) -> Child {
     worker()
         .arg("serve")
         .args([
@@ -334,8 +339,8 @@ fn serve_rank(rank: &str, api: u16, group_port: u16, extra: &[&str]) -> Child {
         .args(extra)
         .env("NEOX_RANK", rank)
         .env("NEOX_WORLD_SIZE", "2")
-        .env("NEOX_LEADER_ADDR", format!("127.0.0.1:{group_port}"))
-        .env("NEOX_ADVERTISE_HOST", "127.0.0.1")
+        .env("NEOX_LEADER_ADDR", leader)
+        .env("NEOX_ADVERTISE_HOST", host)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -423,4 +428,26 @@ fn a_follower_leaves_a_leader_that_went_silent() {
         waited >= Duration::from_secs(2),
         "left after {waited:?}, before the timeout"
     );
+}
+
+/// On an IPv6 cluster the leader's address and every pod IP are IPv6: the group forms over
+/// them (bracketed where an address is made of host and port).
+#[test]
+fn a_group_forms_over_ipv6() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback here");
+        return;
+    }
+    let leader = format!("[::1]:{}", free_port());
+    let (api0, api1) = (free_port(), free_port());
+    let mut ranks = [
+        serve_rank_at("0", api0, &leader, "::1", &[]),
+        serve_rank_at("1", api1, &leader, "::1", &[]),
+    ];
+    let formed = serving(api0) && serving(api1);
+    for r in &mut ranks {
+        r.kill().unwrap();
+        r.wait().unwrap();
+    }
+    assert!(formed, "no group over IPv6");
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use neox_worker::model::{self, LoadedModel, NeoXTokenizer};
-use neox_worker::parallel::{Backend, RankInfo};
+use neox_worker::parallel::{net, Backend, RankInfo};
 use neox_worker::shard::{self, GroupLeader, GroupOptions, LeaderRunner, LocalRunner, StepRunner};
 
 use super::ModelArgs;
@@ -244,13 +244,12 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         let port: u16 = port
             .parse()
             .with_context(|| format!("leader address {addr:?} has no valid port"))?;
-        let grpc =
-            TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding the group endpoint :{port}"))?;
-        let coll = TcpListener::bind(("0.0.0.0", g.collective_port)).context("binding the collective port")?;
+        let grpc = net::listen_any(port).with_context(|| format!("binding the group endpoint :{port}"))?;
+        let coll = net::listen_any(g.collective_port).context("binding the collective port")?;
         (grpc, coll, host.to_owned())
     };
     let grpc_addr = grpc.local_addr()?;
-    let collective_addr = format!("{leader_host}:{}", collective.local_addr()?.port());
+    let collective_addr = net::host_port(&leader_host, collective.local_addr()?.port());
     let leader = GroupLeader::new(GroupOptions {
         world_size: role.rank.world_size,
         fingerprint: loaded.model.config().fingerprint(),

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 
 #[cfg(feature = "cuda")]
 mod nccl;
+pub mod net;
 mod single;
 mod tcp;
 

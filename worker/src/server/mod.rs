@@ -24,6 +24,7 @@ pub use validate::{validate, Invalid, Limits, Validated};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::model::NeoXTokenizer;
+use crate::parallel::net;
 
 /// Runs a request's CPU-bound part (tokenizing prompts of up to `max_prompt_bytes`) on the
 /// blocking pool: on the runtime's workers a large prompt would stall every stream sharing
@@ -95,10 +96,10 @@ pub async fn serve(
         .max_decoding_message_size(opts.max_message_bytes.saturating_mul(4))
         .max_encoding_message_size(64 << 20);
 
-    let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr).await?;
-    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_addr).await?;
+    let grpc_listener = net::bind(opts.grpc_addr).await?;
+    let metrics_listener = net::bind(opts.metrics_addr).await?;
     let http_listener = match opts.http_addr {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        Some(addr) => Some(net::bind(addr).await?),
         None => None,
     };
     tracing::info!(grpc = %grpc_listener.local_addr()?, metrics = %metrics_listener.local_addr()?, "serving");

@@ -1,6 +1,6 @@
 //! Ranks 1..tp: join the leader, form the collective mesh, then run every step plan.
 
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use pb::shard_client::ShardClient;
 
 use super::{LocalRunner, SeqPlan, StepRunner};
 use crate::model::{GptNeoX, LogitsWanted, ModelError};
-use crate::parallel::{connect_nccl, Communicator, ParallelError, RankInfo, TcpCommunicator};
+use crate::parallel::{connect_nccl, net, Communicator, ParallelError, RankInfo, TcpCommunicator};
 
 /// How much longer than the collective timeout a rank waits for the leader's next plan: the
 /// leader's heartbeat comes every second, a plan after each step.
@@ -68,10 +68,10 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
         Some(h) => h.clone(),
         None => local_ip_towards(&opts.leader_addr, deadline)?,
     };
-    let listener = TcpListener::bind(("0.0.0.0", opts.collective_port))
+    let listener = net::listen_any(opts.collective_port)
         .map_err(|e| rendezvous(format!("cannot listen on port {}: {e}", opts.collective_port)))?;
     let port = listener.local_addr().map_err(|e| rendezvous(e.to_string()))?.port();
-    let collective_addr = format!("{host}:{port}");
+    let collective_addr = net::host_port(&host, port);
     let url = format!("http://{}", opts.leader_addr);
     let mut client = rt.block_on(async {
         loop {
