@@ -206,22 +206,7 @@ fn helm_chart_lints_renders_and_validates() {
         ("true", "kubectl -n team-a apply -f deploy/samples/"),
         ("false", "  kubectl apply -f deploy/samples/"),
     ] {
-        let set = format!("rbac.namespaced={namespaced}");
-        let (ok, out, err) = run(
-            &helm,
-            &[
-                "install",
-                "x",
-                &chart,
-                "-n",
-                "team-a",
-                "--dry-run=client",
-                "--set",
-                &set,
-            ],
-        );
-        assert!(ok, "helm install --dry-run: {err}");
-        let notes = &out[out.find("NOTES:").unwrap()..];
+        let notes = install_notes(&helm, &chart, &[&format!("rbac.namespaced={namespaced}")]);
         assert!(notes.contains(want), "{notes}");
         assert_eq!(
             notes.contains("kubectl -n team-a port-forward svc/"),
@@ -231,23 +216,7 @@ fn helm_chart_lints_renders_and_validates() {
         assert!(notes.contains("helm uninstall x -n team-a"), "{notes}");
     }
     // With the release's own sample: no second one to apply, and its name where it is used.
-    let (ok, out, err) = run(
-        &helm,
-        &[
-            "install",
-            "x",
-            &chart,
-            "-n",
-            "team-a",
-            "--dry-run=client",
-            "--set",
-            "sample.enabled=true",
-            "--set",
-            "sample.name=chat",
-        ],
-    );
-    assert!(ok, "helm install --dry-run: {err}");
-    let notes = &out[out.find("NOTES:").unwrap()..];
+    let notes = install_notes(&helm, &chart, &["sample.enabled=true", "sample.name=chat"]);
     assert!(
         !notes.contains("apply -f deploy/samples/shakespeare-cpu.yaml"),
         "{notes}"
@@ -324,6 +293,17 @@ fn helm_chart_lints_renders_and_validates() {
         assert!(std::env::var_os("CI").is_none(), "CI must install kubernetes-validate");
         eprintln!("SKIPPED part: kubernetes-validate not installed");
     }
+}
+
+/// NOTES.txt of release `x` installed (dry run) in namespace `team-a` with `sets`.
+fn install_notes(helm: &str, chart: &str, sets: &[&str]) -> String {
+    let mut args = vec!["install", "x", chart, "-n", "team-a", "--dry-run=client"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = run(helm, &args);
+    assert!(ok, "helm install --dry-run: {err}");
+    out[out.find("NOTES:").unwrap()..].to_owned()
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
