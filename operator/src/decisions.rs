@@ -69,10 +69,15 @@ pub struct Plan {
     pub stuck: Vec<String>,
 }
 
+/// `first` seconds doubled `n` times, at most `most`.
+pub fn doubling_secs(first: u64, n: u32, most: u64) -> u64 {
+    first.saturating_mul(1u64 << n.min(32)).min(most)
+}
+
 /// Seconds to wait after the `n`-th consecutive restart before the next: 10 s doubling, at
 /// most 5 minutes.
 pub fn backoff_secs(n: i32) -> i64 {
-    (10i64 << n.clamp(0, 5)).min(300)
+    doubling_secs(10, n.max(0) as u32, 300) as i64
 }
 
 /// The ranks a group is made of: the spec's for one of the current revision, its own
@@ -86,17 +91,34 @@ fn ranks_of(g: &ObservedGroup, tp: i32, revision: &str) -> i32 {
     }
 }
 
-/// What a group looks like now, judged against the ranks it is made of.
-fn assess(g: &ObservedGroup, ranks: i32) -> (bool, i32, Option<String>, Option<String>) {
+/// What a group looks like now.
+struct Assessment {
+    ready: bool,
+    ready_ranks: i32,
+    /// The scheduler's message for a pod no node takes.
+    capacity: Option<String>,
+    /// A live rank that failed.
+    failure: Option<String>,
+    /// A live rank's container stuck waiting for a fix.
+    waiting: Option<String>,
+}
+
+/// Assesses a group against the ranks it is made of.
+fn assess(g: &ObservedGroup, ranks: i32) -> Assessment {
     let live: Vec<&ObservedPod> = g.pods.iter().filter(|p| !p.terminating).collect();
     let ready_ranks = live.iter().filter(|p| p.ready && !p.failed).count() as i32;
-    let ready = ranks > 0 && ready_ranks == ranks && live.len() as i32 == ranks;
-    let capacity = g.pods.iter().find_map(|p| p.unschedulable.clone());
-    // A failed rank already being deleted is on its way out (this restart's, or an eviction's):
-    // counting it again would restart the group's fresh ranks at every back-off while it
-    // terminates.
-    let failure = live.iter().find(|p| p.failed).map(|p| format!("pod {} failed", p.name));
-    (ready, ready_ranks, capacity, failure)
+    Assessment {
+        ready: ranks > 0 && ready_ranks == ranks && live.len() as i32 == ranks,
+        ready_ranks,
+        capacity: g.pods.iter().find_map(|p| p.unschedulable.clone()),
+        // A failed rank already being deleted is on its way out (this restart's, or an
+        // eviction's): counting it again would restart the group's fresh ranks at every
+        // back-off while it terminates.
+        failure: live.iter().find(|p| p.failed).map(|p| format!("pod {} failed", p.name)),
+        waiting: live
+            .iter()
+            .find_map(|p| p.waiting.as_ref().map(|w| format!("pod {}: {w}", p.name))),
+    }
 }
 
 /// Decides what to do about a NeoXDeployment's groups.
@@ -121,7 +143,7 @@ pub fn plan(
     // index. Scale-out fills the lowest free indices.
     let mut by_worth: Vec<&ObservedGroup> = observed.iter().collect();
     by_worth.sort_by_cached_key(|g| {
-        let ready = assess(g, ranks_of(g, tp, revision)).0;
+        let ready = assess(g, ranks_of(g, tp, revision)).ready;
         (ready, g.revision == revision, std::cmp::Reverse(g.index))
     });
     let excess = observed.len().saturating_sub(replicas.max(0) as usize);
@@ -156,7 +178,13 @@ pub fn plan(
             continue;
         };
         existing += 1;
-        let (ready, ready_ranks, capacity, failure) = assess(o, ranks_of(o, tp, revision));
+        let Assessment {
+            ready,
+            ready_ranks,
+            capacity,
+            failure,
+            waiting,
+        } = assess(o, ranks_of(o, tp, revision));
         // The StatefulSet is applied before the group's pods are deleted: a pass that stopped
         // between the two left pods of the old template, so the group is not updated yet.
         let stale_pods = o
@@ -181,11 +209,6 @@ pub fn plan(
         if current {
             updated += 1;
         }
-        let waiting = o
-            .pods
-            .iter()
-            .filter(|p| !p.terminating)
-            .find_map(|p| p.waiting.as_ref().map(|w| format!("pod {}: {w}", p.name)));
         if !current {
             status.phase = "Updating".into();
             outdated.push((g, ready));
@@ -195,7 +218,6 @@ pub fn plan(
             status.phase = "Stuck".into();
             status.message = Some(why.clone());
             stuck.push(format!("group {g}: {why}"));
-            requeue = requeue.min(30);
         } else if let Some(msg) = capacity.clone().filter(|m| !m.contains("Insufficient")) {
             status.phase = "Unschedulable".into();
             status.message = Some(msg.clone());

@@ -772,7 +772,7 @@ async fn delete_group_pods(pods: &Api<Pod>, observed: &[ObservedGroup], g: i32) 
 /// lasts until the spec changes is retried rarely (the change itself wakes the controller);
 /// an outage or conflict soon.
 pub fn retry_secs(n: u32) -> u64 {
-    (5u64 << n.saturating_sub(1).min(6)).min(300)
+    decisions::doubling_secs(5, n.saturating_sub(1), 300)
 }
 
 /// On errors: log, retry with back-off.
