@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::model::ModelError;
 
 use super::blocks::{held_blocks, Holding};
-use super::prefix_cache::{Entry, Hit};
+use super::prefix_cache::{Entry, Hit, Lookup};
 use super::scheduler::{Engine, Seq};
 
 impl Engine {
@@ -80,23 +80,18 @@ impl Engine {
             // Prompt logprobs need every prompt position computed.
             let scores_prompt = front.req.prompt_logprobs && !front.prompt_lp_sent;
             let queried = self.prefix.is_some() && !scores_prompt;
-            let mut hit = match self.prefix.as_mut() {
+            let found = match self.prefix.as_mut() {
                 Some(p) if queried => {
-                    let live = self.running.iter().map(|r| (r.id, &r.tokens[..r.computed]));
+                    let live = self.running.iter().map(|r| (r.id, r.computed, &r.tokens[..]));
                     p.lookup(&front.tokens, live)
                 }
-                _ => None,
+                _ => Lookup::default(),
             };
             // A running sequence still computing more of this prompt: wait for its KV.
-            let running = self.running.iter().map(|r| (r.computed, &r.tokens[..]));
-            if queried
-                && self
-                    .prefix
-                    .as_ref()
-                    .is_some_and(|p| p.worth_waiting(&front.tokens, hit, running))
-            {
+            if found.wait {
                 break;
             }
+            let mut hit = found.hit;
             // Full blocks of the prefix the ranks share with the source instead of copying.
             let shared = match hit {
                 Some(h) if self.config.forks_share_blocks => h.tokens / bs,

@@ -13,7 +13,7 @@ mod stop;
 
 pub use blocks::BlockManager;
 pub use offline::{generate_batch, perplexity, BatchTimings, Generation, OfflineOptions, Perplexity};
-pub use prefix_cache::{Hit, PrefixCache};
+pub use prefix_cache::{Hit, Lookup, PrefixCache};
 pub use request::{Event, Failure, Finish, FinishReason, Request, StopCriteria, TokenInfo, ENGINE_STOPPED};
 pub use sampling::{sample_batch, SampleRow, Sampled, Sampler, SamplingParams, SamplingPlace};
 pub use scheduler::{start, EngineConfig, EngineHandle, SubmitError};

@@ -33,6 +33,18 @@ pub struct Hit {
     pub tokens: usize,
 }
 
+/// What a lookup found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lookup {
+    /// The prefix to start from, if any.
+    pub hit: Option<Hit>,
+    /// A running sequence is still computing a share of the prompt at least the minimum match
+    /// longer than `hit`: better to wait a step and copy it. Identical prompts queued together
+    /// (a request's `n` choices, a burst with one system prompt) then compute it once, where
+    /// each would otherwise compute it beside the others in the same steps.
+    pub wait: bool,
+}
+
 #[derive(Debug)]
 pub struct PrefixCache {
     entries: Vec<Entry>,
@@ -74,16 +86,17 @@ impl PrefixCache {
     }
 
     /// The sequence sharing the longest prefix with `tokens`, at most all but its last token
-    /// (the step that computes it gives the logits to sample from): an entry, or one of `live`,
-    /// running sequences with their cached tokens (a copy of their KV is as good). Marks an
-    /// entry it picks used.
-    pub fn lookup<'a>(&mut self, tokens: &[u32], live: impl IntoIterator<Item = (u64, &'a [u32])>) -> Option<Hit> {
+    /// (the step that computes it gives the logits to sample from): an entry, or one of
+    /// `running` (each its id, computed token count and all its tokens), whose computed KV is
+    /// as good to copy; and whether to wait for more of a running one's. Marks an entry it
+    /// picks used.
+    pub fn lookup<'a>(&mut self, tokens: &[u32], running: impl IntoIterator<Item = (u64, usize, &'a [u32])>) -> Lookup {
         let limit = tokens.len().saturating_sub(1);
         if limit < self.min_tokens {
-            return None;
+            return Lookup::default();
         }
         let wanted = &tokens[..limit];
-        // Longest match; among equal entries the most recently used; entries before live
+        // Longest match; among equal entries the most recently used; entries before running
         // sequences.
         let entry = self
             .entries
@@ -91,14 +104,19 @@ impl PrefixCache {
             .enumerate()
             .map(|(i, e)| (i, common_prefix(&e.tokens, wanted)))
             .max_by_key(|&(i, len)| (len, self.entries[i].last_used));
-        let running = live
-            .into_iter()
-            .map(|(id, cached)| Hit {
-                id,
-                tokens: common_prefix(cached, wanted),
-            })
-            .max_by_key(|h| h.tokens);
-        match (entry, running) {
+        let mut live: Option<Hit> = None;
+        let mut coming = 0;
+        for (id, computed, all) in running {
+            let share = common_prefix(all, wanted);
+            let cached = share.min(computed);
+            if live.is_none_or(|h| cached >= h.tokens) {
+                live = Some(Hit { id, tokens: cached });
+            }
+            if share > computed {
+                coming = coming.max(share);
+            }
+        }
+        let hit = match (entry, live) {
             (Some((at, len)), r) if len >= self.min_tokens && r.is_none_or(|r| r.tokens <= len) => {
                 let now = self.tick();
                 let e = &mut self.entries[at];
@@ -106,26 +124,9 @@ impl PrefixCache {
                 Some(Hit { id: e.id, tokens: len })
             }
             (_, r) => r.filter(|r| r.tokens >= self.min_tokens),
-        }
-    }
-
-    /// Whether a prompt that would start from `hit` had better wait for one of `running` (each
-    /// its computed token count and all its tokens): one still computing a share of the prompt
-    /// at least the minimum match longer than `hit`. Identical prompts queued together (a
-    /// request's `n` choices, a burst with one system prompt) then compute it once and copy
-    /// it, where each would otherwise compute it beside the others in the same steps.
-    pub fn worth_waiting<'a>(
-        &self,
-        tokens: &[u32],
-        hit: Option<Hit>,
-        running: impl IntoIterator<Item = (usize, &'a [u32])>,
-    ) -> bool {
-        let wanted = &tokens[..tokens.len().saturating_sub(1)];
-        let now = hit.map_or(0, |h| h.tokens);
-        running.into_iter().any(|(computed, all)| {
-            let share = common_prefix(all, wanted);
-            share > computed && share >= now + self.min_tokens
-        })
+        };
+        let wait = coming >= hit.map_or(0, |h| h.tokens) + self.min_tokens;
+        Lookup { hit, wait }
     }
 
     /// Keeps the KV of the finished sequence `id` (`tokens` cached, in `hold`'s blocks).
@@ -194,14 +195,14 @@ mod tests {
         let mut c = PrefixCache::new(2);
         assert!(c.insert(1, vec![1, 2, 3, 4], Holding::own(1)).is_empty());
         assert!(c.insert(2, vec![1, 2, 9, 9, 9], Holding::own(2)).is_empty());
-        assert_eq!(c.lookup(&[1, 2, 3, 4, 5], []), Some(Hit { id: 1, tokens: 4 }));
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5], []).hit, Some(Hit { id: 1, tokens: 4 }));
         // The whole prompt is cached: its last token is still computed, for its logits.
-        assert_eq!(c.lookup(&[1, 2, 3, 4], []), Some(Hit { id: 1, tokens: 3 }));
-        assert_eq!(c.lookup(&[1, 2, 9, 9, 9, 9], []), Some(Hit { id: 2, tokens: 5 }));
+        assert_eq!(c.lookup(&[1, 2, 3, 4], []).hit, Some(Hit { id: 1, tokens: 3 }));
+        assert_eq!(c.lookup(&[1, 2, 9, 9, 9, 9], []).hit, Some(Hit { id: 2, tokens: 5 }));
         // Too short a match, or a different start: nothing.
-        assert_eq!(c.lookup(&[1, 7, 7], []), None);
-        assert_eq!(c.lookup(&[5, 2, 3, 4, 5], []), None);
-        assert_eq!(c.lookup(&[1, 2], []), None);
+        assert_eq!(c.lookup(&[1, 7, 7], []).hit, None);
+        assert_eq!(c.lookup(&[5, 2, 3, 4, 5], []).hit, None);
+        assert_eq!(c.lookup(&[1, 2], []).hit, None);
         assert_eq!(c.holding(1).map(Holding::len), Some(1));
         assert_eq!(c.holding(2).map(Holding::len), Some(2));
         assert!(c.holding_mut(2).is_some_and(|h| h.own == 2));
@@ -212,12 +213,14 @@ mod tests {
     fn running_sequences_are_sources_too_when_they_share_more() {
         let mut c = PrefixCache::new(2);
         c.insert(1, vec![1, 2, 3], Holding::own(1));
-        let live: [(u64, &[u32]); 2] = [(7, &[1, 2, 3, 4, 5]), (8, &[9, 9, 9])];
-        assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6], live), Some(Hit { id: 7, tokens: 5 }));
+        // Running sequences with all their tokens computed.
+        let live: [(u64, usize, &[u32]); 2] = [(7, 5, &[1, 2, 3, 4, 5]), (8, 3, &[9, 9, 9])];
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6], live).hit, Some(Hit { id: 7, tokens: 5 }));
         // Equal lengths: the entry (its KV will not move on).
-        assert_eq!(c.lookup(&[1, 2, 3, 7], live), Some(Hit { id: 1, tokens: 3 }));
-        assert_eq!(c.lookup(&[9, 9, 9, 9], live), Some(Hit { id: 8, tokens: 3 }));
-        assert_eq!(c.lookup(&[9, 5, 5], live), None);
+        assert_eq!(c.lookup(&[1, 2, 3, 7], live).hit, Some(Hit { id: 1, tokens: 3 }));
+        assert_eq!(c.lookup(&[9, 9, 9, 9], live).hit, Some(Hit { id: 8, tokens: 3 }));
+        assert_eq!(c.lookup(&[9, 5, 5], live).hit, None);
+        assert!(!c.lookup(&[1, 2, 3, 4, 5, 6], live).wait);
     }
 
     #[test]
@@ -225,19 +228,30 @@ mod tests {
         let mut c = PrefixCache::new(2);
         c.insert(1, vec![1, 2], Holding::own(1));
         let prompt = [1, 2, 3, 4, 5, 6];
-        let hit = c.lookup(&prompt, []);
-        assert_eq!(hit, Some(Hit { id: 1, tokens: 2 }));
-        // Its twin has computed nothing yet: 5 tokens to gain.
-        let twin: [(usize, &[u32]); 1] = [(0, &prompt)];
-        assert!(c.worth_waiting(&prompt, hit, twin));
-        assert!(c.worth_waiting(&prompt, None, twin));
-        // Already computed (a lookup finds it), or it would add less than the minimum match.
-        assert!(!c.worth_waiting(&prompt, hit, [(5, &prompt[..])]));
-        assert!(!c.worth_waiting(&prompt, hit, [(0, &[1, 2, 3][..])]));
-        assert!(c.worth_waiting(&prompt, hit, [(0, &[1, 2, 3, 4, 9][..])]));
+        let hit = Some(Hit { id: 1, tokens: 2 });
+        assert_eq!(c.lookup(&prompt, []).hit, hit);
+        // Its twin has computed nothing yet: 5 tokens to gain, from the entry's 2 or from none.
+        let twin: [(u64, usize, &[u32]); 1] = [(9, 0, &prompt)];
+        assert_eq!(c.lookup(&prompt, twin), Lookup { hit, wait: true });
+        let mut empty = PrefixCache::new(2);
+        assert_eq!(empty.lookup(&prompt, twin), Lookup { hit: None, wait: true });
+        // Already computed (the lookup picks it), or it would add less than the minimum match.
+        let done = c.lookup(&prompt, [(9, 5, &prompt[..])]);
+        assert_eq!(
+            done,
+            Lookup {
+                hit: Some(Hit { id: 9, tokens: 5 }),
+                wait: false
+            }
+        );
+        assert_eq!(c.lookup(&prompt, [(9, 0, &[1, 2, 3][..])]), Lookup { hit, wait: false });
+        assert_eq!(
+            c.lookup(&prompt, [(9, 0, &[1, 2, 3, 4, 9][..])]),
+            Lookup { hit, wait: true }
+        );
         // Nothing shared, or nothing running.
-        assert!(!c.worth_waiting(&prompt, None, [(0, &[7, 7, 7, 7][..])]));
-        assert!(!c.worth_waiting(&prompt, None, []));
+        assert!(!empty.lookup(&prompt, [(9, 0, &[7, 7, 7, 7][..])]).wait);
+        assert!(!empty.lookup(&prompt, []).wait);
     }
 
     #[test]
@@ -262,7 +276,7 @@ mod tests {
         c.insert(2, vec![2, 2], Holding::own(1));
         c.insert(3, vec![3, 3], Holding::own(1));
         // Using 1 makes 2 the oldest.
-        assert_eq!(c.lookup(&[1, 1, 5], []).map(|h| h.id), Some(1));
+        assert_eq!(c.lookup(&[1, 1, 5], []).hit.map(|h| h.id), Some(1));
         assert_eq!(c.evict(None).map(|e| e.id), Some(2));
         assert_eq!(c.evict(Some(3)).map(|e| e.id), Some(1));
         assert!(c.evict(Some(3)).is_none());
