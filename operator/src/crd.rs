@@ -199,6 +199,27 @@ pub struct WorkerSpec {
     #[serde(default = "default_startup")]
     #[schemars(range(min = 10))]
     pub startup_timeout_seconds: i32,
+    /// The user and groups the ranks run as. Unset: 65532 (the image's non-root user) for all
+    /// three. Set: exactly the IDs it names, so `{}` leaves them to the platform, as
+    /// OpenShift's restricted SCC requires (it assigns them from the namespace's range).
+    /// Ranks never run as root either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<WorkerIds>,
+}
+
+/// The IDs worker pods run as (`runAsUser` 0, root, is refused).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerIds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2147483647))]
+    pub run_as_user: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub run_as_group: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub fs_group: Option<i64>,
 }
 
 fn default_startup() -> i32 {
@@ -221,6 +242,7 @@ impl Default for WorkerSpec {
             priority_class_name: None,
             image_pull_secrets: Vec::new(),
             startup_timeout_seconds: default_startup(),
+            security_context: None,
         }
     }
 }

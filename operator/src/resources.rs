@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::crd::NeoXDeployment;
+use crate::crd::{NeoXDeployment, WorkerIds};
 
 pub const DEPLOYMENT_LABEL: &str = "serving.neox.dev/deployment";
 pub const GROUP_LABEL: &str = "serving.neox.dev/group";
@@ -137,6 +137,11 @@ fn grpc_probe(period: i32, failures: i32) -> Probe {
 pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
     let s = &d.spec;
     let tp = s.tensor_parallel_size;
+    let ids = s.worker.security_context.clone().unwrap_or(WorkerIds {
+        run_as_user: Some(WORKER_UID),
+        run_as_group: Some(WORKER_UID),
+        fs_group: Some(WORKER_UID),
+    });
     let mut volumes = vec![Volume {
         name: "tmp".into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -331,9 +336,9 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         termination_grace_period_seconds: Some(60),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(WORKER_UID),
-            run_as_group: Some(WORKER_UID),
-            fs_group: Some(WORKER_UID),
+            run_as_user: ids.run_as_user,
+            run_as_group: ids.run_as_group,
+            fs_group: ids.fs_group,
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".into(),
                 ..Default::default()

@@ -62,6 +62,13 @@ const ALL_OPTIONS: &[&str] = &[
     "nodeSelector.pool=system",
     "--set",
     "leaderElection.leaseDurationSeconds=30",
+    // OpenShift: the platform assigns the IDs of the operator and the sample's workers.
+    "--set",
+    "podSecurityContext.runAsUser=null",
+    "--set",
+    "podSecurityContext.runAsGroup=null",
+    "--set-json",
+    "sample.securityContext={}",
 ];
 
 fn docs(yaml: &str) -> Vec<Value> {
@@ -197,8 +204,18 @@ fn helm_chart_lints_renders_and_validates() {
     );
     // The sample is a valid NeoXDeployment by the operator's types and the CRD's schema.
     let sample = all_docs.iter().find(|d| d["kind"] == "NeoXDeployment").unwrap();
-    let _: NeoXDeployment = serde_json::from_value(sample.clone()).unwrap();
+    let typed: NeoXDeployment = serde_json::from_value(sample.clone()).unwrap();
     assert_eq!(admission_errors(sample), Vec::<String>::new());
+    // IDs: the image's non-root user by default; left to the platform where unset.
+    let operator_ids = |docs: &[Value]| {
+        let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let pod = &dep["spec"]["template"]["spec"]["securityContext"];
+        assert_eq!(pod["runAsNonRoot"], true);
+        (pod["runAsUser"].as_i64(), pod["runAsGroup"].as_i64())
+    };
+    assert_eq!(operator_ids(&docs(&default)), (Some(65532), Some(65532)));
+    assert_eq!(operator_ids(&all_docs), (None, None));
+    assert_eq!(typed.spec.worker.security_context, Some(Default::default()));
 
     // NOTES: in namespaced mode, the next steps work in the watched namespace (the samples
     // name none, so they land where kubectl points).
@@ -341,6 +358,12 @@ fn bad_values_are_refused_by_the_values_schema() {
         // refuses at apply time; the values schema says so at install.
         ("sample.model.pvc.claimName=ckpt", "/sample/model"),
         ("sample.name=9lives", "/sample/name"),
+        // Root, for the operator or the workers.
+        ("podSecurityContext.runAsUser=0", "/podSecurityContext/runAsUser"),
+        (
+            "sample.securityContext.runAsUser=0",
+            "/sample/securityContext/runAsUser",
+        ),
         // A ServiceMonitor needs the metrics Service it selects.
         (
             "serviceMonitor.enabled=true,metrics.service.enabled=false",

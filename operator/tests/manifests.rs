@@ -124,6 +124,10 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
             Box::new(|v| v["spec"]["engine"] = serde_json::json!({"maxBatchSize": 600})),
         ),
         (
+            "< minimum",
+            Box::new(|v| v["spec"]["worker"]["securityContext"] = serde_json::json!({"runAsUser": 0})),
+        ),
+        (
             "missing required",
             Box::new(|v| {
                 v["spec"].as_object_mut().unwrap().remove("model");
@@ -206,6 +210,31 @@ fn worker_env_overrides_operator_defaults_without_duplicates() {
         .unwrap()
         .clone();
     assert!(env.iter().all(|e| e["name"] != "NEOX_DEVICE"));
+}
+
+#[test]
+fn ranks_run_as_the_image_user_unless_the_spec_leaves_ids_to_the_platform() {
+    let pod_ids = |worker_ids: Option<Value>| {
+        let mut v = sample("deploy/samples/shakespeare-cpu.yaml");
+        if let Some(ids) = worker_ids {
+            v["spec"]["worker"]["securityContext"] = ids;
+        }
+        assert!(admission_errors(&v).is_empty(), "{:?}", admission_errors(&v));
+        let d: NeoXDeployment = serde_json::from_value(v).unwrap();
+        let sts = serde_json::to_value(resources::statefulset(&d, 0)).unwrap();
+        let pod = sts["spec"]["template"]["spec"]["securityContext"].clone();
+        let ids = ["runAsUser", "runAsGroup", "fsGroup"].map(|k| pod[k].as_i64());
+        assert_eq!(pod["runAsNonRoot"], true, "never root, whatever the IDs");
+        (ids, resources::revision(&d))
+    };
+    let (default_ids, default_rev) = pod_ids(None);
+    assert_eq!(default_ids, [Some(65532); 3]);
+    // OpenShift's restricted SCC assigns IDs from the namespace's range and refuses others.
+    let (platform_ids, platform_rev) = pod_ids(Some(serde_json::json!({})));
+    assert_eq!(platform_ids, [None; 3]);
+    assert_ne!(platform_rev, default_rev, "a change of IDs rolls the groups");
+    let (own_ids, _) = pod_ids(Some(serde_json::json!({"runAsUser": 1000, "fsGroup": 2000})));
+    assert_eq!(own_ids, [Some(1000), None, Some(2000)]);
 }
 
 #[test]
