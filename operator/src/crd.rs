@@ -36,6 +36,7 @@ pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([
         .message("metadata.name must be at most 45 characters of lower-case letters, digits and '-', starting with a letter: it names the groups' StatefulSets and Services")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.rollout) && has(self.rollout.progressDeadlineSeconds) ? self.rollout.progressDeadlineSeconds : 2400) > (has(self.worker) && has(self.worker.startupTimeoutSeconds) ? self.worker.startupTimeoutSeconds : 1800)").message("rollout.progressDeadlineSeconds (default 2400) must exceed worker.startupTimeoutSeconds (default 1800): a group may take that long to load before it counts as progress"))]
 pub struct NeoXDeploymentSpec {
     /// Where the HuggingFace checkpoint comes from.
     pub model: ModelSpec,
@@ -306,11 +307,24 @@ pub struct RolloutSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1))]
     pub max_unavailable: i32,
+    /// Seconds a rollout or scale-out may go without progress (a group becoming ready or
+    /// current) before Progressing turns False with reason ProgressDeadlineExceeded, as a
+    /// Deployment's does. The operator keeps trying; the condition is for people and alerts.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 60))]
+    pub progress_deadline_seconds: i32,
+}
+
+fn default_progress_deadline() -> i32 {
+    2400
 }
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        Self { max_unavailable: 1 }
+        Self {
+            max_unavailable: 1,
+            progress_deadline_seconds: default_progress_deadline(),
+        }
     }
 }
 
@@ -336,6 +350,10 @@ pub struct NeoXDeploymentStatus {
     pub groups: Vec<GroupStatus>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// While groups are rolling or scaling: when the last one became ready or current (or the
+    /// spec changed), RFC 3339. Null once every group is; a merge patch clears it so.
+    #[serde(default)]
+    pub last_progress_time: Option<String>,
     /// The autoscaler's last look at its metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_decision: Option<ScaleDecision>,

@@ -253,13 +253,44 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_default()
 }
 
+const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+
+/// The message of a Progressing condition that has just passed its deadline.
+fn newly_stalled(d: &NeoXDeployment, new: &NeoXDeploymentStatus) -> Option<String> {
+    let stalled = |conditions: &[Condition]| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == "Progressing" && c.reason == PROGRESS_DEADLINE_EXCEEDED)
+            .map(|c| c.message.clone())
+    };
+    let before = d.status.as_ref().and_then(|s| stalled(&s.conditions));
+    stalled(&new.conditions).filter(|_| before.is_none())
+}
+
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    s.parse::<k8s_openapi::jiff::Timestamp>().ok().map(|t| t.as_second())
+}
+
 /// The status that `plan` implies.
 pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64) -> NeoXDeploymentStatus {
-    let old = d.status.clone().unwrap_or_default().conditions;
+    let old_status = d.status.clone().unwrap_or_default();
+    let old = &old_status.conditions;
     let now_s = rfc3339(now);
     let replicas = d.spec.replicas;
     let needed = (replicas - d.spec.rollout.max_unavailable).max(1);
     let available = replicas == 0 || plan.ready >= needed;
+    let settled =
+        problems.is_empty() && plan.updated >= replicas && plan.existing == replicas && plan.ready >= replicas;
+    // Progress: a new spec, or a group more ready or current than at the last look.
+    let progressed = old_status.observed_generation != d.metadata.generation
+        || plan.updated > old_status.updated_replicas
+        || plan.ready > old_status.ready_replicas;
+    let last_progress = match old_status.last_progress_time.as_deref().and_then(parse_rfc3339) {
+        _ if settled || !problems.is_empty() => None,
+        Some(t) if !progressed => Some(t),
+        _ => Some(now),
+    };
+    let deadline = i64::from(d.spec.rollout.progress_deadline_seconds);
     let (progressing, p_reason, p_msg) = if !problems.is_empty() {
         (
             false,
@@ -267,6 +298,16 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
             format!(
                 "held until the spec is fixed: {} groups keep the template they run",
                 plan.existing
+            ),
+        )
+    } else if let Some(stalled) = last_progress.map(|t| now - t).filter(|&s| s > deadline) {
+        (
+            false,
+            PROGRESS_DEADLINE_EXCEEDED,
+            format!(
+                "no group became ready or current for {stalled}s (deadline {deadline}s): {} of \
+                 {replicas} groups current, {} ready; see the groups' phases and the Events",
+                plan.updated, plan.ready
             ),
         )
     } else if plan.updated < replicas {
@@ -300,6 +341,7 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
         groups: plan.groups.clone(),
         last_scale_decision: d.status.as_ref().and_then(|s| s.last_scale_decision.clone()),
         recommendations: d.status.as_ref().map(|s| s.recommendations.clone()).unwrap_or_default(),
+        last_progress_time: last_progress.map(rfc3339),
         conditions: vec![
             condition(
                 "Available",
@@ -310,11 +352,11 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
                     "NotEnoughGroupsReady"
                 },
                 format!("{} of {replicas} groups ready (at least {needed} needed)", plan.ready),
-                &old,
+                old,
                 &now_s,
             ),
-            condition("Progressing", progressing, p_reason, p_msg, &old, &now_s),
-            condition("Degraded", degraded, d_reason, d_msg, &old, &now_s),
+            condition("Progressing", progressing, p_reason, p_msg, old, &now_s),
+            condition("Degraded", degraded, d_reason, d_msg, old, &now_s),
         ],
     }
 }
@@ -579,6 +621,9 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     }
     if let Some(wait) = autoscale_wait {
         requeue = requeue.min(wait);
+    }
+    if let Some(stalled) = newly_stalled(d, &status) {
+        publish(ctx, d, EventType::Warning, PROGRESS_DEADLINE_EXCEEDED, stalled).await;
     }
     patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);

@@ -767,3 +767,68 @@ async fn a_prometheus_url_the_operator_does_not_allow_is_never_asked() {
     reconcile(Arc::new(d), Arc::new(ctx)).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_rollout_without_progress_past_its_deadline_is_reported_once() {
+    let mut d = deployment(2, 2);
+    d.metadata.generation = Some(2);
+    // Group 0 runs the new template but never gets ready; group 1 waits its turn.
+    let rev = resources::revision(&d);
+    let stss = vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some("old"))];
+    let mut pods: Vec<_> = (0..2).map(|r| pod(&d, 0, r, false)).collect();
+    pods.extend(ready_group(&d, 1));
+    let pass = |d: &neox_operator::crd::NeoXDeployment, now: i64| {
+        let (client, rec) = fake(stss.clone(), pods.clone());
+        let d = Arc::new(d.clone());
+        async move {
+            reconcile(d, context(client, now)).await.unwrap();
+            let rec = rec.lock().unwrap();
+            let status: neox_operator::crd::NeoXDeploymentStatus =
+                serde_json::from_value(rec.body_of(STATUS)["status"].clone()).unwrap();
+            (status, rec.events.clone())
+        }
+    };
+    let progressing = |s: &neox_operator::crd::NeoXDeploymentStatus| {
+        let c = s.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+        (c.status.clone(), c.reason.clone())
+    };
+    // The new generation starts the clock.
+    let t0 = 1_000_000;
+    let (status, events) = pass(&d, t0).await;
+    assert_eq!(progressing(&status), ("True".into(), "RollingUpdate".into()));
+    assert_eq!(status.last_progress_time.as_deref(), Some("1970-01-12T13:46:40Z"));
+    assert!(events.is_empty(), "{events:?}");
+    // Passes without progress keep it, up to the deadline (2400 s by default).
+    d.status = Some(status);
+    let (status, _) = pass(&d, t0 + 2400).await;
+    assert_eq!(progressing(&status), ("True".into(), "RollingUpdate".into()));
+    assert_eq!(status.last_progress_time.as_deref(), Some("1970-01-12T13:46:40Z"));
+    // Past it, Progressing turns False and a Warning says so, once.
+    d.status = Some(status);
+    let (status, events) = pass(&d, t0 + 2401).await;
+    assert_eq!(
+        progressing(&status),
+        ("False".into(), "ProgressDeadlineExceeded".into())
+    );
+    assert_eq!(events, vec!["ProgressDeadlineExceeded"]);
+    d.status = Some(status);
+    let (status, events) = pass(&d, t0 + 2500).await;
+    assert_eq!(
+        progressing(&status),
+        ("False".into(), "ProgressDeadlineExceeded".into())
+    );
+    assert!(events.is_empty(), "{events:?}");
+    // A group getting ready is progress: the clock starts again.
+    d.status = Some(status);
+    pods = (0..2).map(|r| pod(&d, 0, r, true)).collect();
+    pods.extend(ready_group(&d, 1));
+    let (client, rec) = fake(stss.clone(), pods.clone());
+    reconcile(Arc::new(d.clone()), context(client, t0 + 2600))
+        .await
+        .unwrap();
+    let status: neox_operator::crd::NeoXDeploymentStatus =
+        serde_json::from_value(rec.lock().unwrap().body_of(STATUS)["status"].clone()).unwrap();
+    assert_eq!(progressing(&status), ("True".into(), "RollingUpdate".into()));
+    assert_eq!(status.ready_replicas, 2);
+    assert_eq!(status.last_progress_time.as_deref(), Some("1970-01-12T14:30:00Z"));
+}

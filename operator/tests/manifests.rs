@@ -124,6 +124,20 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
             Box::new(|v| v["spec"]["engine"] = serde_json::json!({"maxBatchSize": 600})),
         ),
         (
+            "rollout.progressDeadlineSeconds (default 2400) must exceed worker.startupTimeoutSeconds",
+            Box::new(|v| {
+                v["spec"]["rollout"] = serde_json::json!({"progressDeadlineSeconds": 600});
+                v["spec"]["worker"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("startupTimeoutSeconds");
+            }),
+        ),
+        (
+            "rollout.progressDeadlineSeconds (default 2400) must exceed worker.startupTimeoutSeconds",
+            Box::new(|v| v["spec"]["worker"]["startupTimeoutSeconds"] = 3600.into()),
+        ),
+        (
             "< minimum",
             Box::new(|v| v["spec"]["worker"]["securityContext"] = serde_json::json!({"runAsUser": 0})),
         ),
