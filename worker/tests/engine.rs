@@ -78,6 +78,7 @@ fn greedy_request(prompt: &[u32], max_new_tokens: usize) -> (Request, UnboundedR
         deadline: None,
         received: Instant::now(),
         events: tx,
+        counted: true,
     };
     (req, rx)
 }

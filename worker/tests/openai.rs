@@ -320,6 +320,14 @@ fn several_choices_stream_each_with_its_own_index_and_finish_and_count_each_prom
                       "max_tokens": 12, "temperature": 0, "ignore_eos": true});
     let whole = complete(&s, body.clone());
     let prompt_tokens: usize = prompts.iter().map(|p| p["input_ids"].as_array().unwrap().len()).sum();
+    // The metrics count as usage does: a request per prompt, each prompt once, every token.
+    s.wait_kv_freed();
+    let ended = "neox_requests_total{finish_reason=\"length\"}";
+    assert_eq!(s.metric(ended), 2.0, "one request per prompt, not per choice");
+    assert_eq!(s.metric("neox_prompt_tokens_total"), prompt_tokens as f64);
+    assert_eq!(s.metric("neox_generation_tokens_total"), 48.0);
+    assert_eq!(s.metric("neox_time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(s.metric("neox_request_duration_seconds_count"), 2.0);
     let usage = &whole["usage"];
     assert_eq!(
         (

@@ -30,6 +30,10 @@ pub struct Request {
     pub deadline: Option<Instant>,
     pub received: Instant,
     pub events: UnboundedSender<Event>,
+    /// Counts in the per-request metrics (requests, prompt tokens, time to first token,
+    /// duration). False for an OpenAI request's second and later choices of a prompt: they
+    /// share the first's prompt and are one request to the client, as vLLM counts them.
+    pub counted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

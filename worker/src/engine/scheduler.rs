@@ -770,13 +770,15 @@ impl Engine {
         match (s.last_token_at, pace.since) {
             (None, _) => {
                 s.first_token_at = Some(now);
-                self.metrics
-                    .time_to_first_token
-                    .observe((now - s.req.received).as_secs_f64());
                 // Once per request, its whole prompt (as vLLM counts): a prompt recomputed
                 // after a preemption is not counted again, and the prefix cache's share is
                 // in neox_prefix_cache_hits_total.
-                self.metrics.prompt_tokens.inc_by(s.prompt_len() as u64);
+                if s.req.counted {
+                    self.metrics
+                        .time_to_first_token
+                        .observe((now - s.req.received).as_secs_f64());
+                    self.metrics.prompt_tokens.inc_by(s.prompt_len() as u64);
+                }
             }
             // Accepted drafts come in the same step: each token took its share of the step,
             // not the ~0 s since the token before it.
@@ -840,7 +842,9 @@ impl Engine {
         });
         let Some(reason) = reason else { return Ok(None) };
         let total = (now - s.req.received).as_secs_f64();
-        self.metrics.request_duration.observe(total);
+        if s.req.counted {
+            self.metrics.request_duration.observe(total);
+        }
         let admitted = s.admitted_at.unwrap_or(now);
         let _ = s.req.events.send(Event::Finished(Finish {
             reason,
@@ -879,7 +883,9 @@ impl Engine {
     /// A request leaves the engine: counted by how it ended, and logged.
     pub(super) fn account_end(&self, s: &Seq, label: &str) {
         self.in_engine.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.requests.with_label_values(&[label]).inc();
+        if s.req.counted {
+            self.metrics.requests.with_label_values(&[label]).inc();
+        }
         s.log_end(label);
     }
 }

@@ -72,7 +72,7 @@ impl GenerationService {
             .await
             .map_err(Status::internal)?
             .map_err(|e| turned_away(e.into(), &id, "rejected"))?;
-        let rx = submit(&self.engine, v, id.clone(), dl, now)
+        let rx = submit(&self.engine, v, id.clone(), dl, now, true)
             .map_err(|e| match e {
                 SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
                 SubmitError::Unavailable(_) => Status::unavailable(e.to_string()),

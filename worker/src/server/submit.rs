@@ -8,13 +8,15 @@ use super::validate::Validated;
 use crate::engine::{self, EngineHandle, Event, SubmitError};
 
 /// Queues `v` as request `id`; its events arrive on the receiver. Dropping the receiver
-/// cancels the request (the engine frees its KV at its next step).
+/// cancels the request (the engine frees its KV at its next step). `counted`: whether it
+/// counts in the per-request metrics (a further choice of the same prompt does not).
 pub(super) fn submit(
     engine: &EngineHandle,
     v: Validated,
     id: String,
     deadline: Option<Instant>,
     received: Instant,
+    counted: bool,
 ) -> Result<UnboundedReceiver<Event>, SubmitError> {
     let (tx, rx) = unbounded_channel();
     engine.submit(engine::Request {
@@ -27,6 +29,7 @@ pub(super) fn submit(
         deadline,
         received,
         events: tx,
+        counted,
     })?;
     Ok(rx)
 }

@@ -297,7 +297,7 @@ impl OpenAiApi {
                     id.to_owned()
                 };
                 // A refusal drops the choices queued so far, which cancels them.
-                let rx = UnboundedReceiverStream::new(submit(&self.engine, v, sub_id, None, received)?);
+                let rx = UnboundedReceiverStream::new(submit(&self.engine, v, sub_id, None, received, j == 0)?);
                 if scored && j > 0 {
                     held[p].push((index, rx));
                 } else {
