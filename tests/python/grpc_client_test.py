@@ -125,6 +125,21 @@ class Api(unittest.TestCase):
         self.assertFalse(r.prompt_tokens[0].HasField("logprob"))
         self.assertTrue(all(t.HasField("logprob") for t in r.prompt_tokens[1:]))
 
+    def test_token_bytes_join_to_the_text_where_characters_span_tokens(self):
+        prompt = "Hé said “no” — ½"
+        r = STUB.Generate(greedy(prompt, 8, logprobs=True, top_n_tokens=2, prompt_logprobs=True))
+        self.assertEqual(b"".join(t.bytes for t in r.prompt_tokens), prompt.encode())
+        # Byte-level BPE splits these characters: alone, such a token reads U+FFFD.
+        split = [t for t in r.prompt_tokens if "\ufffd" in t.text]
+        self.assertTrue(split, [t.text for t in r.prompt_tokens])
+        for t in split:
+            with self.assertRaises(UnicodeDecodeError):
+                t.bytes.decode()
+        self.assertEqual(b"".join(t.bytes for t in r.tokens).decode(), r.text)
+        for t in r.tokens:
+            for top in t.top_tokens:
+                self.assertTrue(top.bytes)
+
     def test_seeded_sampling_is_reproducible(self):
         req = pb.GenerateRequest(prompt="KING LEAR:\n", parameters=pb.GenerationParameters(
             max_new_tokens=30, temperature=0.8, top_k=40, top_p=0.95, seed=1234, ignore_eos=True))

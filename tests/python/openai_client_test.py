@@ -101,6 +101,23 @@ class Completions(unittest.TestCase):
             self.assertAlmostEqual(max(top.values()), chosen, places=5)  # greedy takes the top
             self.assertAlmostEqual(top[tok], chosen, places=5)
 
+    def test_tokens_inside_a_character_are_spelled_as_bytes(self):
+        prompt = "Hé said “no” — ½"
+        c = CLIENT.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                      logprobs=2)
+        lp = c.choices[0].logprobs
+
+        def raw(token):  # OpenAI's spelling: text, or bytes:\xNN... for part of a character
+            if token.startswith("bytes:"):
+                return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+            return token.encode()
+
+        self.assertEqual(b"".join(raw(t) for t in lp.tokens).decode(), c.choices[0].text)
+        self.assertTrue(c.choices[0].text.startswith(prompt))
+        self.assertTrue(any(t.startswith("bytes:\\x") for t in lp.tokens), lp.tokens)
+        for tops in lp.top_logprobs[1:]:
+            self.assertFalse(any("\ufffd" in t for t in tops), tops)
+
     def test_seeded_samples_repeat_and_differ_per_choice(self):
         kw = dict(model=MODEL, prompt="JULIET:\n", max_tokens=20, n=3, seed=5, temperature=1.0)
         a = CLIENT.completions.create(**kw)

@@ -32,7 +32,9 @@ fn finish_pb(r: engine::FinishReason) -> pb::FinishReason {
     }
 }
 
-fn token_pb(t: &engine::TokenInfo) -> pb::Token {
+/// A token as the API sends it, with the exact bytes beside its text.
+fn token_pb(t: &engine::TokenInfo, tok: &NeoXTokenizer) -> pb::Token {
+    let bytes = |id| tok.token_bytes(id).unwrap_or_default();
     pb::Token {
         id: t.id,
         text: t.text.clone(),
@@ -44,8 +46,10 @@ fn token_pb(t: &engine::TokenInfo) -> pb::Token {
                 id: *id,
                 text: text.clone(),
                 logprob: *lp,
+                bytes: bytes(*id),
             })
             .collect(),
+        bytes: bytes(t.id),
     }
 }
 
@@ -111,6 +115,7 @@ fn usage(f: &engine::Finish) -> (pb::Usage, pb::Timings) {
 async fn collect(
     mut rx: UnboundedReceiver<Event>,
     dl: Option<Instant>,
+    tok: &NeoXTokenizer,
     mut out: pb::GenerateResponse,
 ) -> Result<pb::GenerateResponse, Status> {
     loop {
@@ -123,11 +128,11 @@ async fn collect(
         };
         let Some(ev) = ev else { break };
         match ev {
-            Event::PromptTokens(t) => out.prompt_tokens = t.iter().map(token_pb).collect(),
+            Event::PromptTokens(t) => out.prompt_tokens = t.iter().map(|t| token_pb(t, tok)).collect(),
             Event::Token { token, delta, .. } => {
                 out.text.push_str(&delta);
                 out.token_ids.push(token.id);
-                out.tokens.push(token_pb(&token));
+                out.tokens.push(token_pb(&token, tok));
             }
             Event::Finished(f) => {
                 let (u, t) = usage(&f);
@@ -177,7 +182,7 @@ impl TextGeneration for GenerationService {
             request_id,
             ..Default::default()
         };
-        match collect(rx, dl, out).await {
+        match collect(rx, dl, &self.tokenizer, out).await {
             Ok(out) => Ok(tagged(Response::new(out), &id)),
             Err(e) => Err(status_with_id(e, &id)),
         }
@@ -188,6 +193,7 @@ impl TextGeneration for GenerationService {
     async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let (mut rx, _, request_id) = self.submit(req).await?;
         let id = request_id.clone();
+        let tok = self.tokenizer.clone();
         let stream = async_stream_from(move |yield_tx| async move {
             let mut prompt_tokens = Vec::new();
             loop {
@@ -204,11 +210,11 @@ impl TextGeneration for GenerationService {
                 };
                 let msg = match ev {
                     Event::PromptTokens(t) => {
-                        prompt_tokens = t.iter().map(token_pb).collect();
+                        prompt_tokens = t.iter().map(|t| token_pb(t, &tok)).collect();
                         continue;
                     }
                     Event::Token { token, delta, .. } => Ok(pb::GenerateStreamResponse {
-                        token: Some(token_pb(&token)),
+                        token: Some(token_pb(&token, &tok)),
                         text_delta: delta,
                         prompt_tokens: std::mem::take(&mut prompt_tokens),
                         ..Default::default()

@@ -176,6 +176,26 @@ async fn completions(
 /// Where each prompt token's text starts in the decoded prompt, in characters: decoded
 /// incrementally, as the echoed text is, so a character split over tokens does not shift the
 /// offsets after it.
+/// Spells a token and its alternatives as OpenAI does: a token that ends inside a UTF-8
+/// character is `bytes:\xe2\x80` rather than its text (which reads U+FFFD), so such tokens
+/// say what they are and stay apart in `top_logprobs`.
+fn spell(tok: &NeoXTokenizer, t: &mut TokenInfo) {
+    let spelled = |id: u32, text: &mut String| {
+        if let Ok(bytes) = tok.token_bytes(id) {
+            if std::str::from_utf8(&bytes).is_err() {
+                *text = bytes.iter().fold("bytes:".to_owned(), |mut s, b| {
+                    s.push_str(&format!("\\x{b:02x}"));
+                    s
+                });
+            }
+        }
+    };
+    spelled(t.id, &mut t.text);
+    for (id, text, _) in &mut t.top {
+        spelled(*id, text);
+    }
+}
+
 fn prompt_offsets(tok: &NeoXTokenizer, tokens: &[TokenInfo]) -> Vec<usize> {
     let mut decoder = IncrementalDecoder::new();
     let mut chars = 0;
@@ -342,9 +362,12 @@ impl Run {
         let choice = &mut self.choices[i];
         let asm = &mut choice.asm;
         Some(Ok(match ev {
-            Event::PromptTokens(t) => {
+            Event::PromptTokens(mut t) => {
                 let p = i / self.plan.n.max(1);
                 let offsets = self.prompt_offsets[p].get_or_insert_with(|| prompt_offsets(&self.tokenizer, &t));
+                if self.plan.logprobs {
+                    t.iter_mut().for_each(|t| spell(&self.tokenizer, t));
+                }
                 let piece = asm.prompt_tokens(&t, offsets);
                 for (k, rx) in std::mem::take(&mut self.held[p]) {
                     let echoed = self.choices[k].asm.prompt_tokens(&t, offsets);
@@ -353,7 +376,16 @@ impl Run {
                 }
                 Step::Piece(i, piece)
             }
-            Event::Token { token, delta, offset } => Step::Piece(i, asm.token(&token, &delta, offset)),
+            Event::Token {
+                mut token,
+                delta,
+                offset,
+            } => {
+                if self.plan.logprobs {
+                    spell(&self.tokenizer, &mut token);
+                }
+                Step::Piece(i, asm.token(&token, &delta, offset))
+            }
             Event::Finished(f) => {
                 self.events.remove(&i);
                 if choice.counts_prompt {
