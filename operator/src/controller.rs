@@ -141,12 +141,8 @@ async fn forget_deleted(store: Store<NeoXDeployment>, ctx: Arc<Context>) {
             .collect();
         ctx.metrics.forget_all_but(&live);
         let uids: std::collections::HashSet<String> = state.iter().filter_map(|d| d.uid()).collect();
-        if let Ok(mut looks) = ctx.autoscaled_at.lock() {
-            looks.retain(|uid, _| uids.contains(uid));
-        }
-        if let Ok(mut failures) = ctx.failures.lock() {
-            failures.retain(|uid, _| uids.contains(uid));
-        }
+        ctx.autoscaled_at.retain(&uids);
+        ctx.failures.retain(&uids);
     }
 }
 

@@ -10,6 +10,7 @@ pub mod crd;
 pub mod decisions;
 pub mod lease;
 pub mod metrics;
+pub mod per_deployment;
 pub mod reconcile;
 pub mod resources;
 

@@ -17,6 +17,7 @@ use crate::autoscale;
 use crate::crd::{AutoscalingSpec, Condition, NeoXDeployment, NeoXDeploymentStatus, Recommendation, ScaleDecision};
 use crate::decisions::{self, Action, ObservedGroup, ObservedPod, Plan};
 use crate::metrics::Metrics;
+use crate::per_deployment::PerDeployment;
 use crate::resources::{
     self, DEPLOYMENT_LABEL, GROUP_LABEL, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION, REVISION_LABEL,
 };
@@ -47,9 +48,9 @@ pub struct Context {
     /// When the autoscaler last looked, per NeoXDeployment uid. The status says so too, but a
     /// reconcile woken by the look's own `spec.replicas` patch may start from a cached object
     /// that predates the status write, and would look (and scale) again at once.
-    pub autoscaled_at: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    pub autoscaled_at: PerDeployment<i64>,
     /// Failed reconciles in a row, per NeoXDeployment uid: the retry backs off.
-    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    pub failures: PerDeployment<u32>,
     /// The Prometheus the autoscaler asks unless a deployment names its own
     /// (`NEOX_PROMETHEUS_URL`).
     pub prometheus_url: Option<String>,
@@ -59,31 +60,9 @@ pub struct Context {
 }
 
 impl Context {
-    fn last_autoscaled(&self, d: &NeoXDeployment) -> Option<i64> {
-        let uid = d.uid()?;
-        self.autoscaled_at.lock().ok()?.get(&uid).copied()
-    }
-
     /// Counts a failed reconcile of `d`; returns how many in a row.
     fn failed(&self, d: &NeoXDeployment) -> u32 {
-        let (Some(uid), Ok(mut m)) = (d.uid(), self.failures.lock()) else {
-            return 1;
-        };
-        let n = m.entry(uid).or_default();
-        *n = n.saturating_add(1);
-        *n
-    }
-
-    fn succeeded(&self, d: &NeoXDeployment) {
-        if let (Some(uid), Ok(mut m)) = (d.uid(), self.failures.lock()) {
-            m.remove(&uid);
-        }
-    }
-
-    fn remember_autoscaled(&self, d: &NeoXDeployment, now: i64) {
-        if let (Some(uid), Ok(mut m)) = (d.uid(), self.autoscaled_at.lock()) {
-            m.insert(uid, now);
-        }
+        self.failures.update(d, |n| *n = n.saturating_add(1)).unwrap_or(1)
     }
 
     pub fn new(client: Client, metrics: Metrics) -> Self {
@@ -391,7 +370,7 @@ pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requ
     }
     ctx.metrics.observe_reconcile(started.elapsed(), result.is_err());
     if result.is_ok() {
-        ctx.succeeded(&d);
+        ctx.failures.remove(&d);
     }
     result
 }
@@ -484,11 +463,11 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         .spec
         .autoscaling
         .as_ref()
-        .map(|_| autoscale_due_in(d, ctx.last_autoscaled(d), now))
+        .map(|_| autoscale_due_in(d, ctx.autoscaled_at.get(d), now))
         .filter(|&wait| wait > 0);
     if let Some(a) = d.spec.autoscaling.as_ref().filter(|_| autoscale_wait.is_none()) {
         let (desired, decision, recs) = autoscale_step(ctx, d, a, now).await;
-        ctx.remember_autoscaled(d, now);
+        ctx.autoscaled_at.set(d, now);
         if desired != replicas {
             let patch = Patch::Merge(json!({ "spec": { "replicas": desired } }));
             deployments.patch(&name, &PatchParams::default(), &patch).await?;

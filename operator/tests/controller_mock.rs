@@ -677,8 +677,8 @@ async fn the_autoscaler_looks_once_a_period_however_often_it_is_woken() {
     reconcile(Arc::new(d.clone()), ctx.clone()).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 3);
     let (_, client, rec) = two_ready_groups_autoscaled(autoscaling.clone());
-    let woken = context_allowing(client, 2002, &[&url]);
-    *woken.autoscaled_at.lock().unwrap() = ctx.autoscaled_at.lock().unwrap().clone();
+    let mut woken = context_allowing(client, 2002, &[&url]);
+    Arc::get_mut(&mut woken).unwrap().autoscaled_at = ctx.autoscaled_at.snapshot();
     reconcile(Arc::new(d), woken).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 3, "looked again from a stale cache");
     assert!(rec.lock().unwrap().events.is_empty());
