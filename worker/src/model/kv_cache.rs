@@ -100,17 +100,7 @@ impl SequenceCache {
             .iter()
             .map(|slot| match slot {
                 Some((k, v)) if tokens > 0 => {
-                    // One pass: the prefix followed by empty room, each written once.
-                    let (heads, _, hd) = k.dims3()?;
-                    let room = |t: &Tensor| -> Result<Tensor, ModelError> {
-                        let prefix = t.narrow(1, 0, tokens)?;
-                        if reserve == tokens {
-                            return Ok(prefix.contiguous()?);
-                        }
-                        let rest = Tensor::zeros((heads, reserve - tokens, hd), t.dtype(), t.device())?;
-                        Ok(Tensor::cat(&[&prefix, &rest], 1)?)
-                    };
-                    Ok(Some((room(k)?, room(v)?)))
+                    Ok(Some((with_room(k, tokens, reserve)?, with_room(v, tokens, reserve)?)))
                 }
                 _ => Ok(None),
             })
@@ -157,20 +147,31 @@ impl SequenceCache {
             } else {
                 needed.max(cap * 2)
             };
-            let (nk, nv) = alloc(heads, new_cap, hd, k.dtype(), k.device())?;
-            if let Some((ok, ov)) = slot.as_ref() {
-                if self.len > 0 {
-                    nk.slice_set(&ok.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                    nv.slice_set(&ov.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            *slot = Some(match slot.as_ref() {
+                Some((ok, ov)) if self.len > 0 => {
+                    (with_room(ok, self.len, new_cap)?, with_room(ov, self.len, new_cap)?)
                 }
-            }
-            *slot = Some((nk, nv));
+                _ => alloc(heads, new_cap, hd, k.dtype(), k.device())?,
+            });
         }
         let (ck, cv) = slot.as_ref().ok_or_else(|| ModelError::Internal("cache slot".into()))?;
         ck.slice_set(k, 1, self.len)?;
         cv.slice_set(v, 1, self.len)?;
         Ok((ck.narrow(1, 0, needed)?, cv.narrow(1, 0, needed)?))
     }
+}
+
+/// A new `[heads, cap, head_dim]` buffer holding `t`'s first `tokens` tokens and then empty
+/// room, in one pass that writes each element once (zeroing it all first and copying the
+/// tokens over would write them twice).
+fn with_room(t: &Tensor, tokens: usize, cap: usize) -> Result<Tensor, ModelError> {
+    let (heads, _, hd) = t.dims3()?;
+    let prefix = t.narrow(1, 0, tokens)?;
+    if cap <= tokens {
+        return Ok(prefix.contiguous()?);
+    }
+    let rest = Tensor::zeros((heads, cap - tokens, hd), t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[&prefix, &rest], 1)?)
 }
 
 fn alloc(heads: usize, cap: usize, hd: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor), ModelError> {
