@@ -258,6 +258,7 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
     let replicas = d.spec.replicas;
     let needed = (replicas - d.spec.rollout.max_unavailable).max(1);
     let available = replicas == 0 || plan.ready >= needed;
+    // Every group exists, runs the current template and is ready: the last branch below.
     let settled =
         problems.is_empty() && plan.updated >= replicas && plan.existing == replicas && plan.ready >= replicas;
     // Progress: a new spec, or a group more ready or current than at the last look.
@@ -295,7 +296,7 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
             "RollingUpdate",
             format!("{} of {replicas} groups run the current template", plan.updated),
         )
-    } else if plan.existing != replicas || plan.ready < replicas {
+    } else if !settled {
         (true, "Scaling", format!("{} of {replicas} groups ready", plan.ready))
     } else {
         (false, "Complete", format!("all {replicas} groups ready and current"))

@@ -173,9 +173,6 @@ async fn completions(
     response
 }
 
-/// Where each prompt token's text starts in the decoded prompt, in characters: decoded
-/// incrementally, as the echoed text is, so a character split over tokens does not shift the
-/// offsets after it.
 /// Spells a token and its alternatives as OpenAI does: a token that ends inside a UTF-8
 /// character is `bytes:\xe2\x80` rather than its text (which reads U+FFFD), so such tokens
 /// say what they are and stay apart in `top_logprobs`.
@@ -196,6 +193,9 @@ fn spell(tok: &NeoXTokenizer, t: &mut TokenInfo) {
     }
 }
 
+/// Where each prompt token's text starts in the decoded prompt, in characters: decoded
+/// incrementally, as the echoed text is, so a character split over tokens does not shift the
+/// offsets after it.
 fn prompt_offsets(tok: &NeoXTokenizer, tokens: &[TokenInfo]) -> Vec<usize> {
     let mut decoder = IncrementalDecoder::new();
     let mut chars = 0;
