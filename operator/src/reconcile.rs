@@ -319,8 +319,8 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
         updated_replicas: plan.updated,
         selector: resources::leader_selector(d),
         groups: plan.groups.clone(),
-        last_scale_decision: d.status.as_ref().and_then(|s| s.last_scale_decision.clone()),
-        recommendations: d.status.as_ref().map(|s| s.recommendations.clone()).unwrap_or_default(),
+        last_scale_decision: old_status.last_scale_decision,
+        recommendations: old_status.recommendations,
         last_progress_time: last_progress.map(rfc3339),
         conditions: vec![
             condition(
@@ -489,17 +489,9 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    claim(&services, d, &name).await?;
-    services
-        .patch(&name, &pp, &Patch::Apply(resources::client_service(d)))
-        .await?;
-    claim(&pdbs, d, &name).await?;
-    pdbs.patch(&name, &pp, &Patch::Apply(resources::disruption_budget(d)))
-        .await?;
-    claim(&policies, d, &name).await?;
-    policies
-        .patch(&name, &pp, &Patch::Apply(resources::network_policy(d)))
-        .await?;
+    apply_owned(&services, d, &name, resources::client_service(d), &pp).await?;
+    apply_owned(&pdbs, d, &name, resources::disruption_budget(d), &pp).await?;
+    apply_owned(&policies, d, &name, resources::network_policy(d), &pp).await?;
 
     let observed = observe_groups(d, &stss, &pods).await?;
     let revision = resources::revision(d);
@@ -632,10 +624,7 @@ async fn apply_group(
 ) -> Result<(), Error> {
     apply_group_service(services, d, g, pp).await?;
     let name = resources::group_name(d, g);
-    claim(stss, d, &name).await?;
-    stss.patch(&name, pp, &Patch::Apply(resources::statefulset(d, g)))
-        .await?;
-    Ok(())
+    apply_owned(stss, d, &name, resources::statefulset(d, g), pp).await
 }
 
 /// The group's headless Service, through which its ranks find the leader: applied whenever the
@@ -647,41 +636,42 @@ async fn apply_group_service(
     pp: &PatchParams,
 ) -> Result<(), Error> {
     let name = resources::group_name(d, g);
-    claim(services, d, &name).await?;
-    services
-        .patch(&name, pp, &Patch::Apply(resources::headless_service(d, g)))
-        .await?;
-    Ok(())
+    apply_owned(services, d, &name, resources::headless_service(d, g), pp).await
 }
 
-/// Refuses a name that an object this deployment does not control holds. A forced server-side
-/// apply would take it over: replace a user's Service selector or NetworkPolicy, and make it
-/// ours, so deleting the deployment would delete it. Names can collide between deployments
-/// too: `x-1`'s client Service is named as `x`'s group 1 headless Service. The first to hold
-/// a name keeps it.
-async fn claim<K>(api: &Api<K>, d: &NeoXDeployment, name: &str) -> Result<(), Error>
+/// Force-applies `obj` as `name`, unless an object this deployment does not control holds the
+/// name. A forced server-side apply would take it over: replace a user's Service selector or
+/// NetworkPolicy, and make it ours, so deleting the deployment would delete it. Names can
+/// collide between deployments too: `x-1`'s client Service is named as `x`'s group 1 headless
+/// Service. The first to hold a name keeps it.
+async fn apply_owned<K>(api: &Api<K>, d: &NeoXDeployment, name: &str, obj: K, pp: &PatchParams) -> Result<(), Error>
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
-    let Some(existing) = api.get_opt(name).await? else {
-        return Ok(());
-    };
-    let controller = existing.owner_references().iter().find(|o| o.controller == Some(true));
-    let why = match controller {
-        Some(o) if d.uid().as_ref() == Some(&o.uid) => return Ok(()),
-        Some(o) => format!(
-            "belongs to {} {}; rename this NeoXDeployment or that one",
-            o.kind, o.name
-        ),
-        None => "exists and no controller owns it (it was made outside this operator); delete or rename it, \
+    if let Some(existing) = api.get_opt(name).await? {
+        let controller = existing.owner_references().iter().find(|o| o.controller == Some(true));
+        let why = match controller {
+            Some(o) if d.uid().as_ref() == Some(&o.uid) => None,
+            Some(o) => Some(format!(
+                "belongs to {} {}; rename this NeoXDeployment or that one",
+                o.kind, o.name
+            )),
+            None => Some(
+                "exists and no controller owns it (it was made outside this operator); delete or rename it, \
                  or rename this NeoXDeployment"
-            .to_owned(),
-    };
-    Err(Error::NameTaken {
-        kind: K::kind(&()).into_owned(),
-        name: name.to_owned(),
-        why,
-    })
+                    .to_owned(),
+            ),
+        };
+        if let Some(why) = why {
+            return Err(Error::NameTaken {
+                kind: K::kind(&()).into_owned(),
+                name: name.to_owned(),
+                why,
+            });
+        }
+    }
+    api.patch(name, pp, &Patch::Apply(obj)).await?;
+    Ok(())
 }
 
 async fn patch_status(api: &Api<NeoXDeployment>, name: &str, status: &NeoXDeploymentStatus) -> Result<(), Error> {
@@ -706,8 +696,7 @@ fn autoscale_due_in(d: &NeoXDeployment, remembered: Option<i64>, now: i64) -> u6
         .status
         .as_ref()
         .and_then(|s| s.last_scale_decision.as_ref())
-        .and_then(|dec| dec.time.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .map(|t| t.as_second());
+        .and_then(|dec| parse_rfc3339(&dec.time));
     let last = in_status.max(remembered);
     let period = AUTOSCALE_PERIOD_SECS as i64;
     match last {
