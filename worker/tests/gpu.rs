@@ -80,9 +80,7 @@ fn fused_kernels_on_gpu_match_hf_whole_and_token_by_token() {
             let ids = g.ids(&format!("case{i}.input_ids"));
             let want = g.f32_2d(&format!("case{i}.logits"));
             let whole = max_abs_diff(&all_logits(&m, &ids), &want);
-            let mut cache = m.new_cache(ids.len());
-            let stepped: Vec<Vec<f32>> = ids.iter().flat_map(|t| feed(&m, &mut cache, &[*t])).collect();
-            let stepped = max_abs_diff(&stepped, &want);
+            let stepped = max_abs_diff(&chunked_logits(&m, &ids, 1), &want);
             eprintln!(
                 "FIGURE fused {dtype:?} case{i}: max |logit - HF| whole {whole:.3e}, token by token {stepped:.3e}"
             );
@@ -106,9 +104,7 @@ fn fused_attention_over_long_histories_matches_the_unfused_path() {
     for (len, chunk) in [(400, 64), (333, 50), (97, 1)] {
         let ids = &text[..len];
         let want = all_logits(&unfused, ids);
-        let mut cache = fused.new_cache(len);
-        let got: Vec<Vec<f32>> = ids.chunks(chunk).flat_map(|c| feed(&fused, &mut cache, c)).collect();
-        let d = max_abs_diff(&got, &want);
+        let d = max_abs_diff(&chunked_logits(&fused, ids, chunk), &want);
         eprintln!("FIGURE fused vs unfused, {len} tokens in chunks of {chunk}: max |logit diff| {d:.3e}");
         assert!(
             d <= 1e-3,

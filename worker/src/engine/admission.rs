@@ -78,7 +78,7 @@ impl Engine {
             let need = self.blocks.blocks_for(front.tokens.len() + 1);
             let bs = self.blocks.block_size();
             // Prompt logprobs need every prompt position computed.
-            let scores_prompt = front.req.prompt_logprobs && !front.prompt_lp_sent;
+            let scores_prompt = front.scores_prompt();
             let queried = self.prefix.is_some() && !scores_prompt;
             let found = match self.prefix.as_mut() {
                 Some(p) if queried => {

@@ -186,6 +186,11 @@ impl Seq {
         self.req.prompt_ids.len()
     }
 
+    /// Prompt logprobs are asked for and not sent yet (a preemption does not send them twice).
+    pub(super) fn scores_prompt(&self) -> bool {
+        self.req.prompt_logprobs && !self.prompt_lp_sent
+    }
+
     /// The request's log line (ids, counts and timings in ms as numbers; never its text).
     fn log_end(&self, finish_reason: &str) {
         let since = |t: Instant| ((t - self.req.received).as_secs_f64() * 1e4).round() / 10.0;
@@ -519,7 +524,7 @@ impl Engine {
                 let s = self.running.iter().find(|s| s.id == id)?;
                 let completes = s.computed + n == s.tokens.len();
                 // Prompt logprobs already sent (before a preemption) are not computed again.
-                let scores_prompt = s.req.prompt_logprobs && !s.prompt_lp_sent && s.computed < s.prompt_len();
+                let scores_prompt = s.scores_prompt() && s.computed < s.prompt_len();
                 let logits = if !drafts.is_empty() || scores_prompt {
                     LogitsWanted::All
                 } else if completes {
@@ -715,7 +720,7 @@ impl Engine {
         let fed = p.tokens.len() - drafted;
         s.computed += fed;
         let Some(logits) = logits else { return Ok(None) };
-        if p.logits == LogitsWanted::All && s.req.prompt_logprobs && !s.prompt_lp_sent {
+        if p.logits == LogitsWanted::All && s.scores_prompt() {
             // Row j predicts token start + j + 1.
             let targets = &s.tokens[start + 1..(start + fed + 1).min(s.prompt_len())];
             let logprobs = token_logprobs(&logits, vocab, targets)?;
@@ -754,7 +759,7 @@ impl Engine {
         if s.computed < s.tokens.len() {
             return Ok(None);
         }
-        if s.req.prompt_logprobs && !s.prompt_lp_sent {
+        if s.scores_prompt() {
             s.prompt_lp_sent = true;
             let _ = s.req.events.send(Event::PromptTokens(std::mem::take(&mut s.prompt_lp)));
         }

@@ -24,7 +24,7 @@ const SHARED_LIMIT: usize = 48 * 1024;
 
 /// Whether the kernels handle this dtype.
 pub(super) fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    suffix(dtype).is_ok()
 }
 
 /// Bytes of shared memory `paged_attention` needs for sequences of up to `max_len` tokens.

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::off_runtime;
 use super::submit::submit;
-use super::validate::{deadline, request_id, validate, Limits};
+use super::validate::{deadline, encode_prompt, request_id, validate, Limits};
 use crate::engine::{self, EngineHandle, Event, Failure, SubmitError, ENGINE_STOPPED};
 use crate::model::NeoXTokenizer;
 
@@ -243,19 +243,11 @@ impl TextGeneration for GenerationService {
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let text = &req.get_ref().text;
-        if text.len() > self.limits.max_prompt_bytes {
-            return Err(Status::invalid_argument(format!(
-                "text: {} bytes exceeds the limit of {} bytes",
-                text.len(),
-                self.limits.max_prompt_bytes
-            )));
-        }
-        let (text, tokenizer) = (req.into_inner().text, self.tokenizer.clone());
+        let (text, tokenizer, limits) = (req.into_inner().text, self.tokenizer.clone(), self.limits.clone());
         let answer = off_runtime(move || {
-            let ids = tokenizer
-                .encode(&text)
-                .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+            // The prompt's checks, under this request's field name.
+            let ids = encode_prompt(&text, &tokenizer, &limits)
+                .map_err(|e| Status::invalid_argument(format!("text: {}", e.message)))?;
             let tokens = ids
                 .iter()
                 .map(|&id| tokenizer.decode(&[id]).unwrap_or_default())

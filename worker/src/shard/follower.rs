@@ -100,30 +100,27 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
     // The leader sends a plan at least every second (a heartbeat when idle), so a silence past
     // the collective timeout means it is gone without closing the stream: a lost node or a
     // partition sends no FIN, and this rank would otherwise wait (and report SERVING) forever.
+    let lost = |message: String| {
+        ModelError::Collective(ParallelError::PeerLost {
+            op: "group stream",
+            peer: 0,
+            message,
+        })
+    };
     let mut next = |what: &str, within: Duration| -> Result<pb::step_plan::Kind, ModelError> {
         let Ok(message) = rt.block_on(async { tokio::time::timeout(within, stream.message()).await }) else {
-            return Err(ModelError::Collective(ParallelError::PeerLost {
-                op: "group stream",
-                peer: 0,
-                message: format!(
-                    "no word from the leader for {:.0} s while this rank waited for {what}",
-                    within.as_secs_f64()
-                ),
-            }));
+            return Err(lost(format!(
+                "no word from the leader for {:.0} s while this rank waited for {what}",
+                within.as_secs_f64()
+            )));
         };
         match message {
             Ok(Some(pb::StepPlan { kind: Some(k) })) => Ok(k),
             Ok(Some(_)) => Err(ModelError::Internal(format!("empty message while waiting for {what}"))),
-            Ok(None) => Err(ModelError::Collective(ParallelError::PeerLost {
-                op: "group stream",
-                peer: 0,
-                message: format!("the leader closed the group while this rank waited for {what}"),
-            })),
-            Err(s) => Err(ModelError::Collective(ParallelError::PeerLost {
-                op: "group stream",
-                peer: 0,
-                message: format!("{} ({what})", s.message()),
-            })),
+            Ok(None) => Err(lost(format!(
+                "the leader closed the group while this rank waited for {what}"
+            ))),
+            Err(s) => Err(lost(format!("{} ({what})", s.message()))),
         }
     };
     // The setup comes once every rank joined, which the leader waits for up to its rendezvous

@@ -247,9 +247,6 @@ struct Run {
     plan: Plan,
     events: StreamMap<usize, UnboundedReceiverStream<Event>>,
     choices: Vec<Choice>,
-    /// Per prompt: its tokens' character offsets, computed for its first choice that echoes
-    /// it and shared by the other `n - 1` (they see the same prompt ids).
-    prompt_offsets: Vec<Option<Vec<usize>>>,
     /// Per prompt whose log-probabilities are asked for: the events of its choices after the
     /// first, read once the first's scored prompt tokens came (their echo goes first).
     held: Vec<Vec<(usize, UnboundedReceiverStream<Event>)>>,
@@ -329,7 +326,6 @@ impl OpenAiApi {
             id: format!("cmpl-{id}"),
             model: self.model.clone(),
             tokenizer: self.tokenizer.clone(),
-            prompt_offsets: vec![None; plan.prompts.len()],
             plan,
             events,
             held,
@@ -362,15 +358,15 @@ impl Run {
         let choice = &mut self.choices[i];
         let asm = &mut choice.asm;
         Some(Ok(match ev {
+            // Only a prompt's first choice scores it (with echo and logprobs); the others are
+            // held until then and echo the same tokens.
             Event::PromptTokens(mut t) => {
                 let p = i / self.plan.n.max(1);
-                let offsets = self.prompt_offsets[p].get_or_insert_with(|| prompt_offsets(&self.tokenizer, &t));
-                if self.plan.logprobs {
-                    t.iter_mut().for_each(|t| spell(&self.tokenizer, t));
-                }
-                let piece = asm.prompt_tokens(&t, offsets);
+                let offsets = prompt_offsets(&self.tokenizer, &t);
+                t.iter_mut().for_each(|t| spell(&self.tokenizer, t));
+                let piece = asm.prompt_tokens(&t, &offsets);
                 for (k, rx) in std::mem::take(&mut self.held[p]) {
-                    let echoed = self.choices[k].asm.prompt_tokens(&t, offsets);
+                    let echoed = self.choices[k].asm.prompt_tokens(&t, &offsets);
                     self.ready.push_back(Step::Piece(k, echoed));
                     self.events.insert(k, rx);
                 }
