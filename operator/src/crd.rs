@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration};
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration, TopologySpreadConstraint};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -194,6 +194,31 @@ pub struct WorkerSpec {
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Spreads groups (or ranks) over zones or nodes; select pods with
+    /// `serving.neox.dev/deployment` (and `serving.neox.dev/group` for one group's ranks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// The scheduler placing the ranks (Volcano, scheduler-plugins...; default: the cluster's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+    /// Kueue LocalQueue admitting each group whole: a group is one Kueue workload (its
+    /// StatefulSet, through Kueue's `statefulset` integration), so no rank holds a GPU while
+    /// another waits for quota. Changing it replaces the groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub queue_name: Option<String>,
+    /// Extra labels on every rank's pod (cost allocation, mesh opt-outs). Keys the operator or
+    /// Kueue set are refused. Changing them replaces the groups.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('serving.neox.dev/') && !k.startsWith('kueue.x-k8s.io/') && !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by', 'apps.kubernetes.io/pod-index']))").message("worker.podLabels must not set serving.neox.dev/*, kueue.x-k8s.io/* (use worker.queueName), apps.kubernetes.io/pod-index or app.kubernetes.io/{name,instance,managed-by}: the operator and Kueue set them"))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra annotations on every rank's pod. Keys the operator or Kueue set are refused.
+    /// Changing them replaces the groups.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('serving.neox.dev/') && !k.startsWith('kueue.x-k8s.io/'))").message("worker.podAnnotations must not set serving.neox.dev/* or kueue.x-k8s.io/* keys: the operator and Kueue set them"))]
+    pub pod_annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<String>,
     /// Seconds a rank may take to load its weights before it counts as failed (20B: minutes).
@@ -241,6 +266,11 @@ impl Default for WorkerSpec {
             tolerations: Vec::new(),
             affinity: None,
             priority_class_name: None,
+            topology_spread_constraints: Vec::new(),
+            scheduler_name: None,
+            queue_name: None,
+            pod_labels: BTreeMap::new(),
+            pod_annotations: BTreeMap::new(),
             image_pull_secrets: Vec::new(),
             startup_timeout_seconds: default_startup(),
             security_context: None,

@@ -31,6 +31,9 @@ pub struct ObservedGroup {
     pub restarts: i32,
     /// Unix seconds of the last restart.
     pub last_restart: Option<i64>,
+    /// Its StatefulSet is queued through Kueue, which refuses changes to its queue and its
+    /// number of ranks: an update replaces the StatefulSet instead.
+    pub queued: bool,
     pub pods: Vec<ObservedPod>,
 }
 

@@ -19,7 +19,8 @@ use crate::decisions::{self, Action, ObservedGroup, ObservedPod, Plan};
 use crate::metrics::Metrics;
 use crate::per_deployment::PerDeployment;
 use crate::resources::{
-    self, DEPLOYMENT_LABEL, GROUP_LABEL, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION, REVISION_LABEL,
+    self, DEPLOYMENT_LABEL, GROUP_LABEL, KUEUE_QUEUE_LABEL, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION,
+    REVISION_LABEL,
 };
 
 /// Field manager of every server-side apply.
@@ -194,6 +195,7 @@ pub fn observe(d: &NeoXDeployment, stss: &[StatefulSet], pods: &[Pod]) -> Vec<Ob
                 ranks: s.spec.as_ref().and_then(|spec| spec.replicas),
                 restarts: label_i32(ann, RESTARTS_ANNOTATION).unwrap_or(0),
                 last_restart: ann.get(LAST_RESTART_ANNOTATION).and_then(|v| v.parse().ok()),
+                queued: s.labels().contains_key(KUEUE_QUEUE_LABEL),
                 pods: Vec::new(),
             })
         })
@@ -559,8 +561,17 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
                 .await;
             }
             Action::UpdateGroup(g) => {
-                apply_group(&services, &stss, d, *g, &pp).await?;
-                delete_group_pods(&pods, &observed, *g).await?;
+                let queued = observed.iter().any(|o| o.index == *g && o.queued);
+                if queued || spec.worker.queue_name.is_some() {
+                    // Kueue admitted the old StatefulSet as it was (queue, ranks, resources):
+                    // the new revision is a new workload, queued for admission whole.
+                    delete_ignoring_missing(&stss, &resources::group_name(d, *g)).await?;
+                    delete_group_pods(&pods, &observed, *g).await?;
+                    apply_group(&services, &stss, d, *g, &pp).await?;
+                } else {
+                    apply_group(&services, &stss, d, *g, &pp).await?;
+                    delete_group_pods(&pods, &observed, *g).await?;
+                }
                 publish(
                     ctx,
                     d,

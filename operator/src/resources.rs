@@ -32,6 +32,8 @@ pub const REVISION_LABEL: &str = "serving.neox.dev/revision";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 pub const RESTARTS_ANNOTATION: &str = "serving.neox.dev/group-restarts";
 pub const LAST_RESTART_ANNOTATION: &str = "serving.neox.dev/last-restart";
+/// Kueue admits a StatefulSet carrying this label as one workload (all its pods or none).
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
 
 pub const GRPC_PORT: i32 = 50051;
 pub const METRICS_PORT: i32 = 9400;
@@ -324,6 +326,9 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         tolerations: (!s.worker.tolerations.is_empty()).then(|| s.worker.tolerations.clone()),
         affinity: s.worker.affinity.clone(),
         priority_class_name: s.worker.priority_class_name.clone(),
+        topology_spread_constraints: (!s.worker.topology_spread_constraints.is_empty())
+            .then(|| s.worker.topology_spread_constraints.clone()),
+        scheduler_name: s.worker.scheduler_name.clone(),
         image_pull_secrets: (!s.worker.image_pull_secrets.is_empty()).then(|| {
             s.worker
                 .image_pull_secrets
@@ -351,9 +356,17 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
 
 /// A short hash of the pod template: groups whose StatefulSet carries another are outdated.
 pub fn revision(d: &NeoXDeployment) -> String {
-    let json = serde_json::to_vec(&pod_template(d)).unwrap_or_default();
-    let digest = Sha256::digest(&json);
-    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+    let mut hash = Sha256::new();
+    hash.update(serde_json::to_vec(&pod_template(d)).unwrap_or_default());
+    // The pod's own labels and annotations, and the Kueue queue (immutable on an admitted
+    // StatefulSet), count too; hashed only when set, so the groups of a spec without them keep
+    // the revision they had before these fields existed and an operator upgrade rolls nothing.
+    let w = &d.spec.worker;
+    if !w.pod_labels.is_empty() || !w.pod_annotations.is_empty() || w.queue_name.is_some() {
+        let extra = (&w.pod_labels, &w.pod_annotations, &w.queue_name);
+        hash.update(serde_json::to_vec(&extra).unwrap_or_default());
+    }
+    hash.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The StatefulSet of group `g` at the current revision.
@@ -363,8 +376,16 @@ pub fn statefulset(d: &NeoXDeployment, g: i32) -> StatefulSet {
     let rev = revision(d);
     let mut labels = common_labels(d);
     labels.insert(GROUP_LABEL.into(), g.to_string());
-    let mut pod_labels = labels.clone();
+    // The user's labels first: the operator's own (which the schema keeps them from naming)
+    // are what selectors and the rollout go by.
+    let mut pod_labels = d.spec.worker.pod_labels.clone();
+    pod_labels.extend(labels.clone());
     pod_labels.insert(REVISION_LABEL.into(), rev.clone());
+    let mut pod_annotations = BTreeMap::from([(
+        "cluster-autoscaler.kubernetes.io/safe-to-evict".to_owned(),
+        "false".to_owned(),
+    )]);
+    pod_annotations.extend(d.spec.worker.pod_annotations.clone());
     let mut spec = pod_template(d);
     if let Some(c) = spec.containers.first_mut() {
         let env = c.env.get_or_insert_with(Vec::new);
@@ -375,6 +396,9 @@ pub fn statefulset(d: &NeoXDeployment, g: i32) -> StatefulSet {
     }
     let mut sts_labels = labels.clone();
     sts_labels.insert(REVISION_LABEL.into(), rev);
+    if let Some(q) = &d.spec.worker.queue_name {
+        sts_labels.insert(KUEUE_QUEUE_LABEL.into(), q.clone());
+    }
     StatefulSet {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -399,10 +423,7 @@ pub fn statefulset(d: &NeoXDeployment, g: i32) -> StatefulSet {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        "cluster-autoscaler.kubernetes.io/safe-to-evict".to_owned(),
-                        "false".to_owned(),
-                    )])),
+                    annotations: Some(pod_annotations),
                     ..Default::default()
                 }),
                 spec: Some(spec),

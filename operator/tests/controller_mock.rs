@@ -360,6 +360,56 @@ async fn an_image_change_rolls_group_by_group() {
 }
 
 #[tokio::test]
+async fn a_kueue_queued_group_is_replaced_by_a_new_statefulset_not_edited() {
+    // Kueue refuses changes to an admitted StatefulSet's queue and ranks, and admitted it for
+    // the resources it had: a new revision is a new StatefulSet, queued whole.
+    let mut old = deployment(1, 2);
+    old.spec.worker.queue_name = Some("gpu-queue".into());
+    let old_rev = resources::revision(&old);
+    let replaced = expect(&[
+        format!("DELETE {BASE}/llm-0"),
+        format!("DELETE {PODS}/llm-0-0"),
+        format!("DELETE {PODS}/llm-0-1"),
+        format!("GET {SVC}/llm-0"),
+        format!("PATCH {SVC}/llm-0"),
+        format!("GET {BASE}/llm-0"),
+        format!("PATCH {BASE}/llm-0"),
+    ]);
+    let mut wider = old.clone();
+    wider.spec.tensor_parallel_size = 4;
+    let (client, rec) = fake(vec![existing_sts(&old, 0, None)], ready_group(&old, 0));
+    reconcile(Arc::new(wider.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(rec.lines(), replaced);
+        // Deleted in the background: its pods go with it (deleted above without waiting).
+        assert_eq!(
+            rec.body_of(&format!("DELETE {BASE}/llm-0"))["propagationPolicy"],
+            "Background"
+        );
+        let sts = rec.body_of(&format!("PATCH {BASE}/llm-0"));
+        assert_eq!(sts["spec"]["replicas"], 4);
+        assert_eq!(sts["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], "gpu-queue");
+        assert_eq!(rec.events, vec!["RollingGroup"]);
+    }
+    // Leaving Kueue: the old StatefulSet names the queue, which Kueue will not let go of.
+    let mut unqueued = old.clone();
+    unqueued.spec.worker.queue_name = None;
+    let (client, rec) = fake(vec![existing_sts(&old, 0, None)], ready_group(&old, 0));
+    reconcile(Arc::new(unqueued), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(rec.lines(), replaced);
+        let sts = rec.body_of(&format!("PATCH {BASE}/llm-0"));
+        assert!(sts["metadata"]["labels"].get("kueue.x-k8s.io/queue-name").is_none());
+    }
+    // Up to date: nothing is touched.
+    let (client, rec) = fake(vec![existing_sts(&old, 0, Some(&old_rev))], ready_group(&old, 0));
+    reconcile(Arc::new(old), context(client, 1000)).await.unwrap();
+    assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
+}
+
+#[tokio::test]
 async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     let mut d = deployment(1, 2);
     d.spec.worker.env.push(k8s_openapi::api::core::v1::EnvVar {

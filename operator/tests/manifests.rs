@@ -147,6 +147,39 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
                 v["spec"].as_object_mut().unwrap().remove("model");
             }),
         ),
+        (
+            "worker.podLabels must not set serving.neox.dev/*",
+            Box::new(|v| v["spec"]["worker"]["podLabels"] = serde_json::json!({"serving.neox.dev/group": "7"})),
+        ),
+        (
+            "worker.podLabels must not set",
+            Box::new(|v| v["spec"]["worker"]["podLabels"] = serde_json::json!({"app.kubernetes.io/instance": "x"})),
+        ),
+        (
+            "(use worker.queueName)",
+            Box::new(|v| v["spec"]["worker"]["podLabels"] = serde_json::json!({"kueue.x-k8s.io/queue-name": "q"})),
+        ),
+        (
+            "worker.podAnnotations must not set",
+            Box::new(|v| {
+                v["spec"]["worker"]["podAnnotations"] = serde_json::json!({"serving.neox.dev/group-restarts": "0"})
+            }),
+        ),
+        (
+            "more than maxProperties 64",
+            Box::new(|v| {
+                let many: serde_json::Map<_, _> = (0..65).map(|i| (format!("k{i}"), Value::from("v"))).collect();
+                v["spec"]["worker"]["podAnnotations"] = Value::Object(many);
+            }),
+        ),
+        (
+            "does not match",
+            Box::new(|v| v["spec"]["worker"]["queueName"] = "GPU_Queue".into()),
+        ),
+        (
+            "longer than maxLength 63",
+            Box::new(|v| v["spec"]["worker"]["queueName"] = "q".repeat(64).into()),
+        ),
     ];
     for (want, mutate) in cases {
         let mut v = base.clone();
@@ -249,6 +282,74 @@ fn ranks_run_as_the_image_user_unless_the_spec_leaves_ids_to_the_platform() {
     assert_ne!(platform_rev, default_rev, "a change of IDs rolls the groups");
     let (own_ids, _) = pod_ids(Some(serde_json::json!({"runAsUser": 1000, "fsGroup": 2000})));
     assert_eq!(own_ids, [Some(1000), None, Some(2000)]);
+}
+
+#[test]
+fn pod_labels_annotations_scheduling_and_the_kueue_queue_reach_the_groups() {
+    let base = sample("deploy/samples/shakespeare-cpu.yaml");
+    let parse = |v: &Value| -> NeoXDeployment {
+        assert!(admission_errors(v).is_empty(), "{:?}", admission_errors(v));
+        serde_json::from_value(v.clone()).unwrap()
+    };
+    let plain = parse(&base);
+    let mut v = base.clone();
+    v["spec"]["worker"]["podLabels"] = serde_json::json!({"team": "search", "sidecar.istio.io/inject": "false"});
+    v["spec"]["worker"]["podAnnotations"] = serde_json::json!({"example.com/cost-center": "42"});
+    v["spec"]["worker"]["schedulerName"] = "volcano".into();
+    v["spec"]["worker"]["topologySpreadConstraints"] = serde_json::json!([{
+        "maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": {"serving.neox.dev/deployment": "shakespeare"}}}]);
+    v["spec"]["worker"]["queueName"] = "gpu-queue".into();
+    let d = parse(&v);
+    let sts = serde_json::to_value(resources::statefulset(&d, 0)).unwrap();
+    let meta = &sts["spec"]["template"]["metadata"];
+    assert_eq!(meta["labels"]["team"], "search");
+    assert_eq!(meta["labels"]["sidecar.istio.io/inject"], "false");
+    assert_eq!(
+        meta["labels"]["serving.neox.dev/group"], "0",
+        "the operator's labels stay"
+    );
+    assert_eq!(meta["annotations"]["example.com/cost-center"], "42");
+    assert_eq!(
+        meta["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+        "false"
+    );
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["schedulerName"], "volcano");
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"],
+        "topology.kubernetes.io/zone"
+    );
+    // Kueue's statefulset integration reads the queue from the StatefulSet itself (and copies
+    // it to the pods with the group's name and size); the pods do not name it themselves.
+    assert_eq!(sts["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], "gpu-queue");
+    assert!(meta["labels"].get("kueue.x-k8s.io/queue-name").is_none());
+    let plain_sts = serde_json::to_value(resources::statefulset(&plain, 0)).unwrap();
+    assert!(plain_sts["metadata"]["labels"]
+        .get("kueue.x-k8s.io/queue-name")
+        .is_none());
+    assert!(plain_sts["spec"]["template"]["spec"].get("schedulerName").is_none());
+    // Each of them is part of the revision (a StatefulSet's template labels and its Kueue queue
+    // only reach pods it makes anew), and a spec naming none keeps the revision it had.
+    assert_eq!(
+        resources::revision(&plain),
+        "928019f499",
+        "the revision from before these fields"
+    );
+    for (field, value) in [
+        ("podLabels", serde_json::json!({"team": "search"})),
+        ("podAnnotations", serde_json::json!({"example.com/cost-center": "42"})),
+        ("schedulerName", "volcano".into()),
+        ("queueName", "gpu-queue".into()),
+    ] {
+        let mut one = base.clone();
+        one["spec"]["worker"][field] = value;
+        assert_ne!(
+            resources::revision(&parse(&one)),
+            resources::revision(&plain),
+            "{field}"
+        );
+    }
 }
 
 #[test]

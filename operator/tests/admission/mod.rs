@@ -66,6 +66,22 @@ fn structural(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             errs.push(format!("{path}: {x:?} does not match {p}"));
         }
     }
+    let len = v.as_str().map(|x| x.chars().count());
+    if let (Some(min), Some(n)) = (s["minLength"].as_u64(), len) {
+        if (n as u64) < min {
+            errs.push(format!("{path}: shorter than minLength {min}"));
+        }
+    }
+    if let (Some(max), Some(n)) = (s["maxLength"].as_u64(), len) {
+        if n as u64 > max {
+            errs.push(format!("{path}: longer than maxLength {max}"));
+        }
+    }
+    if let (Some(max), Some(obj)) = (s["maxProperties"].as_u64(), v.as_object()) {
+        if obj.len() as u64 > max {
+            errs.push(format!("{path}: more than maxProperties {max}"));
+        }
+    }
     if let Some(e) = s["enum"].as_array() {
         if !e.contains(v) {
             errs.push(format!("{path}: {v} not in {e:?}"));
