@@ -135,6 +135,25 @@ fn helm_chart_lints_renders_and_validates() {
     ] {
         assert!(kinds.iter().any(|x| x == k), "default render lacks a {k}: {kinds:?}");
     }
+    // Namespace users get NeoXDeployments through Kubernetes' own roles (aggregation), with
+    // the rules deploy/rbac.yaml gives them.
+    let shipped = docs(&read("deploy/rbac.yaml"));
+    for label in ["aggregate-to-edit", "aggregate-to-view"] {
+        let key = format!("rbac.authorization.k8s.io/{label}");
+        let find = |all: &[Value]| -> Value {
+            let found: Vec<Value> = all
+                .iter()
+                .filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["labels"][&key] == "true")
+                .cloned()
+                .collect();
+            assert_eq!(found.len(), 1, "one ClusterRole {label}");
+            found[0]["rules"].clone()
+        };
+        let rules = find(&docs(&default));
+        assert_eq!(rules, find(&shipped), "{label}: the chart and deploy/rbac.yaml differ");
+        let verbs: Vec<&str> = rules[0]["verbs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        assert_eq!(verbs.contains(&"create"), label == "aggregate-to-edit", "{label}: {verbs:?}");
+    }
     for d in docs(&default) {
         let labels = &d["metadata"]["labels"];
         assert_eq!(labels["app.kubernetes.io/instance"], "neox", "{}", d["kind"]);
@@ -369,6 +388,8 @@ fn bad_values_are_refused_by_the_values_schema() {
             "serviceMonitor.enabled=true,metrics.service.enabled=false",
             "/metrics/service/enabled",
         ),
+        // Binding the operator's rights to the namespace's default ServiceAccount.
+        ("serviceAccount.create=false", "/serviceAccount"),
         // Two operators without leader election would reconcile the same objects at once.
         ("leaderElection.enabled=false", "/replicaCount"),
     ] {

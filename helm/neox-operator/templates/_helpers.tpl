@@ -39,7 +39,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "neox-operator.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- required "serviceAccount.name: name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
@@ -69,4 +69,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/* What namespace users may do with NeoXDeployments (aggregated into admin/edit and view). */}}
+{{- define "neox-operator.userEditRules" -}}
+- apiGroups: ["serving.neox.dev"]
+  resources: ["neoxdeployments", "neoxdeployments/scale"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
+- apiGroups: ["serving.neox.dev"]
+  resources: ["neoxdeployments/status"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{- define "neox-operator.userViewRules" -}}
+- apiGroups: ["serving.neox.dev"]
+  resources: ["neoxdeployments", "neoxdeployments/scale", "neoxdeployments/status"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
