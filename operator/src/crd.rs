@@ -225,6 +225,12 @@ pub struct WorkerSpec {
     #[serde(default = "default_startup")]
     #[schemars(range(min = 10))]
     pub startup_timeout_seconds: i32,
+    /// Seconds a rank has to stop once its pod is deleted (default 60): 5 s still admitting
+    /// while traffic moves away, then in-flight requests get all but the last 10 s to finish
+    /// (`NEOX_SHUTDOWN_GRACE`; 30 s by default). Raise it for long generations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30, max = 86400))]
+    pub termination_grace_period_seconds: Option<i64>,
     /// The user and groups the ranks run as. Unset: 65532 (the image's non-root user) for all
     /// three. Set: exactly the IDs it names, so `{}` leaves them to the platform, as
     /// OpenShift's restricted SCC requires (it assigns them from the namespace's range).
@@ -273,6 +279,7 @@ impl Default for WorkerSpec {
             pod_annotations: BTreeMap::new(),
             image_pull_secrets: Vec::new(),
             startup_timeout_seconds: default_startup(),
+            termination_grace_period_seconds: None,
             security_context: None,
         }
     }

@@ -260,6 +260,10 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
     if let Some(on) = e.prefix_caching {
         envs.push(env("NEOX_PREFIX_CACHING", on.to_string()));
     }
+    if let Some(t) = s.worker.termination_grace_period_seconds {
+        // The worker's drain delay (5 s) first, and 10 s kept for closing before SIGKILL.
+        envs.push(env("NEOX_SHUTDOWN_GRACE", (t - 15).max(0).to_string()));
+    }
     // The user's env wins over the operator's defaults of the same name (NEOX_DEVICE=cuda:1,
     // say) and never duplicates one: env is a list keyed by name under server-side apply.
     for e in &s.worker.env {
@@ -338,7 +342,7 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         }),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
-        termination_grace_period_seconds: Some(60),
+        termination_grace_period_seconds: Some(s.worker.termination_grace_period_seconds.unwrap_or(60)),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: ids.run_as_user,

@@ -151,8 +151,17 @@ fn helm_chart_lints_renders_and_validates() {
         };
         let rules = find(&docs(&default));
         assert_eq!(rules, find(&shipped), "{label}: the chart and deploy/rbac.yaml differ");
-        let verbs: Vec<&str> = rules[0]["verbs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
-        assert_eq!(verbs.contains(&"create"), label == "aggregate-to-edit", "{label}: {verbs:?}");
+        let verbs: Vec<&str> = rules[0]["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(
+            verbs.contains(&"create"),
+            label == "aggregate-to-edit",
+            "{label}: {verbs:?}"
+        );
     }
     for d in docs(&default) {
         let labels = &d["metadata"]["labels"];

@@ -353,6 +353,33 @@ fn pod_labels_annotations_scheduling_and_the_kueue_queue_reach_the_groups() {
 }
 
 #[test]
+fn a_longer_termination_grace_period_gives_in_flight_requests_the_time() {
+    let mut v = sample("deploy/samples/shakespeare-cpu.yaml");
+    let d: NeoXDeployment = serde_json::from_value(v.clone()).unwrap();
+    let grace = |d: &NeoXDeployment| resources::pod_template(d).termination_grace_period_seconds;
+    // Default: 60 s for the worker's 5 s drain delay, its 30 s shutdown grace and closing.
+    assert_eq!((grace(&d), env_value(&d, "NEOX_SHUTDOWN_GRACE")), (Some(60), None));
+    v["spec"]["worker"]["terminationGracePeriodSeconds"] = 600.into();
+    assert!(admission_errors(&v).is_empty(), "{:?}", admission_errors(&v));
+    let long: NeoXDeployment = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(
+        (grace(&long), env_value(&long, "NEOX_SHUTDOWN_GRACE").as_deref()),
+        (Some(600), Some("585"))
+    );
+    assert_ne!(resources::revision(&long), resources::revision(&d));
+    // The user's own NEOX_SHUTDOWN_GRACE still wins.
+    v["spec"]["worker"]["env"] = serde_json::json!([{"name": "NEOX_SHUTDOWN_GRACE", "value": "100"}]);
+    let own: NeoXDeployment = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(env_value(&own, "NEOX_SHUTDOWN_GRACE").as_deref(), Some("100"));
+    v["spec"]["worker"]["terminationGracePeriodSeconds"] = 5.into();
+    assert!(
+        admission_errors(&v).join("\n").contains("< minimum 30"),
+        "{:?}",
+        admission_errors(&v)
+    );
+}
+
+#[test]
 fn gpu_groups_without_an_image_get_the_cuda_build() {
     let mut v = sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml");
     v["spec"]["worker"].as_object_mut().unwrap().remove("image");

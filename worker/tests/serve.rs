@@ -942,8 +942,61 @@ fn fuzz_parameters(extra: &[&str]) {
 }
 
 #[test]
+fn after_sigterm_health_says_not_serving_while_requests_are_still_admitted_for_the_drain_delay() {
+    // Kubernetes takes a terminating pod out of its Services as it sends SIGTERM, and
+    // proxies learn of it seconds later: until then a new request must still be served.
+    let mut server = start(&["--drain-delay", "3", "--shutdown-grace", "30"]);
+    let pid = server.child.id().to_string();
+    rt().block_on(async {
+        let mut c = server.client().await;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            tonic::transport::Channel::from_shared(format!("http://{}", server.grpc))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let status = |h: tonic_health::pb::HealthCheckResponse| h.status;
+        let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        assert_eq!(status(health.check(check.clone()).await.unwrap().into_inner()), serving);
+        let sent = Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        // Health flips at once (the readiness probe and load balancers read it) ...
+        let mut flipped = false;
+        while !flipped && sent.elapsed() < Duration::from_secs(2) {
+            flipped = status(health.check(check.clone()).await.unwrap().into_inner()) != serving;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(flipped, "health still SERVING 2 s after SIGTERM");
+        // ... while a request arriving meanwhile is still served, whole.
+        let r = c.generate(greedy("ROMEO:\n", 5)).await.unwrap().into_inner();
+        assert_eq!(r.token_ids.len(), 5);
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "the check came too late to mean anything"
+        );
+        // Once the delay is over, new requests are refused (the server drains, then exits).
+        while sent.elapsed() < Duration::from_millis(3500) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let late = c.generate(greedy("ROMEO:\n", 5)).await;
+        assert!(late.is_err(), "a request after the drain delay was admitted");
+    });
+    let status = common::wait_with_deadline(
+        &mut server.child,
+        Duration::from_secs(10),
+        "server did not exit after the drain delay",
+    );
+    assert!(status.success(), "{status}: {}", server.stderr.lock().unwrap());
+}
+
+#[test]
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
-    let mut server = start(&["--shutdown-grace", "30"]);
+    let mut server = start(&["--shutdown-grace", "30", "--drain-delay", "0.5"]);
     let pid = server.child.id().to_string();
     sigterm_mid_stream_then_drained(&mut server, &[&pid]);
 }
@@ -984,7 +1037,7 @@ fn sigterm_mid_stream_then_drained(server: &mut Server, pids: &[&str]) {
 fn sigterm_to_every_rank_at_once_still_drains_a_tp2_group() {
     // As Ctrl-C in a terminal, or systemd stopping the unit: leader and follower get SIGTERM
     // together. The follower must stay for the leader's drain, then leave with it.
-    let mut server = start(&["--tp", "2", "--shutdown-grace", "30"]);
+    let mut server = start(&["--tp", "2", "--shutdown-grace", "30", "--drain-delay", "0.5"]);
     let follower = {
         let log = server.stderr.lock().unwrap();
         let line = log

@@ -97,9 +97,13 @@ pub struct ServeArgs {
     /// already share each weight read, and draft rows would cost compute).
     #[arg(long, env = "NEOX_SPECULATIVE_MAX_BATCH", default_value_t = 4)]
     speculative_max_batch: usize,
-    /// Seconds in-flight requests may take to finish after SIGTERM.
+    /// Seconds in-flight requests may take to finish after SIGTERM (after the drain delay).
     #[arg(long, env = "NEOX_SHUTDOWN_GRACE", default_value_t = 30.0)]
     shutdown_grace: f64,
+    /// Seconds the server goes on admitting requests after SIGTERM while health reports
+    /// NOT_SERVING, for load balancers to stop routing here first (not after SIGINT).
+    #[arg(long, env = "NEOX_DRAIN_DELAY", default_value_t = 5.0)]
+    drain_delay: f64,
 }
 
 /// A listen address, or `off`.
@@ -188,6 +192,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     if !(a.shutdown_grace >= 0.0 && a.shutdown_grace.is_finite()) {
         bail!("--shutdown-grace must be a non-negative number of seconds");
+    }
+    if !(a.drain_delay >= 0.0 && a.drain_delay.is_finite()) {
+        bail!("--drain-delay must be a non-negative number of seconds");
     }
     let mut group = start_leader(&a.model, &a.group)?;
     let mut runner = group.take_runner()?;
@@ -278,6 +285,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         http_addr: a.http_addr.0,
         max_message_bytes: a.max_prompt_bytes + 64 * 1024,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        drain_delay: Duration::from_secs_f64(a.drain_delay),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -45,6 +45,9 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     /// How long in-flight requests may run after SIGTERM before the server exits.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long the server goes on admitting requests while reporting
+    /// NOT_SERVING, so load balancers stop sending before it starts refusing.
+    pub drain_delay: Duration,
 }
 
 /// How the server ended.
@@ -158,14 +161,28 @@ pub async fn serve(
             ),
     );
 
-    let exit = tokio::select! {
-        _ = shutdown_signal() => Exit::Drained,
-        _ = group_failure(&engine) => Exit::GroupFailed,
+    let (exit, signal) = tokio::select! {
+        s = shutdown_signal() => (Exit::Drained, Some(s)),
+        _ = group_failure(&engine) => (Exit::GroupFailed, None),
     };
     reporter.set_service_status("", ServingStatus::NotServing).await;
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
+    if signal == Some(Signal::Terminate) && !opts.drain_delay.is_zero() {
+        // Kubernetes sends SIGTERM as it takes the pod out of its Services, and proxies,
+        // ingresses and meshes learn of it a few seconds later: refusing at once would fail
+        // the requests they still route here. Ctrl-C (SIGINT) or a second signal skips this.
+        eprintln!(
+            "neox-worker: SIGTERM: not serving, still admitting for {:.1}s while traffic moves away",
+            opts.drain_delay.as_secs_f64()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(opts.drain_delay) => {},
+            _ = shutdown_signal() => {},
+            _ = group_failure(&engine) => {},
+        }
+    }
     if exit == Exit::Drained {
         engine.drain();
         eprintln!("neox-worker: draining ({} requests in flight)", engine.in_flight());
@@ -192,7 +209,15 @@ async fn group_failure(engine: &EngineHandle) {
     }
 }
 
-async fn shutdown_signal() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT: Ctrl-C in a terminal.
+    Interrupt,
+    /// SIGTERM: Kubernetes, systemd, `kill`.
+    Terminate,
+}
+
+async fn shutdown_signal() -> Signal {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -208,8 +233,8 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        _ = ctrl_c => Signal::Interrupt,
+        _ = term => Signal::Terminate,
     }
 }
 
