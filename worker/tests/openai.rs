@@ -231,6 +231,7 @@ fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
     assert_eq!(got.len(), want.len());
     assert_eq!(c["usage"]["prompt_tokens"], want.len());
     assert_eq!(got[0], None, "the first token has no context");
+    let mut greedy = 0;
     for (j, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(lp["tokens"][j], w.text.as_str());
         if j > 0 {
@@ -243,7 +244,34 @@ fn scoring_a_prompt_gives_the_grpc_apis_prompt_logprobs() {
             for t in &w.top_tokens {
                 assert!((top[&t.text].as_f64().unwrap() - t.logprob as f64).abs() < 1e-6);
             }
+            if among {
+                // Exactly its own entry among the alternatives: lm-eval's is_greedy tests
+                // `logprob == max(top_logprobs)` with ==, as do greedy-match metrics.
+                greedy += 1;
+                let own = w.top_tokens.iter().find(|t| t.id == w.id).unwrap();
+                assert_eq!(own.logprob, w.logprob.unwrap(), "gRPC token {j}");
+                let best = top.values().filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+                assert_eq!(g.unwrap(), top[&w.text].as_f64().unwrap(), "OpenAI token {j}");
+                if w.top_tokens[0].id == w.id {
+                    assert_eq!(g.unwrap(), best, "OpenAI token {j}: greedy, yet not the best");
+                }
+            }
         }
+    }
+    assert!(
+        greedy > 0,
+        "no prompt token was among its top 2: the check above never ran"
+    );
+    // Generated tokens likewise: greedy ones are exactly the best of their alternatives.
+    let generated = complete(
+        &s,
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 3}),
+    );
+    let glp = &generated["choices"][0]["logprobs"];
+    for (j, g) in glp["token_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = glp["top_logprobs"][j].as_object().unwrap();
+        let best = top.values().filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+        assert_eq!(g.as_f64(), Some(best), "generated token {j}: {top:?}");
     }
     // Offsets point into the returned text.
     assert_tokens_at_offsets(prompt, lp, &u64s(&lp["text_offset"]), "scored prompt");

@@ -23,7 +23,9 @@ use crate::shard::{SeqPlan, StepRunner};
 use super::blocks::{held_blocks, BlockManager, Holding};
 use super::prefix_cache::PrefixCache;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
-use super::sampling::{sample_batch, token_logprobs, top_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
+use super::sampling::{
+    log_softmax_at, sample_batch, token_logprobs, top_logprobs, SampleRow, Sampled, Sampler, SamplingPlace,
+};
 use super::speculation::{self, DraftLength, SpeculationConfig};
 use super::stop::{StopMatcher, StopOutcome};
 
@@ -723,19 +725,25 @@ impl Engine {
         if p.logits == LogitsWanted::All && s.scores_prompt() {
             // Row j predicts token start + j + 1.
             let targets = &s.tokens[start + 1..(start + fed + 1).min(s.prompt_len())];
-            let logprobs = token_logprobs(&logits, vocab, targets)?;
             // The alternatives, when asked for: each row's top tokens (copied to the host;
-            // prompt details are for evaluation, not the hot path).
+            // prompt details are for evaluation, not the hot path). The token's own logprob
+            // then comes from the same rows by the same arithmetic, so it equals its entry
+            // among the alternatives exactly, as evaluation harnesses compare them (`==`).
             let n = s.req.sampling.top_n_tokens;
-            let tops: Vec<Vec<(u32, f32)>> = if n > 0 && !targets.is_empty() {
+            let (logprobs, tops): (Vec<f32>, Vec<Vec<(u32, f32)>>) = if n > 0 && !targets.is_empty() {
                 let rows = logits
                     .narrow(0, 0, targets.len())?
                     .narrow(1, 0, vocab)?
                     .to_dtype(candle_core::DType::F32)?
                     .to_vec2::<f32>()?;
-                rows.iter().map(|r| top_logprobs(r, n)).collect()
+                let own = rows
+                    .iter()
+                    .zip(targets)
+                    .map(|(r, &t)| log_softmax_at(r, std::iter::once(t))[0])
+                    .collect();
+                (own, rows.iter().map(|r| top_logprobs(r, n)).collect())
             } else {
-                Vec::new()
+                (token_logprobs(&logits, vocab, targets)?, Vec::new())
             };
             if start == 0 {
                 let first = s.tokens[0];
