@@ -58,12 +58,16 @@ fn model_info_reports_the_kv_budget_default_and_flagged() {
 
 /// A request that can never fit the KV budget (1 MiB: 128 tokens of this model) is refused
 /// with INVALID_ARGUMENT naming the field to blame: the prompt when it alone is too long, else
-/// max_new_tokens.
+/// max_new_tokens. The server advertises that limit, not the model's longer context.
 #[test]
 fn a_request_larger_than_the_kv_budget_names_the_field_to_blame() {
     let server = start(&["--kv-cache-mib", "1"]);
     rt().block_on(async {
         let mut c = server.client().await;
+        let info = c.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert!(info.max_position_embeddings > 128);
+        assert_eq!(info.max_total_tokens, info.kv_cache_blocks * info.kv_block_size);
+        assert_eq!(info.max_total_tokens, 128);
         let long = pb::GenerateRequest {
             prompt_ids: (0..200u32).map(|i| (i * 7 + 3) % 2000).collect(),
             ..greedy("", 1)
@@ -75,8 +79,20 @@ fn a_request_larger_than_the_kv_budget_names_the_field_to_blame() {
             let e = c.generate(req).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
             assert!(e.message().starts_with(field), "{}", e.message());
-            assert!(e.message().contains("KV blocks"), "{}", e.message());
+            assert!(e.message().contains("128"), "{}", e.message());
         }
+        // The server's default max_new_tokens shrinks to the room the budget leaves: a prompt
+        // that fits is answered, never refused over a number the client did not choose.
+        let fits = pb::GenerateRequest {
+            prompt_ids: (0..100u32).map(|i| (i * 7 + 3) % 2000).collect(),
+            ..greedy("", 0)
+        };
+        let r = c.generate(fits).await.unwrap().into_inner();
+        let n = r.token_ids.len();
+        assert!(
+            n > 0 && n <= 28,
+            "{n} tokens after a 100-token prompt in a 128-token budget"
+        );
         // Within the budget, the same server answers.
         c.generate(greedy("ROMEO:", 8)).await.unwrap();
     });

@@ -55,7 +55,8 @@ pub struct ServeArgs {
     /// max_new_tokens of a request that leaves it unset.
     #[arg(long, env = "NEOX_DEFAULT_MAX_NEW_TOKENS", default_value_t = 64)]
     default_max_new_tokens: usize,
-    /// Prompt text size limit in bytes (gRPC messages are limited to this plus 64 KiB).
+    /// Prompt text size limit in bytes. gRPC messages may be 4x this plus 256 KiB, so that an
+    /// oversized prompt is refused by validation, naming the field; past that, OUT_OF_RANGE.
     #[arg(long, env = "NEOX_MAX_PROMPT_BYTES", default_value_t = 256 * 1024)]
     max_prompt_bytes: usize,
     /// KV cache memory budget per rank, in MiB (default: 1024 on CPU; on a GPU, 90% of the
@@ -200,7 +201,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let mut runner = group.take_runner()?;
     let model = runner.model();
     let cfg = model.config().clone();
-    let max_total = a
+    let context = a
         .max_total_tokens
         .unwrap_or(cfg.max_position_embeddings)
         .min(cfg.max_position_embeddings);
@@ -217,6 +218,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         bail!(
             "a KV budget of {kv_cache_mib} MiB (--kv-cache-mib) holds no KV block of {} tokens",
             a.kv_block_size
+        );
+    }
+    // The longest sequence is also what the whole KV budget holds: advertising more (in
+    // ModelInfo, /v1/models' max_model_len) would have clients size prompts that are refused.
+    let kv_tokens = blocks.total() * a.kv_block_size;
+    let max_total = context.min(kv_tokens);
+    if max_total < context {
+        tracing::warn!(
+            context,
+            kv_tokens,
+            "the KV budget holds fewer tokens than the context: sequences are limited to {kv_tokens} tokens (raise --kv-cache-mib)"
         );
     }
     let info = pb::ModelInfoResponse {

@@ -130,7 +130,8 @@ pub fn validate(req: &pb::GenerateRequest, tok: &NeoXTokenizer, lim: &Limits) ->
         ));
     }
     if ids.len() + max_new > lim.max_total_tokens {
-        let field = if p.max_new_tokens == 0 {
+        // The prompt is to blame when it leaves no room at all, whatever max_new_tokens says.
+        let field = if p.max_new_tokens == 0 || ids.len() >= lim.max_total_tokens {
             "prompt"
         } else {
             "parameters.max_new_tokens"

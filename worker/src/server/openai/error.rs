@@ -94,7 +94,8 @@ impl ApiError {
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
-        let message = e.to_string();
+        // In OpenAI's names (`max_tokens`), as the request validation's messages are.
+        let message = super::convert::openai_message(&e.to_string());
         match e {
             SubmitError::QueueFull(_) => ApiError {
                 code: Some("queue_full"),
@@ -140,5 +141,27 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_refusal_names_openais_parameter_in_its_message_too() {
+        let e = ApiError::from(SubmitError::TooLarge {
+            prompt: false,
+            message: "prompt + max_new_tokens needs 9 KV blocks but the server has 8 (16 tokens each)".into(),
+        });
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("max_tokens"))
+        );
+        assert!(
+            e.message.starts_with("max_tokens: prompt + max_tokens needs 9"),
+            "{}",
+            e.message
+        );
     }
 }
