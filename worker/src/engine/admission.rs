@@ -170,7 +170,9 @@ impl Engine {
     }
 
     /// Takes blocks for `running[i]` to hold `tokens` tokens, evicting cached prefixes (least
-    /// recently used first) while that is not enough. False once none is left to evict.
+    /// recently used first) while that is not enough. False, evicting nothing, when even
+    /// evicting them all would not do: a prefix whose blocks running forks share frees none,
+    /// and dropping it would cost later prompts their cached KV for nothing.
     fn grow_evicting(&mut self, i: usize, tokens: usize) -> Result<bool, ModelError> {
         loop {
             let need = self
@@ -181,7 +183,7 @@ impl Engine {
                 self.running[i].hold.own += need;
                 return Ok(true);
             }
-            if !self.evict_prefix(None)? {
+            if self.blocks.free() + self.evictable(None) < need || !self.evict_prefix(None)? {
                 return Ok(false);
             }
         }
