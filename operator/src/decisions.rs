@@ -13,6 +13,9 @@ pub struct ObservedPod {
     pub terminating: bool,
     /// Pending because no node fits (the scheduler's message); not a failure.
     pub unschedulable: Option<String>,
+    /// Held back from scheduling by the gates it names (Kueue's admission: the group waits
+    /// for quota); not a failure.
+    pub gated: Option<String>,
     /// A container that cannot start and will not by itself retrying into a restart
     /// (ImagePullBackOff, CreateContainerConfigError, ...): its reason and message.
     pub waiting: Option<String>,
@@ -100,6 +103,8 @@ struct Assessment {
     ready_ranks: i32,
     /// The scheduler's message for a pod no node takes.
     capacity: Option<String>,
+    /// A pod's scheduling gates, while any is gated.
+    gated: Option<String>,
     /// A live rank that failed.
     failure: Option<String>,
     /// A live rank's container stuck waiting for a fix.
@@ -114,6 +119,7 @@ fn assess(g: &ObservedGroup, ranks: i32) -> Assessment {
         ready: ranks > 0 && ready_ranks == ranks && live.len() as i32 == ranks,
         ready_ranks,
         capacity: g.pods.iter().find_map(|p| p.unschedulable.clone()),
+        gated: g.pods.iter().find_map(|p| p.gated.clone()),
         // A failed rank already being deleted is on its way out (this restart's, or an
         // eviction's): counting it again would restart the group's fresh ranks at every
         // back-off while it terminates.
@@ -185,6 +191,7 @@ pub fn plan(
             ready,
             ready_ranks,
             capacity,
+            gated,
             failure,
             waiting,
         } = assess(o, ranks_of(o, tp, revision));
@@ -221,6 +228,12 @@ pub fn plan(
             status.phase = "Stuck".into();
             status.message = Some(why.clone());
             stuck.push(format!("group {g}: {why}"));
+        } else if let Some(gates) = gated {
+            // Queued for admission (Kueue: quota), all ranks together: nothing to restart,
+            // and nothing stuck; the progress deadline reports a wait that never ends.
+            status.phase = "Queued".into();
+            status.message = Some(format!("waiting for admission (scheduling gates: {gates})"));
+            requeue = requeue.min(10);
         } else if let Some(msg) = capacity.clone().filter(|m| !m.contains("Insufficient")) {
             status.phase = "Unschedulable".into();
             status.message = Some(msg.clone());
@@ -407,6 +420,24 @@ mod tests {
         let mut g = group(0, "old", false);
         g.pods[0].waiting = Some("ErrImagePull: not found".into());
         assert_eq!(plan(1, 2, "new", 1, &[g], 0).actions, vec![Action::UpdateGroup(0)]);
+    }
+
+    #[test]
+    fn a_group_queued_for_admission_is_reported_never_restarted() {
+        let mut g = group(0, "r1", false);
+        for p in &mut g.pods {
+            p.gated = Some("kueue.x-k8s.io/admission".into());
+        }
+        // A rank that gave up waiting meanwhile is no reason either: the group never formed.
+        g.pods[0].failed = true;
+        let p = plan(1, 2, "r1", 1, &[g], 0);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.groups[0].phase, "Queued");
+        assert_eq!(
+            p.groups[0].message.as_deref(),
+            Some("waiting for admission (scheduling gates: kueue.x-k8s.io/admission)")
+        );
+        assert!(p.stuck.is_empty() && p.unhealthy.is_empty() && p.insufficient_capacity.is_none());
     }
 
     #[test]

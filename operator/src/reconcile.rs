@@ -148,6 +148,18 @@ fn observe_pod(p: &Pod) -> ObservedPod {
         .iter()
         .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
         .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
+    let gated = conds
+        .iter()
+        .any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("SchedulingGated"))
+        .then(|| {
+            let gates = p.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref());
+            let names: Vec<&str> = gates.into_iter().flatten().map(|g| g.name.as_str()).collect();
+            if names.is_empty() {
+                "unnamed".to_owned()
+            } else {
+                names.join(", ")
+            }
+        });
     // A rank whose container restarted and is not running now (crash-looping, or exited):
     // one that restarted and runs again is forming its group anew (every rank is NOT_SERVING
     // until then), as after a wait for capacity when the last rank is placed; its startup
@@ -171,6 +183,7 @@ fn observe_pod(p: &Pod) -> ObservedPod {
         failed: status.phase.as_deref() == Some("Failed") || (down_after_restart && !ready),
         terminating: p.metadata.deletion_timestamp.is_some(),
         unschedulable,
+        gated,
         waiting,
         revision: p.labels().get(REVISION_LABEL).cloned(),
     }

@@ -405,8 +405,41 @@ async fn a_kueue_queued_group_is_replaced_by_a_new_statefulset_not_edited() {
     }
     // Up to date: nothing is touched.
     let (client, rec) = fake(vec![existing_sts(&old, 0, Some(&old_rev))], ready_group(&old, 0));
-    reconcile(Arc::new(old), context(client, 1000)).await.unwrap();
+    reconcile(Arc::new(old.clone()), context(client, 1000)).await.unwrap();
     assert_eq!(rec.lock().unwrap().lines(), expect(&[]));
+    // Waiting for Kueue to admit it: its pods are gated, which is neither a failure nor stuck.
+    let gated: Vec<_> = (0..2)
+        .map(|r| {
+            let mut p = pod(&old, 0, r, false);
+            let status = p.status.as_mut().unwrap();
+            status.container_statuses = None;
+            status.phase = Some("Pending".into());
+            status.conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("SchedulingGated".into()),
+                ..Default::default()
+            }]);
+            p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                scheduling_gates: Some(vec![k8s_openapi::api::core::v1::PodSchedulingGate {
+                    name: "kueue.x-k8s.io/admission".into(),
+                }]),
+                ..Default::default()
+            });
+            p
+        })
+        .collect();
+    let (client, rec) = fake(vec![existing_sts(&old, 0, Some(&old_rev))], gated);
+    reconcile(Arc::new(old), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert_eq!(rec.lines(), expect(&[]));
+    let group = &rec.body_of(STATUS)["status"]["groups"][0];
+    assert_eq!(group["phase"], "Queued");
+    assert_eq!(
+        group["message"],
+        "waiting for admission (scheduling gates: kueue.x-k8s.io/admission)"
+    );
+    assert_eq!(condition_of(&rec.body_of(STATUS)["status"], "Degraded")["status"], "False");
 }
 
 #[tokio::test]
