@@ -198,6 +198,10 @@ pub struct WorkerSpec {
     /// `serving.neox.dev/deployment` (and `serving.neox.dev/group` for one group's ranks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// The RuntimeClass of the ranks' pods (`nvidia` where the NVIDIA runtime is not the
+    /// node's default, as on k3s or RKE2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
     /// The scheduler placing the ranks (Volcano, scheduler-plugins...; default: the cluster's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler_name: Option<String>,
@@ -273,6 +277,7 @@ impl Default for WorkerSpec {
             affinity: None,
             priority_class_name: None,
             topology_spread_constraints: Vec::new(),
+            runtime_class_name: None,
             scheduler_name: None,
             queue_name: None,
             pod_labels: BTreeMap::new(),

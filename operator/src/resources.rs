@@ -333,6 +333,7 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
         topology_spread_constraints: (!s.worker.topology_spread_constraints.is_empty())
             .then(|| s.worker.topology_spread_constraints.clone()),
         scheduler_name: s.worker.scheduler_name.clone(),
+        runtime_class_name: s.worker.runtime_class_name.clone(),
         image_pull_secrets: (!s.worker.image_pull_secrets.is_empty()).then(|| {
             s.worker
                 .image_pull_secrets

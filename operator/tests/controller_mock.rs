@@ -439,7 +439,10 @@ async fn a_kueue_queued_group_is_replaced_by_a_new_statefulset_not_edited() {
         group["message"],
         "waiting for admission (scheduling gates: kueue.x-k8s.io/admission)"
     );
-    assert_eq!(condition_of(&rec.body_of(STATUS)["status"], "Degraded")["status"], "False");
+    assert_eq!(
+        condition_of(&rec.body_of(STATUS)["status"], "Degraded")["status"],
+        "False"
+    );
 }
 
 #[tokio::test]

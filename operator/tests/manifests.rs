@@ -296,6 +296,7 @@ fn pod_labels_annotations_scheduling_and_the_kueue_queue_reach_the_groups() {
     v["spec"]["worker"]["podLabels"] = serde_json::json!({"team": "search", "sidecar.istio.io/inject": "false"});
     v["spec"]["worker"]["podAnnotations"] = serde_json::json!({"example.com/cost-center": "42"});
     v["spec"]["worker"]["schedulerName"] = "volcano".into();
+    v["spec"]["worker"]["runtimeClassName"] = "nvidia".into();
     v["spec"]["worker"]["topologySpreadConstraints"] = serde_json::json!([{
         "maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
         "labelSelector": {"matchLabels": {"serving.neox.dev/deployment": "shakespeare"}}}]);
@@ -316,6 +317,7 @@ fn pod_labels_annotations_scheduling_and_the_kueue_queue_reach_the_groups() {
     );
     let pod = &sts["spec"]["template"]["spec"];
     assert_eq!(pod["schedulerName"], "volcano");
+    assert_eq!(pod["runtimeClassName"], "nvidia");
     assert_eq!(
         pod["topologySpreadConstraints"][0]["topologyKey"],
         "topology.kubernetes.io/zone"
@@ -340,6 +342,7 @@ fn pod_labels_annotations_scheduling_and_the_kueue_queue_reach_the_groups() {
         ("podLabels", serde_json::json!({"team": "search"})),
         ("podAnnotations", serde_json::json!({"example.com/cost-center": "42"})),
         ("schedulerName", "volcano".into()),
+        ("runtimeClassName", "nvidia".into()),
         ("queueName", "gpu-queue".into()),
     ] {
         let mut one = base.clone();
