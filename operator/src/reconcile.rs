@@ -58,6 +58,9 @@ pub struct Context {
     /// The URLs a deployment's `prometheusUrl` may be under (`NEOX_PROMETHEUS_ALLOWED_URLS`,
     /// comma-separated); none by default.
     pub prometheus_allowed: Vec<String>,
+    /// The node directories a deployment's `model.hostPath` may be in
+    /// (`NEOX_HOST_PATH_PREFIXES`, comma-separated); none by default.
+    pub host_paths_allowed: Vec<String>,
 }
 
 impl Context {
@@ -86,16 +89,41 @@ impl Context {
             autoscaled_at: Default::default(),
             failures: Default::default(),
             prometheus_url: env("NEOX_PROMETHEUS_URL"),
-            prometheus_allowed: env("NEOX_PROMETHEUS_ALLOWED_URLS")
-                .map(|v| {
-                    v.split(',')
-                        .map(|u| u.trim().to_owned())
-                        .filter(|u| !u.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            prometheus_allowed: env("NEOX_PROMETHEUS_ALLOWED_URLS").map(comma_list).unwrap_or_default(),
+            host_paths_allowed: env("NEOX_HOST_PATH_PREFIXES").map(comma_list).unwrap_or_default(),
         }
     }
+}
+
+fn comma_list(v: String) -> Vec<String> {
+    v.split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// Why `model.hostPath` may not be mounted, if it may not: it must be in one of the directories
+/// the operator's admin allows. Whoever may create a NeoXDeployment could otherwise read any
+/// node file (kubelet's secret volumes, say) through pods the operator makes for them.
+pub fn host_path_problem(d: &NeoXDeployment, allowed: &[String]) -> Option<String> {
+    let path = d.spec.model.host_path.as_deref()?;
+    let inside = |dir: &String| {
+        let dir = dir.trim_end_matches('/');
+        path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    };
+    let plain = path.starts_with('/') && !path.split('/').any(|c| c == "..");
+    if plain && allowed.iter().any(inside) {
+        return None;
+    }
+    let dirs = if allowed.is_empty() {
+        "none".to_owned()
+    } else {
+        allowed.join(", ")
+    };
+    Some(format!(
+        "model.hostPath {path:?} is not in a node directory the operator allows (NEOX_HOST_PATH_PREFIXES: {dirs}): \
+         use a PVC, or ask the operator's admin to allow it"
+    ))
 }
 
 /// Problems the schema cannot catch; reported in the Degraded condition.
@@ -448,7 +476,8 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
 
     let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let problems = spec_problems(d);
+    let mut problems = spec_problems(d);
+    problems.extend(host_path_problem(d, &ctx.host_paths_allowed));
     if !problems.is_empty() {
         // Nothing is changed until the spec is fixed; the groups go on serving the template
         // they run, and the status says how they are (judged against that template).

@@ -446,6 +446,40 @@ async fn a_kueue_queued_group_is_replaced_by_a_new_statefulset_not_edited() {
 }
 
 #[tokio::test]
+async fn a_host_path_the_operator_does_not_allow_is_refused_and_nothing_is_created() {
+    let mut d = deployment(1, 2);
+    d.spec.model.builtin = None;
+    d.spec.model.host_path = Some("/var/lib/kubelet/pods".into());
+    let (client, rec) = fake(vec![], vec![]);
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert_eq!(
+            rec.lines(),
+            vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]
+        );
+        let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
+        assert_eq!(degraded["reason"], "InvalidSpec");
+        assert!(degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("NEOX_HOST_PATH_PREFIXES"));
+    }
+    // Inside a directory the admin allows, it is served.
+    d.spec.model.host_path = Some("/models/pythia".into());
+    let (client, rec) = fake(vec![], vec![]);
+    let mut ctx = Arc::try_unwrap(context(client, 1000)).ok().unwrap();
+    ctx.host_paths_allowed = vec!["/models".into()];
+    reconcile(Arc::new(d), Arc::new(ctx)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    let sts = rec.body_of(&format!("PATCH {BASE}/llm-0"));
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["volumes"][1]["hostPath"]["path"],
+        "/models/pythia"
+    );
+}
+
+#[tokio::test]
 async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     let mut d = deployment(1, 2);
     d.spec.worker.env.push(k8s_openapi::api::core::v1::EnvVar {

@@ -62,6 +62,8 @@ const ALL_OPTIONS: &[&str] = &[
     "nodeSelector.pool=system",
     "--set",
     "leaderElection.leaseDurationSeconds=30",
+    "--set",
+    "hostPathPrefixes={/models,/mnt/ckpt}",
     // OpenShift: the platform assigns the IDs of the operator and the sample's workers.
     "--set",
     "podSecurityContext.runAsUser=null",
@@ -225,6 +227,11 @@ fn helm_chart_lints_renders_and_validates() {
     assert!(all.contains("WATCH_NAMESPACE") && all.contains("registry.example/neox-worker:1"));
     assert!(all.contains("NEOX_WORKER_CUDA_IMAGE") && all.contains("registry.example/neox-worker-cuda:1"));
     assert!(all.contains("NEOX_PROMETHEUS_URL") && all.contains("http://prometheus.monitoring:9090"));
+    assert!(all.contains("NEOX_HOST_PATH_PREFIXES") && all.contains("\"/models,/mnt/ckpt\""));
+    assert!(
+        !default.contains("NEOX_HOST_PATH_PREFIXES"),
+        "no host path is allowed by default"
+    );
     assert!(
         all.contains("NEOX_PROMETHEUS_ALLOWED_URLS")
             && all.contains("http://thanos.monitoring:9090,https://prom.example/tenant"),
@@ -381,6 +388,7 @@ fn bad_values_are_refused_by_the_values_schema() {
         ("metrics.port=70000", "/metrics/port"),
         ("prometheus.url=prometheus:9090", "/prometheus/url"),
         ("prometheus.allowedUrls={prometheus:9090}", "/prometheus/allowedUrls/0"),
+        ("hostPathPrefixes={models}", "/hostPathPrefixes/0"),
         ("replicas=3", "additional properties"),
         // Helm merges a model source into the default builtin: two sources, which the CRD
         // refuses at apply time; the values schema says so at install.

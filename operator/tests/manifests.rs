@@ -383,6 +383,44 @@ fn a_longer_termination_grace_period_gives_in_flight_requests_the_time() {
 }
 
 #[test]
+fn a_host_path_is_mounted_only_inside_the_directories_the_operator_allows() {
+    use neox_operator::reconcile::host_path_problem;
+    let mut v = sample("deploy/samples/shakespeare-cpu.yaml");
+    v["spec"]["model"] = serde_json::json!({"hostPath": "/models/pythia"});
+    let with = |path: &str| {
+        let mut v = v.clone();
+        v["spec"]["model"]["hostPath"] = path.into();
+        serde_json::from_value::<NeoXDeployment>(v).unwrap()
+    };
+    let allowed = vec!["/models/".to_owned(), "/mnt/ckpt".to_owned()];
+    for ok in ["/models/pythia", "/models", "/mnt/ckpt/gpt-neox-20b"] {
+        assert_eq!(host_path_problem(&with(ok), &allowed), None, "{ok}");
+    }
+    for refused in [
+        "/var/lib/kubelet",
+        "/models-evil",
+        "/models/../etc",
+        "/mnt/ckpt2",
+        "models/x",
+    ] {
+        let why = host_path_problem(&with(refused), &allowed).unwrap_or_default();
+        assert!(
+            why.contains("NEOX_HOST_PATH_PREFIXES: /models/, /mnt/ckpt"),
+            "{refused}: {why:?}"
+        );
+    }
+    // None allowed by default: a hostPath is refused however plain.
+    let why = host_path_problem(&with("/models/pythia"), &[]).unwrap_or_default();
+    assert!(
+        why.contains("model.hostPath \"/models/pythia\"") && why.contains(": none)"),
+        "{why}"
+    );
+    // Other sources never are.
+    let pvc: NeoXDeployment = serde_json::from_value(sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml")).unwrap();
+    assert_eq!(host_path_problem(&pvc, &[]), None);
+}
+
+#[test]
 fn gpu_groups_without_an_image_get_the_cuda_build() {
     let mut v = sample("deploy/samples/gpt-neox-20b-tp4-gpu.yaml");
     v["spec"]["worker"].as_object_mut().unwrap().remove("image");
