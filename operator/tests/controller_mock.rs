@@ -445,11 +445,9 @@ async fn a_kueue_queued_group_is_replaced_by_a_new_statefulset_not_edited() {
     );
 }
 
-#[tokio::test]
-async fn a_host_path_the_operator_does_not_allow_is_refused_and_nothing_is_created() {
-    let mut d = deployment(1, 2);
-    d.spec.model.builtin = None;
-    d.spec.model.host_path = Some("/var/lib/kubelet/pods".into());
+/// Reconciles `d` with no groups yet: only the lists and a status saying InvalidSpec, with
+/// `why` in its message. Returns the log.
+async fn refused_as_invalid(d: &neox_operator::crd::NeoXDeployment, why: &str) -> Arc<std::sync::Mutex<Recorded>> {
     let (client, rec) = fake(vec![], vec![]);
     reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
     {
@@ -460,11 +458,17 @@ async fn a_host_path_the_operator_does_not_allow_is_refused_and_nothing_is_creat
         );
         let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
         assert_eq!(degraded["reason"], "InvalidSpec");
-        assert!(degraded["message"]
-            .as_str()
-            .unwrap()
-            .contains("NEOX_HOST_PATH_PREFIXES"));
+        assert!(degraded["message"].as_str().unwrap().contains(why), "{degraded}");
     }
+    rec
+}
+
+#[tokio::test]
+async fn a_host_path_the_operator_does_not_allow_is_refused_and_nothing_is_created() {
+    let mut d = deployment(1, 2);
+    d.spec.model.builtin = None;
+    d.spec.model.host_path = Some("/var/lib/kubelet/pods".into());
+    refused_as_invalid(&d, "NEOX_HOST_PATH_PREFIXES").await;
     // Inside a directory the admin allows, it is served.
     d.spec.model.host_path = Some("/models/pythia".into());
     let (client, rec) = fake(vec![], vec![]);
@@ -487,17 +491,9 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
         value: Some("3".into()),
         ..Default::default()
     });
-    let (client, rec) = fake(vec![], vec![]);
-    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
     {
+        let rec = refused_as_invalid(&d, "NEOX_RANK").await;
         let rec = rec.lock().unwrap();
-        assert_eq!(
-            rec.lines(),
-            vec![format!("GET {BASE}"), format!("GET {PODS}"), STATUS.to_owned()]
-        );
-        let degraded = condition_of(&rec.body_of(STATUS)["status"], "Degraded");
-        assert_eq!(degraded["reason"], "InvalidSpec");
-        assert!(degraded["message"].as_str().unwrap().contains("NEOX_RANK"));
         assert_eq!(rec.events, vec!["InvalidSpec"]);
     }
     // Groups made from the last valid spec go on serving, untouched, and the status says so
