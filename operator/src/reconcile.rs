@@ -172,14 +172,16 @@ fn observe_pod(p: &Pod) -> ObservedPod {
     let status = p.status.clone().unwrap_or_default();
     let conds = status.conditions.unwrap_or_default();
     let ready = conds.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    let unschedulable = conds
+    let not_scheduled = conds
         .iter()
-        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
-        .map(|c| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
-    let gated = conds
-        .iter()
-        .any(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("SchedulingGated"))
-        .then(|| {
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .and_then(|c| Some((c.reason.as_deref()?, c)));
+    let unschedulable = not_scheduled
+        .filter(|(reason, _)| *reason == "Unschedulable")
+        .map(|(_, c)| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
+    let gated = not_scheduled
+        .filter(|(reason, _)| *reason == "SchedulingGated")
+        .map(|_| {
             let gates = p.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref());
             let names: Vec<&str> = gates.into_iter().flatten().map(|g| g.name.as_str()).collect();
             if names.is_empty() {

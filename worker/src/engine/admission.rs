@@ -174,19 +174,18 @@ impl Engine {
     /// evicting them all would not do: a prefix whose blocks running forks share frees none,
     /// and dropping it would cost later prompts their cached KV for nothing.
     fn grow_evicting(&mut self, i: usize, tokens: usize) -> Result<bool, ModelError> {
-        loop {
-            let need = self
-                .blocks
-                .blocks_for(tokens)
-                .saturating_sub(self.running[i].hold.len());
-            if need == 0 || self.blocks.try_take(need) {
-                self.running[i].hold.own += need;
-                return Ok(true);
-            }
+        let need = self
+            .blocks
+            .blocks_for(tokens)
+            .saturating_sub(self.running[i].hold.len());
+        // Only on a miss: free blocks are the common case, and `evictable` walks every holding.
+        while !self.blocks.try_take(need) {
             if self.blocks.free() + self.evictable(None) < need || !self.evict_prefix(None)? {
                 return Ok(false);
             }
         }
+        self.running[i].hold.own += need;
+        Ok(true)
     }
 
     /// Makes sure sequence `id` (running) holds blocks for `tokens` tokens, preempting the most

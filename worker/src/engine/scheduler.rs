@@ -23,9 +23,7 @@ use crate::shard::{SeqPlan, StepRunner};
 use super::blocks::{held_blocks, BlockManager, Holding};
 use super::prefix_cache::PrefixCache;
 use super::request::{Event, Failure, Finish, FinishReason, Request, TokenInfo};
-use super::sampling::{
-    log_softmax_at, sample_batch, token_logprobs, top_logprobs, SampleRow, Sampled, Sampler, SamplingPlace,
-};
+use super::sampling::{logprob_and_top, sample_batch, token_logprobs, SampleRow, Sampled, Sampler, SamplingPlace};
 use super::speculation::{self, DraftLength, SpeculationConfig};
 use super::stop::{StopMatcher, StopOutcome};
 
@@ -736,12 +734,7 @@ impl Engine {
                     .narrow(1, 0, vocab)?
                     .to_dtype(candle_core::DType::F32)?
                     .to_vec2::<f32>()?;
-                let own = rows
-                    .iter()
-                    .zip(targets)
-                    .map(|(r, &t)| log_softmax_at(r, std::iter::once(t))[0])
-                    .collect();
-                (own, rows.iter().map(|r| top_logprobs(r, n)).collect())
+                rows.iter().zip(targets).map(|(r, &t)| logprob_and_top(r, t, n)).unzip()
             } else {
                 (token_logprobs(&logits, vocab, targets)?, Vec::new())
             };

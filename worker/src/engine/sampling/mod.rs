@@ -121,12 +121,13 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// A row's `n` most likely tokens and their log-probabilities, most likely first (a prompt
-/// token's alternatives).
-pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let ids = top_n(logits, n);
-    let lps = log_softmax_at(logits, ids.iter().copied());
-    ids.into_iter().zip(lps).collect()
+/// Token `id`'s log-probability in a row, and the row's `n` most likely tokens with theirs,
+/// most likely first: all from one normaliser, so `id`'s equals its own entry among them.
+pub fn logprob_and_top(logits: &[f32], id: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let top_ids = top_n(logits, n);
+    let mut lps = log_softmax_at(logits, std::iter::once(id).chain(top_ids.iter().copied()));
+    let logprob = lps.remove(0);
+    (logprob, top_ids.into_iter().zip(lps).collect())
 }
 
 fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
@@ -200,14 +201,8 @@ impl Sampler {
         } else {
             self.draw(scores)
         };
-        let top_ids = top_n(raw, p.top_n_tokens);
-        let mut lps = log_softmax_at(raw, std::iter::once(id).chain(top_ids.iter().copied()));
-        let logprob = lps.remove(0);
-        Sampled {
-            id,
-            logprob,
-            top: top_ids.into_iter().zip(lps).collect(),
-        }
+        let (logprob, top) = logprob_and_top(raw, id, p.top_n_tokens);
+        Sampled { id, logprob, top }
     }
 
     /// This sampler as it will be once it has sampled one token: speculative decoding samples
