@@ -24,6 +24,8 @@ struct Log {
     fed: HashMap<u64, usize>,
     /// `(from, to, tokens)` of every fork.
     forks: Vec<(u64, u64, usize)>,
+    /// The sequence ids each step fed, in order.
+    steps: Vec<Vec<u64>>,
 }
 
 /// A local runner whose first step waits for the test (so requests can queue meanwhile), and
@@ -45,6 +47,7 @@ impl StepRunner for Recording {
         for p in plan {
             *log.fed.entry(p.id).or_default() += p.tokens.len();
         }
+        log.steps.push(plan.iter().map(|p| p.id).collect());
         drop(log);
         self.inner.step(plan)
     }
@@ -96,12 +99,12 @@ fn generated(mut rx: UnboundedReceiver<Event>) -> Vec<u32> {
     panic!("the events ended without a finish");
 }
 
-/// Queues `copies` identical greedy requests for HF's longest golden case while the engine is
-/// held in a step for an unrelated request, so they reach one admission together. Returns each
-/// copy's continuation and the log.
-fn identical_prompts_queued_together(prefix_caching: bool, copies: usize) -> (Vec<Vec<u32>>, Log, usize) {
+/// Queues greedy requests for `prompts` (20 new tokens each) while the engine is held in a
+/// step for an unrelated request, so they reach one admission together. Returns each one's
+/// continuation and the log. Sequence ids: 1 is the request that holds the engine, then the
+/// prompts in order.
+fn queued_together(prefix_caching: bool, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, Log) {
     let g = Goldens::load();
-    let (prompt, _) = g.longest_case();
     let shortest = g
         .cases()
         .into_iter()
@@ -145,8 +148,8 @@ fn identical_prompts_queued_together(prefix_caching: bool, copies: usize) -> (Ve
     handle.submit(first).unwrap();
     entered.recv().unwrap();
     let mut rxs = Vec::new();
-    for _ in 0..copies {
-        let (req, rx) = greedy_request(&prompt, 20);
+    for prompt in prompts {
+        let (req, rx) = greedy_request(prompt, 20);
         handle.submit(req).unwrap();
         rxs.push(rx);
     }
@@ -156,7 +159,15 @@ fn identical_prompts_queued_together(prefix_caching: bool, copies: usize) -> (Ve
     drop(handle);
     join.join().unwrap();
     let log = std::mem::take(&mut *log.lock().unwrap());
-    (outs, log, prompt.len())
+    (outs, log)
+}
+
+/// HF's greedy continuation of golden case `case`'s prompt.
+fn golden_case(g: &Goldens, case: usize) -> (Vec<u32>, Vec<u32>) {
+    (
+        g.ids(&format!("case{case}.input_ids")),
+        g.ids(&format!("case{case}.greedy")),
+    )
 }
 
 #[test]
@@ -170,10 +181,11 @@ fn identical_prompts_queued_together_compute_their_prompt_once() {
         .unwrap();
     let want = g.ids(&format!("case{case}.greedy"));
     let copies = 4;
+    let len = prompt.len();
     // Sequence ids: 1 is the request that holds the engine, then the copies in order.
     let copy_ids = 2..2 + copies as u64;
     for prefix_caching in [false, true] {
-        let (outs, log, len) = identical_prompts_queued_together(prefix_caching, copies);
+        let (outs, log) = queued_together(prefix_caching, &vec![prompt.clone(); copies]);
         for out in &outs {
             assert_eq!(
                 out, &want,
@@ -206,4 +218,47 @@ fn identical_prompts_queued_together_compute_their_prompt_once() {
             assert!(log.forks.is_empty());
         }
     }
+}
+
+/// A prompt waiting a step for its twin's prefill (to copy its KV) holds up nobody behind it:
+/// a different prompt queued after the twin runs in the twin's first step.
+#[test]
+fn a_prompt_waiting_for_its_twin_does_not_hold_up_the_queue() {
+    let g = Goldens::load();
+    let (prompt, _) = g.longest_case();
+    let twin_case = g
+        .cases()
+        .into_iter()
+        .find(|i| g.ids(&format!("case{i}.input_ids")) == prompt)
+        .unwrap();
+    let other_case = g
+        .cases()
+        .into_iter()
+        .find(|i| *i != twin_case && g.ids(&format!("case{i}.input_ids"))[0] != prompt[0])
+        .expect("a golden case that shares no prefix with the longest");
+    let (twin, twin_greedy) = golden_case(&g, twin_case);
+    let (other, other_greedy) = golden_case(&g, other_case);
+    let (outs, log) = queued_together(true, &[twin.clone(), twin, other]);
+    assert_eq!(outs[0], twin_greedy);
+    assert_eq!(outs[1], twin_greedy);
+    assert_eq!(outs[2], other_greedy, "the prompt behind the twins");
+    // Ids: 2 and 3 are the twins, 4 the other prompt.
+    let first_with = |id: u64| log.steps.iter().position(|s| s.contains(&id)).unwrap();
+    assert_eq!(
+        first_with(4),
+        first_with(2),
+        "the other prompt waited behind the twin: steps {:?}",
+        log.steps
+    );
+    assert!(
+        first_with(3) > first_with(2),
+        "the twin computed its own prompt: {:?}",
+        log.steps
+    );
+    assert_eq!(
+        log.forks.iter().map(|f| f.1).collect::<Vec<_>>(),
+        vec![3],
+        "{:?}",
+        log.forks
+    );
 }

@@ -69,10 +69,15 @@ impl Engine {
     }
 
     /// Admits waiting sequences in arrival order while slots and blocks allow (evicting cached
-    /// prefixes for room); a prompt that starts with a cached prefix starts from its KV.
+    /// prefixes for room); a prompt that starts with a cached prefix starts from its KV. A
+    /// prompt waiting for a running twin's prefill (to copy its KV a step later) is passed
+    /// over, not waited on: what queued behind it runs meanwhile. One short of blocks stops
+    /// admission, so that later, smaller prompts cannot starve it.
     pub(super) fn admit(&mut self) -> Result<(), ModelError> {
+        // Waiting sequences passed over this time, all at the head of the queue.
+        let mut passed = 0;
         while self.running.len() < self.config.max_batch_size {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.get(passed) else { break };
             let id = front.id;
             // Room for the whole (re)computation plus the next token.
             let need = self.blocks.blocks_for(front.tokens.len() + 1);
@@ -89,7 +94,8 @@ impl Engine {
             };
             // A running sequence still computing more of this prompt: wait for its KV.
             if found.wait {
-                break;
+                passed += 1;
+                continue;
             }
             let mut hit = found.hit;
             // Full blocks of the prefix the ranks share with the source instead of copying.
@@ -115,7 +121,9 @@ impl Engine {
                 // still reaches its client.
                 self.runner.fork(h.id, id, h.tokens, need * bs)?;
             }
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let Some(mut s) = self.waiting.remove(passed) else {
+                break;
+            };
             s.hold = hold;
             s.admitted_at.get_or_insert_with(Instant::now);
             if queried {
