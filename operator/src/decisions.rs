@@ -38,6 +38,9 @@ pub struct ObservedGroup {
     /// number of ranks: an update replaces the StatefulSet instead.
     pub queued: bool,
     pub pods: Vec<ObservedPod>,
+    /// Why its StatefulSet cannot make the pods it lacks (a ResourceQuota, Pod Security
+    /// admission, a webhook): the StatefulSet controller's message.
+    pub cannot_create: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +231,13 @@ pub fn plan(
             status.phase = "Stuck".into();
             status.message = Some(why.clone());
             stuck.push(format!("group {g}: {why}"));
+        } else if let Some(why) = &o.cannot_create {
+            // Refused by admission, not by a node: no restart brings the missing ranks, and the
+            // ranks that exist wait for them in vain.
+            status.phase = "Stuck".into();
+            let why = format!("pods cannot be created: {why}");
+            stuck.push(format!("group {g}: {why}"));
+            status.message = Some(why);
         } else if let Some(gates) = gated {
             // Queued for admission (Kueue: quota), all ranks together: nothing to restart,
             // and nothing stuck; the progress deadline reports a wait that never ends.

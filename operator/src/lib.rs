@@ -1,8 +1,8 @@
 //! NeoX Serve operator: reconciles `NeoXDeployment`s into tensor-parallel worker groups.
 //!
-//! `crd` (the resource) → `resources` (desired Kubernetes objects, pure) → `decisions` (restart
-//! and rollout choices from observed state, pure) → `reconcile` (the API calls) → `controller`
-//! (watches, leader election, metrics).
+//! `crd` (the resource) → `resources` (desired Kubernetes objects, pure) → `observe` (the
+//! groups as they exist) → `decisions` (restart and rollout choices from observed state, pure)
+//! → `reconcile` (the API calls) → `controller` (watches, leader election, metrics).
 
 pub mod autoscale;
 pub mod controller;
@@ -10,6 +10,7 @@ pub mod crd;
 pub mod decisions;
 pub mod lease;
 pub mod metrics;
+pub mod observe;
 pub mod per_deployment;
 pub mod reconcile;
 pub mod resources;

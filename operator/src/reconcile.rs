@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -15,13 +15,11 @@ use serde_json::json;
 
 use crate::autoscale;
 use crate::crd::{AutoscalingSpec, Condition, NeoXDeployment, NeoXDeploymentStatus, Recommendation, ScaleDecision};
-use crate::decisions::{self, Action, ObservedGroup, ObservedPod, Plan};
+use crate::decisions::{self, Action, ObservedGroup, Plan};
 use crate::metrics::Metrics;
+use crate::observe::observe_groups;
 use crate::per_deployment::PerDeployment;
-use crate::resources::{
-    self, DEPLOYMENT_LABEL, GROUP_LABEL, KUEUE_QUEUE_LABEL, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION,
-    REVISION_LABEL,
-};
+use crate::resources::{self, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION};
 
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "neox-operator";
@@ -156,103 +154,6 @@ pub fn spec_problems(d: &NeoXDeployment) -> Vec<String> {
         out.push("worker.resources.gpus must be 0 or 1: each rank drives one GPU".into());
     }
     out
-}
-
-/// Container waiting reasons that last until someone fixes the image, Secret or ConfigMap.
-const STUCK_REASONS: &[&str] = &[
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "ErrImageNeverPull",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-];
-
-fn observe_pod(p: &Pod) -> ObservedPod {
-    let status = p.status.clone().unwrap_or_default();
-    let conds = status.conditions.unwrap_or_default();
-    let ready = conds.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    let not_scheduled = conds
-        .iter()
-        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-        .and_then(|c| Some((c.reason.as_deref()?, c)));
-    let unschedulable = not_scheduled
-        .filter(|(reason, _)| *reason == "Unschedulable")
-        .map(|(_, c)| c.message.clone().unwrap_or_else(|| "unschedulable".into()));
-    let gated = not_scheduled
-        .filter(|(reason, _)| *reason == "SchedulingGated")
-        .map(|_| {
-            let gates = p.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref());
-            let names: Vec<&str> = gates.into_iter().flatten().map(|g| g.name.as_str()).collect();
-            if names.is_empty() {
-                "unnamed".to_owned()
-            } else {
-                names.join(", ")
-            }
-        });
-    // A rank whose container restarted and is not running now (crash-looping, or exited):
-    // one that restarted and runs again is forming its group anew (every rank is NOT_SERVING
-    // until then), as after a wait for capacity when the last rank is placed; its startup
-    // probe ends it if the group never forms.
-    let containers = status.container_statuses.unwrap_or_default();
-    let down_after_restart = containers
-        .iter()
-        .any(|c| c.restart_count > 0 && c.state.as_ref().is_none_or(|s| s.running.is_none()));
-    // Waiting for something only a fix provides (CrashLoopBackOff is a failure, counted above).
-    let waiting = containers.iter().find_map(|c| {
-        let w = c.state.as_ref()?.waiting.as_ref()?;
-        let reason = w.reason.as_deref()?;
-        STUCK_REASONS.contains(&reason).then(|| match &w.message {
-            Some(m) => format!("{reason}: {m}"),
-            None => reason.to_owned(),
-        })
-    });
-    ObservedPod {
-        name: p.name_any(),
-        ready,
-        failed: status.phase.as_deref() == Some("Failed") || (down_after_restart && !ready),
-        terminating: p.metadata.deletion_timestamp.is_some(),
-        unschedulable,
-        gated,
-        waiting,
-        revision: p.labels().get(REVISION_LABEL).cloned(),
-    }
-}
-
-fn label_i32(m: &std::collections::BTreeMap<String, String>, key: &str) -> Option<i32> {
-    m.get(key).and_then(|v| v.parse().ok())
-}
-
-/// Groups as they exist: this deployment's StatefulSets and their pods.
-pub fn observe(d: &NeoXDeployment, stss: &[StatefulSet], pods: &[Pod]) -> Vec<ObservedGroup> {
-    let uid = d.uid();
-    let mut groups: Vec<ObservedGroup> = stss
-        .iter()
-        .filter(|s| uid.is_none() || s.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
-        .filter_map(|s| {
-            let index = label_i32(s.labels(), GROUP_LABEL)?;
-            let ann = s.annotations();
-            Some(ObservedGroup {
-                index,
-                revision: s.labels().get(REVISION_LABEL).cloned().unwrap_or_default(),
-                ranks: s.spec.as_ref().and_then(|spec| spec.replicas),
-                restarts: label_i32(ann, RESTARTS_ANNOTATION).unwrap_or(0),
-                last_restart: ann.get(LAST_RESTART_ANNOTATION).and_then(|v| v.parse().ok()),
-                queued: s.labels().contains_key(KUEUE_QUEUE_LABEL),
-                pods: Vec::new(),
-            })
-        })
-        .collect();
-    for p in pods {
-        let Some(g) = label_i32(p.labels(), GROUP_LABEL) else {
-            continue;
-        };
-        if let Some(group) = groups.iter_mut().find(|x| x.index == g) {
-            group.pods.push(observe_pod(p));
-        }
-    }
-    groups.sort_by_key(|g| g.index);
-    groups
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, old: &[Condition], now: &str) -> Condition {
@@ -478,12 +379,13 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
 
     let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), &ns);
     let mut problems = spec_problems(d);
     problems.extend(host_path_problem(d, &ctx.host_paths_allowed));
     if !problems.is_empty() {
         // Nothing is changed until the spec is fixed; the groups go on serving the template
         // they run, and the status says how they are (judged against that template).
-        let observed = observe_groups(d, &stss, &pods).await?;
+        let observed = observe_groups(d, &stss, &pods, &events, now).await?;
         let held = observed.first().map(|g| g.revision.clone()).unwrap_or_default();
         let ranks = observed.first().and_then(|g| g.ranks);
         let count = observed.len() as i32;
@@ -539,7 +441,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     apply_owned(&pdbs, d, &name, resources::disruption_budget(d), &pp).await?;
     apply_owned(&policies, d, &name, resources::network_policy(d), &pp).await?;
 
-    let observed = observe_groups(d, &stss, &pods).await?;
+    let observed = observe_groups(d, &stss, &pods, &events, now).await?;
     let revision = resources::revision(d);
     let spec = &d.spec;
     let plan = decisions::plan(
@@ -655,18 +557,6 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     patch_status(&deployments, &name, &status).await?;
     ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
-}
-
-/// The deployment's groups as they exist now.
-async fn observe_groups(
-    d: &NeoXDeployment,
-    stss: &Api<StatefulSet>,
-    pods: &Api<Pod>,
-) -> Result<Vec<ObservedGroup>, Error> {
-    let lp = ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", d.name_any()));
-    let sts_list = stss.list(&lp).await?.items;
-    let pod_list = pods.list(&lp).await?.items;
-    Ok(observe(d, &sts_list, &pod_list))
 }
 
 /// The group's Service, then its StatefulSet at the deployment's current spec.

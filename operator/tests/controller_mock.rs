@@ -948,3 +948,105 @@ async fn a_rollout_without_progress_past_its_deadline_is_reported_once() {
     assert_eq!(status.ready_replicas, 2);
     assert_eq!(status.last_progress_time.as_deref(), Some("1970-01-12T14:30:00Z"));
 }
+
+/// A FailedCreate Event of the StatefulSet controller about `sts`, last seen at `seen`.
+fn failed_create(sts: &str, uid: &str, seen: i64, message: &str) -> k8s_openapi::api::core::v1::Event {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    k8s_openapi::api::core::v1::Event {
+        reason: Some("FailedCreate".into()),
+        message: Some(message.into()),
+        involved_object: k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("StatefulSet".into()),
+            name: Some(sts.into()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        },
+        last_timestamp: Some(Time(k8s_openapi::jiff::Timestamp::from_second(seen).unwrap())),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn pods_refused_at_creation_are_reported_with_the_refusal_not_restarted() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let at = |s: i64| Some(Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap()));
+    let d = deployment(2, 2);
+    let rev = resources::revision(&d);
+    let quota = "create Pod llm-1-1 in StatefulSet llm-1 failed error: pods \"llm-1-1\" is forbidden: \
+                 exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8";
+    // Group 1's StatefulSet (made at 800) has its rank 0 (made at 900), whose leader gave up
+    // waiting for rank 1 and crash-loops; rank 1 is refused by a ResourceQuota.
+    let scenario = |sts_made: i64, pod_made: i64, events| {
+        let mut sts = vec![existing_sts(&d, 0, Some(&rev)), existing_sts(&d, 1, Some(&rev))];
+        sts[1].metadata.creation_timestamp = at(sts_made);
+        sts[1].metadata.uid = Some("sts-1".into());
+        let mut pods = ready_group(&d, 0);
+        let mut rank0 = pod(&d, 1, 0, false);
+        rank0.metadata.creation_timestamp = at(pod_made);
+        rank0.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0] =
+            k8s_openapi::api::core::v1::ContainerStatus {
+                restart_count: 1,
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some("CrashLoopBackOff".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+        pods.push(rank0);
+        fake_with_events(sts, pods, vec![], None, events)
+    };
+    let events = vec![
+        // Older than rank 0: from before the group last made pods.
+        failed_create("llm-1", "sts-1", 850, "an old refusal"),
+        failed_create("llm-1", "sts-1", 990, quota),
+        // About a StatefulSet of the same name deleted since (a queued group's replacement).
+        failed_create("llm-1", "sts-old", 995, "a refusal of the StatefulSet replaced"),
+        failed_create("llm-0", "sts-0", 995, "another group's refusal"),
+    ];
+    let (client, rec) = scenario(800, 900, events.clone());
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        // Nothing deleted: a restart brings no pod the quota refuses.
+        let mut want = preamble();
+        want.push("GET /api/v1/namespaces/serving/events".into());
+        want.push(STATUS.into());
+        assert_eq!(rec.lines(), want);
+        let query = percent_decode(&rec.calls[want.len() - 2].query);
+        assert!(
+            query.contains("involvedObject.kind=StatefulSet") && query.contains("reason=FailedCreate"),
+            "{query}"
+        );
+        assert!(rec.events.is_empty(), "{:?}", rec.events);
+        let status = &rec.body_of(STATUS)["status"];
+        assert_eq!(status["groups"][1]["phase"], "Stuck");
+        let message = status["groups"][1]["message"].as_str().unwrap();
+        assert_eq!(message, format!("pods cannot be created: {quota}"));
+        let degraded = condition_of(status, "Degraded");
+        assert_eq!(state(&degraded), (Some("True"), Some("GroupsCannotStart")));
+        assert!(
+            degraded["message"].as_str().unwrap().contains("exceeded quota"),
+            "{degraded}"
+        );
+    }
+    // Within moments of its StatefulSet's making, a missing pod is not looked into (nor are
+    // Events read): the group is starting, and its failed rank restarts it as before.
+    let (client, rec) = scenario(995, 995, events.clone());
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    {
+        let rec = rec.lock().unwrap();
+        assert!(!rec.lines().iter().any(|l| l.ends_with("/events")), "{:?}", rec.lines());
+        assert_eq!(rec.events, vec!["RestartingGroup"]);
+    }
+    // Every refusal older than the group's newest pod: the quota let it be made since, so none
+    // explains the missing rank.
+    let (client, rec) = scenario(800, 999, events);
+    reconcile(Arc::new(d), context(client, 1020)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    assert!(rec.lines().iter().any(|l| l.ends_with("/events")));
+    assert_eq!(rec.events, vec!["RestartingGroup"]);
+    assert_ne!(rec.body_of(STATUS)["status"]["groups"][1]["phase"], "Stuck");
+}

@@ -137,9 +137,33 @@ fn helm_chart_lints_renders_and_validates() {
     ] {
         assert!(kinds.iter().any(|x| x == k), "default render lacks a {k}: {kinds:?}");
     }
+    // The operator's own role is exactly deploy/'s: one least-privilege rule set, two ways to
+    // install it.
+    let shipped = docs(&read("deploy/rbac.yaml"));
+    let operator_rules = |all: &[Value]| -> Value {
+        let found: Vec<Value> = all
+            .iter()
+            .filter(|d| {
+                d["kind"] == "ClusterRole"
+                    && d["metadata"]["labels"]
+                        .get("rbac.authorization.k8s.io/aggregate-to-edit")
+                        .is_none()
+                    && d["metadata"]["labels"]
+                        .get("rbac.authorization.k8s.io/aggregate-to-view")
+                        .is_none()
+            })
+            .cloned()
+            .collect();
+        assert_eq!(found.len(), 1, "one operator ClusterRole: {found:?}");
+        found[0]["rules"].clone()
+    };
+    assert_eq!(
+        operator_rules(&docs(&default)),
+        operator_rules(&shipped),
+        "the chart's operator role and deploy/rbac.yaml's differ"
+    );
     // Namespace users get NeoXDeployments through Kubernetes' own roles (aggregation), with
     // the rules deploy/rbac.yaml gives them.
-    let shipped = docs(&read("deploy/rbac.yaml"));
     for label in ["aggregate-to-edit", "aggregate-to-view"] {
         let key = format!("rbac.authorization.k8s.io/{label}");
         let find = |all: &[Value]| -> Value {

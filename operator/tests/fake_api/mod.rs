@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodCondition, PodStatus};
+use k8s_openapi::api::core::v1::{ContainerStatus, Event as CoreEvent, Pod, PodCondition, PodStatus};
 use kube::client::Body;
 use kube::{Client, Resource, ResourceExt};
 use neox_operator::crd::{NeoXDeployment, NeoXDeploymentSpec};
@@ -78,6 +78,18 @@ pub fn fake_with(
     named: Vec<Value>,
     refuse: Option<Refusal>,
 ) -> (Client, Arc<Mutex<Recorded>>) {
+    fake_with_events(sts, pods, named, refuse, vec![])
+}
+
+/// As `fake_with`, and a list of core Events answers their lists (the operator's own Events,
+/// which it posts to events.k8s.io, are recorded by reason instead).
+pub fn fake_with_events(
+    sts: Vec<StatefulSet>,
+    pods: Vec<Pod>,
+    named: Vec<Value>,
+    refuse: Option<Refusal>,
+    core_events: Vec<CoreEvent>,
+) -> (Client, Arc<Mutex<Recorded>>) {
     let mut named: Vec<(String, Value)> = named
         .into_iter()
         .map(|o| {
@@ -106,7 +118,8 @@ pub fn fake_with(
             let query = req.uri().query().unwrap_or_default().to_owned();
             let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let reply = if path.contains("/events") {
+            let posted = path.contains("/events") && method != "GET";
+            let reply = if posted {
                 log.lock()
                     .unwrap()
                     .events
@@ -144,6 +157,7 @@ pub fn fake_with(
                     "GET" if by_name.is_some() => by_name.flatten().unwrap_or_default(),
                     "GET" if path.ends_with("/statefulsets") => list(&sts),
                     "GET" if path.ends_with("/pods") => list(&pods),
+                    "GET" if path.ends_with("/events") => list(&core_events),
                     "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
                     "PATCH" if path.contains("/neoxdeployments/") => json!({
                         "apiVersion": "serving.neox.dev/v1alpha1", "kind": "NeoXDeployment",
