@@ -300,9 +300,10 @@ pub struct RankResources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub memory: Option<String>,
-    /// GPUs per rank (0 for CPU workers).
+    /// GPUs per rank: 0 for CPU workers, 1 for GPU ones (each rank drives one GPU; more GPUs
+    /// means more ranks, `tensorParallelSize`).
     #[serde(default)]
-    #[schemars(range(min = 0, max = 8))]
+    #[schemars(range(min = 0, max = 1))]
     pub gpus: i32,
     /// Extended resource name of the GPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]

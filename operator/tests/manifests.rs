@@ -75,6 +75,10 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
         ),
         ("< minimum", Box::new(|v| v["spec"]["replicas"] = (-1).into())),
         (
+            "> maximum",
+            Box::new(|v| v["spec"]["worker"]["resources"]["gpus"] = 2.into()),
+        ),
+        (
             "metadata.name must be",
             Box::new(|v| v["metadata"]["name"] = "9-lives".into()),
         ),
