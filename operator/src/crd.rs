@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration, TopologySpreadConstraint};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,26 @@ pub struct NeoXDeploymentSpec {
     /// Scale `replicas` (groups) from a Prometheus metric, HPA-style.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Who may reach the groups' ports through the NetworkPolicy the operator makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicyOptions>,
+}
+
+/// Sources allowed in by the deployment's NetworkPolicy, on top of its own pods (which reach
+/// every port: rendezvous, collectives, NCCL). Kubernetes adds policies up, so only the
+/// operator's own can narrow what it opens; each list is NetworkPolicy `from` peers.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyOptions {
+    /// Who may reach the serving ports (gRPC 50051, HTTP 8000), say the ingress controller's
+    /// namespace or the application's pods. Default: any source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub serving_from: Option<Vec<NetworkPolicyPeer>>,
+    /// Who may reach the metrics port (9400), say Prometheus's namespace. Default: any source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 /// HPA-style autoscaling of groups from Prometheus: `desired = ceil(replicas × value / target)`

@@ -536,11 +536,11 @@ pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
 }
 
 /// Ingress to the workers: clients and Prometheus reach the serving ports (gRPC, HTTP,
-/// metrics) from anywhere; everything else (the group's rendezvous and collectives,
-/// unauthenticated and carrying activations, and NCCL's own ports) only from the deployment's
-/// own pods: any other pod could otherwise join with a wrong rank and stop a group from
-/// forming. Policies add up, so a cluster that needs more ingress adds its own; a CNI without
-/// NetworkPolicy ignores it.
+/// metrics) from anywhere, or only from the sources `spec.networkPolicy` names; everything
+/// else (the group's rendezvous and collectives, unauthenticated and carrying activations,
+/// and NCCL's own ports) only from the deployment's own pods: any other pod could otherwise
+/// join with a wrong rank and stop a group from forming. Policies add up, so a cluster that
+/// needs more ingress adds its own; a CNI without NetworkPolicy ignores it.
 pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
     let own_pods = deployment_pods(d);
     let ports = |ps: &[i32]| {
@@ -552,26 +552,39 @@ pub fn network_policy(d: &NeoXDeployment) -> NetworkPolicy {
             })
             .collect()
     };
+    let options = d.spec.network_policy.clone().unwrap_or_default();
+    // No list: any source. Serving and metrics share a rule while neither is narrowed.
+    let mut rules = match (options.serving_from, options.metrics_from) {
+        (None, None) => vec![NetworkPolicyIngressRule {
+            from: None,
+            ports: Some(ports(&[GRPC_PORT, HTTP_PORT, METRICS_PORT])),
+        }],
+        (serving, metrics) => vec![
+            NetworkPolicyIngressRule {
+                from: serving,
+                ports: Some(ports(&[GRPC_PORT, HTTP_PORT])),
+            },
+            NetworkPolicyIngressRule {
+                from: metrics,
+                ports: Some(ports(&[METRICS_PORT])),
+            },
+        ],
+    };
+    rules.push(NetworkPolicyIngressRule {
+        from: Some(vec![NetworkPolicyPeer {
+            pod_selector: Some(own_pods.clone()),
+            ..Default::default()
+        }]),
+        // Every port: NCCL's bootstrap and transports listen on ports of their own choosing,
+        // besides the group's rendezvous and TCP collectives.
+        ports: None,
+    });
     NetworkPolicy {
         metadata: deployment_meta(d),
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(own_pods.clone()),
+            pod_selector: Some(own_pods),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    from: None,
-                    ports: Some(ports(&[GRPC_PORT, HTTP_PORT, METRICS_PORT])),
-                },
-                NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer {
-                        pod_selector: Some(own_pods),
-                        ..Default::default()
-                    }]),
-                    // Every port: NCCL's bootstrap and transports listen on ports of their
-                    // own choosing, besides the group's rendezvous and TCP collectives.
-                    ports: None,
-                },
-            ]),
+            ingress: Some(rules),
             ..Default::default()
         }),
     }

@@ -79,6 +79,11 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
             Box::new(|v| v["spec"]["worker"]["resources"]["gpus"] = 2.into()),
         ),
         (
+            // An empty `from` would mean any source: say nothing to mean that.
+            "fewer than minItems 1",
+            Box::new(|v| v["spec"]["networkPolicy"] = serde_json::json!({"servingFrom": []})),
+        ),
+        (
             "metadata.name must be",
             Box::new(|v| v["metadata"]["name"] = "9-lives".into()),
         ),
@@ -507,4 +512,60 @@ fn only_the_deployments_own_pods_reach_anything_but_the_serving_ports() {
     assert_eq!(closed.len(), 1);
     assert_eq!(closed[0]["from"], serde_json::json!([{"podSelector": own}]));
     assert!(closed[0].get("ports").is_none(), "{}", closed[0]);
+}
+
+#[test]
+fn the_serving_and_metrics_ports_open_only_to_the_sources_the_spec_names() {
+    let mut v = sample("deploy/samples/shakespeare-cpu.yaml");
+    let ingress =
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]);
+    let prometheus =
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]);
+    v["spec"]["networkPolicy"] = serde_json::json!({"servingFrom": ingress, "metricsFrom": prometheus});
+    let d: NeoXDeployment = serde_json::from_value(v.clone()).unwrap();
+    let errors = admission::admission_errors(&v);
+    assert!(errors.is_empty(), "{errors:?}");
+    let rules = |d: &NeoXDeployment| -> Vec<(Value, Vec<i64>)> {
+        let np = serde_json::to_value(resources::network_policy(d)).unwrap();
+        np["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let ports = r["ports"]
+                    .as_array()
+                    .map_or(vec![], |ps| ps.iter().map(|p| p["port"].as_i64().unwrap()).collect());
+                (r.get("from").cloned().unwrap_or(Value::Null), ports)
+            })
+            .collect()
+    };
+    let (grpc, http, metrics) = (
+        i64::from(resources::GRPC_PORT),
+        i64::from(resources::HTTP_PORT),
+        i64::from(resources::METRICS_PORT),
+    );
+    let own = serde_json::json!([{"podSelector": {"matchLabels": {"serving.neox.dev/deployment": "shakespeare"}}}]);
+    assert_eq!(
+        rules(&d),
+        vec![
+            (ingress.clone(), vec![grpc, http]),
+            (prometheus, vec![metrics]),
+            (own.clone(), vec![]),
+        ]
+    );
+    // Only serving narrowed: Prometheus still reaches the metrics from anywhere.
+    let mut only_serving = d.clone();
+    only_serving.spec.network_policy.as_mut().unwrap().metrics_from = None;
+    assert_eq!(
+        rules(&only_serving),
+        vec![(ingress, vec![grpc, http]), (Value::Null, vec![metrics]), (own, vec![])]
+    );
+    // The policy is no part of the pods: changing it rolls no group.
+    let pod_template = serde_json::to_value(resources::statefulset(&d, 0)).unwrap();
+    let plain: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    assert_eq!(
+        pod_template,
+        serde_json::to_value(resources::statefulset(&plain, 0)).unwrap(),
+        "a policy change rolls no group"
+    );
 }

@@ -77,6 +77,11 @@ fn structural(s: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             errs.push(format!("{path}: longer than maxLength {max}"));
         }
     }
+    if let (Some(min), Some(items)) = (s["minItems"].as_u64(), v.as_array()) {
+        if (items.len() as u64) < min {
+            errs.push(format!("{path}: fewer than minItems {min}"));
+        }
+    }
     if let (Some(max), Some(obj)) = (s["maxProperties"].as_u64(), v.as_object()) {
         if obj.len() as u64 > max {
             errs.push(format!("{path}: more than maxProperties {max}"));
