@@ -158,6 +158,8 @@ pub struct Group {
     pub name: String,
     pub tokenizer: NeoXTokenizer,
     runner: Option<Box<dyn StepRunner>>,
+    /// The least free device memory a follower reported with its shard loaded (GPU ranks).
+    pub followers_device_free: Option<usize>,
     children: Arc<Mutex<Vec<(usize, Child)>>>,
     /// The group endpoint: its runtime, a shutdown trigger and the server task.
     endpoint: Option<Endpoint>,
@@ -227,6 +229,7 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
             name: loaded.name,
             tokenizer: loaded.tokenizer,
             runner: Some(Box::new(LocalRunner::new(loaded.model))),
+            followers_device_free: None,
             children,
             endpoint: None,
         });
@@ -321,13 +324,14 @@ pub fn start_leader(m: &ModelArgs, g: &GroupArgs) -> Result<Group> {
         watch_children(children.clone(), leader.clone());
     }
     let mut model = loaded.model;
-    let (comm, senders) = leader.form_group(collective, model.device())?;
-    model.attach_comm(comm)?;
+    let formed = leader.form_group(collective, model.device())?;
+    model.attach_comm(formed.comm)?;
     eprintln!("neox-worker: group of {} ranks formed", role.rank.world_size);
     Ok(Group {
         name: loaded.name,
         tokenizer: loaded.tokenizer,
-        runner: Some(Box::new(LeaderRunner::new(LocalRunner::new(model), senders))),
+        runner: Some(Box::new(LeaderRunner::new(LocalRunner::new(model), formed.followers))),
+        followers_device_free: formed.followers_device_free,
         children,
         endpoint: Some(Endpoint { runtime, stop, server }),
     })

@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NEOX_MAX_PROMPT_BYTES", default_value_t = 256 * 1024)]
     max_prompt_bytes: usize,
     /// KV cache memory budget per rank, in MiB (default: 1024 on CPU; on a GPU, 90% of the
-    /// device memory still free once the weights are loaded).
+    /// device memory still free once the weights are loaded, on the rank with the least).
     #[arg(long, env = "NEOX_KV_CACHE_MIB")]
     kv_cache_mib: Option<usize>,
     /// KV cache layout: paged (one pool of blocks per rank, allocated up front; fewest kernel
@@ -205,10 +205,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .max_total_tokens
         .unwrap_or(cfg.max_position_embeddings)
         .min(cfg.max_position_embeddings);
+    // Every rank holds its share of every block: the budget is what the fullest device leaves.
+    let own_free = neox_worker::model::device_memory(model.device()).map(|(free, _total)| free);
     let kv_cache_mib = match a.kv_cache_mib {
         Some(mib) => mib,
-        None => match neox_worker::model::device_memory(model.device()) {
-            Some((free, _total)) => (free / 10 * 9) >> 20,
+        None => match own_free.into_iter().chain(group.followers_device_free).min() {
+            Some(free) => (free / 10 * 9) >> 20,
             None => 1024,
         },
     };

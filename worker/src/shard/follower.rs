@@ -92,6 +92,7 @@ pub fn run_follower(opts: FollowerOptions, mut model: GptNeoX) -> Result<(), Mod
         world_size: opts.rank.world_size as u32,
         collective_addr,
         model_fingerprint: model.config().fingerprint(),
+        device_free_bytes: crate::model::device_memory(model.device()).map_or(0, |(free, _)| free as u64),
     };
     let mut stream = rt
         .block_on(client.join(join))

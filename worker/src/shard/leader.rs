@@ -34,9 +34,25 @@ pub struct GroupOptions {
 
 type PlanSender = UnboundedSender<Result<pb::StepPlan, Status>>;
 
+/// A follower that joined: where it listens for collectives, its plan stream, and its
+/// device's free memory (0: unknown).
+struct Joined {
+    addr: String,
+    plans: PlanSender,
+    device_free: u64,
+}
+
+/// The group as it formed: the collectives, each follower's plan stream, and the least free
+/// device memory any follower reported.
+pub struct FormedGroup {
+    pub comm: Arc<dyn Communicator>,
+    pub followers: Vec<PlanSender>,
+    pub followers_device_free: Option<usize>,
+}
+
 #[derive(Default)]
 struct State {
-    joined: HashMap<u32, (String, PlanSender)>,
+    joined: HashMap<u32, Joined>,
     /// A follower configured inconsistently with the leader: the group cannot form.
     fatal: Option<String>,
 }
@@ -87,7 +103,7 @@ impl GroupLeader {
         &self,
         listener: TcpListener,
         device: &candle_core::Device,
-    ) -> Result<(Arc<dyn Communicator>, Vec<PlanSender>), ParallelError> {
+    ) -> Result<FormedGroup, ParallelError> {
         let world = self.opts.world_size;
         let deadline = Instant::now() + self.opts.rendezvous_timeout;
         let (m, cv) = &*self.state;
@@ -118,16 +134,17 @@ impl GroupLeader {
                 .map_err(|_| ParallelError::Rendezvous("state poisoned".into()))?
                 .0;
         }
+        let followers_device_free = least_device_free(s.joined.values());
         let mut addrs = vec![self.opts.collective_addr.clone()];
         let mut senders = Vec::with_capacity(world - 1);
         // Moved out, not cloned: once the runner drops them the group streams can end.
         for r in 1..world as u32 {
-            let (addr, tx) = s
+            let j = s
                 .joined
                 .remove(&r)
                 .ok_or_else(|| ParallelError::Rendezvous(format!("rank {r} vanished")))?;
-            addrs.push(addr);
-            senders.push(tx);
+            addrs.push(j.addr);
+            senders.push(j.plans);
         }
         drop(s);
         let nccl_id = match self.opts.backend {
@@ -164,8 +181,21 @@ impl GroupLeader {
                 self.opts.collective_timeout,
             )?,
         };
-        Ok((comm, senders))
+        Ok(FormedGroup {
+            comm,
+            followers: senders,
+            followers_device_free,
+        })
     }
+}
+
+/// The least free device memory among followers that know theirs.
+fn least_device_free<'a>(joined: impl Iterator<Item = &'a Joined>) -> Option<usize> {
+    joined
+        .map(|j| j.device_free)
+        .filter(|&free| free > 0)
+        .min()
+        .map(|free| usize::try_from(free).unwrap_or(usize::MAX))
 }
 
 #[tonic::async_trait]
@@ -213,10 +243,17 @@ impl Shard for GroupLeader {
                     true,
                 ));
             }
-            s.joined.insert(j.rank, (j.collective_addr.clone(), tx));
+            s.joined.insert(
+                j.rank,
+                Joined {
+                    addr: j.collective_addr.clone(),
+                    plans: tx,
+                    device_free: j.device_free_bytes,
+                },
+            );
         }
         cv.notify_all();
-        tracing::info!(rank = j.rank, addr = %j.collective_addr, "follower joined");
+        tracing::info!(rank = j.rank, addr = %j.collective_addr, device_free = j.device_free_bytes, "follower joined");
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
@@ -339,5 +376,40 @@ impl Drop for LeaderRunner {
         for tx in &self.followers {
             let _ = tx.send(Ok(bye.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_kv_budget_follows_the_follower_with_the_least_free_device_memory() {
+        let leader = GroupLeader::new(GroupOptions {
+            world_size: 4,
+            fingerprint: "fp".into(),
+            rendezvous_timeout: Duration::from_secs(1),
+            collective_timeout: Duration::from_secs(1),
+            collective_addr: "127.0.0.1:1".into(),
+            ring_threshold: 0,
+            backend: Backend::Tcp,
+        });
+        // A CPU rank, or one that cannot tell, says 0: it does not count.
+        for (rank, free) in [(1, 5u64 << 30), (2, 3 << 30), (3, 0)] {
+            let join = pb::JoinRequest {
+                rank,
+                world_size: 4,
+                collective_addr: format!("127.0.0.1:{rank}"),
+                model_fingerprint: "fp".into(),
+                device_free_bytes: free,
+            };
+            leader.join(Request::new(join)).await.unwrap();
+        }
+        let state = leader.state.0.lock().unwrap();
+        assert_eq!(least_device_free(state.joined.values()), Some(3 << 30));
+        assert_eq!(
+            least_device_free(state.joined.values().filter(|j| j.device_free == 0)),
+            None
+        );
     }
 }
