@@ -189,6 +189,27 @@ fn helm_chart_lints_renders_and_validates() {
             "{label}: {verbs:?}"
         );
     }
+    // A bare log level keeps the Kubernetes client quiet; a filter is taken as written.
+    let rust_log = |sets: &[&str]| -> String {
+        let mut args = vec!["template", "x", chart.as_str()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let (ok, out, err) = run(&helm, &args);
+        assert!(ok, "{err}");
+        let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let env = &dep["spec"]["template"]["spec"]["containers"][0]["env"];
+        let e = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "RUST_LOG")
+            .unwrap();
+        e["value"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(rust_log(&[]), "info,kube=warn");
+    assert_eq!(rust_log(&["logLevel=debug"]), "debug,kube=warn");
+    assert_eq!(rust_log(&["logLevel=debug\\,kube=debug"]), "debug,kube=debug");
     for d in docs(&default) {
         let labels = &d["metadata"]["labels"];
         assert_eq!(labels["app.kubernetes.io/instance"], "neox", "{}", d["kind"]);
@@ -278,12 +299,21 @@ fn helm_chart_lints_renders_and_validates() {
 
     // NOTES: in namespaced mode, the next steps work in the watched namespace (the samples
     // name none, so they land where kubectl points).
+    // The demo is inline: a chart installed from a repository comes without deploy/.
     for (namespaced, want) in [
-        ("true", "kubectl -n team-a apply -f deploy/samples/"),
-        ("false", "  kubectl apply -f deploy/samples/"),
+        ("true", "kubectl -n team-a apply -f - <<'EOF'\n"),
+        ("false", "kubectl apply -f - <<'EOF'\n"),
     ] {
         let notes = install_notes(&helm, &chart, &[&format!("rbac.namespaced={namespaced}")]);
         assert!(notes.contains(want), "{notes}");
+        let demo = notes
+            .split_once(want)
+            .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
+            .map(|(yaml, _)| yaml)
+            .unwrap_or_else(|| panic!("no demo manifest in {notes}"));
+        let demo: Value = serde_yaml::from_str(demo).unwrap();
+        assert_eq!(admission_errors(&demo), Vec::<String>::new(), "{demo}");
+        assert!(serde_json::from_value::<NeoXDeployment>(demo).is_ok());
         assert_eq!(
             notes.contains("kubectl -n team-a port-forward svc/"),
             namespaced == "true",
@@ -293,10 +323,7 @@ fn helm_chart_lints_renders_and_validates() {
     }
     // With the release's own sample: no second one to apply, and its name where it is used.
     let notes = install_notes(&helm, &chart, &["sample.enabled=true", "sample.name=chat"]);
-    assert!(
-        !notes.contains("apply -f deploy/samples/shakespeare-cpu.yaml"),
-        "{notes}"
-    );
+    assert!(!notes.contains("apply -f -"), "{notes}");
     assert!(notes.contains("kubectl -n team-a port-forward svc/chat "), "{notes}");
 
     // The longest release names still give valid Service names (DNS labels).
