@@ -65,15 +65,17 @@ pub fn query_for(d: &NeoXDeployment, a: &AutoscalingSpec) -> (String, bool) {
         d.namespace().unwrap_or_default(),
         d.name_any()
     );
-    match a.metric.unwrap_or(ScalingMetric::QueueDepth) {
+    let in_flight = format!("(sum(neox_requests_running{{{sel}}}) + sum(neox_requests_waiting{{{sel}}}))");
+    match a.metric.unwrap_or(ScalingMetric::Concurrency) {
+        ScalingMetric::Concurrency => (in_flight, true),
         ScalingMetric::QueueDepth => (format!("sum(neox_requests_waiting{{{sel}}})"), true),
-        // With no first token in the window the quantile is NaN; the workers still report (their
-        // count's rate is 0), and that idleness reads as 0 seconds, so the deployment scales in.
-        // No series at all stays "no samples".
+        // With no first token in the window the quantile is NaN. Nothing in flight then reads
+        // as 0 seconds, so an idle deployment scales in; requests in flight that got no first
+        // token (a jam, or deadlines passing in the queue) give no sample, and the groups hold.
         ScalingMetric::TtftP90 => (
             format!(
                 "histogram_quantile(0.9, sum by (le) (rate(neox_time_to_first_token_seconds_bucket{{{sel}}}[2m]))) >= 0 \
-                 or sum(rate(neox_time_to_first_token_seconds_count{{{sel}}}[2m])) * 0"
+                 or on() {in_flight} == 0"
             ),
             false,
         ),
@@ -166,13 +168,39 @@ pub async fn query(base: &str, promql: &str) -> Result<Option<f64>, QueryError> 
     if v["status"] != "success" {
         return Err(QueryError::Answer(v["error"].as_str().unwrap_or("an error").to_owned()));
     }
-    let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
-    let Some(first) = result.first() else { return Ok(None) };
-    let value = first["value"][1].as_str().and_then(|s| s.parse::<f64>().ok());
-    match value {
+    read_value(&v["data"])
+}
+
+/// The one value of a query's `data`: a scalar, or a vector of one series. None for no
+/// series or a value that is not a number (NaN, ±Inf); an error for several series, since
+/// which of them (one per group?) is meant cannot be known.
+pub fn read_value(data: &serde_json::Value) -> Result<Option<f64>, QueryError> {
+    let sample = match data["resultType"].as_str() {
+        Some("scalar") => data["result"].clone(),
+        Some("vector") => {
+            let series = data["result"].as_array().map_or(&[][..], Vec::as_slice);
+            match series {
+                [] => return Ok(None),
+                [one] => one["value"].clone(),
+                many => {
+                    return Err(QueryError::Answer(format!(
+                        "{} series where one value was expected: aggregate them (sum, avg, max)",
+                        many.len()
+                    )))
+                }
+            }
+        }
+        other => {
+            return Err(QueryError::Answer(format!(
+                "a {} result where a scalar or an instant vector was expected",
+                other.unwrap_or("missing")
+            )))
+        }
+    };
+    match sample[1].as_str().and_then(|s| s.parse::<f64>().ok()) {
         Some(x) if x.is_finite() => Ok(Some(x)),
         Some(_) => Ok(None),
-        None => Err(QueryError::Answer(format!("an unreadable sample: {first}"))),
+        None => Err(QueryError::Answer(format!("an unreadable sample: {sample}"))),
     }
 }
 
@@ -228,7 +256,27 @@ pub fn stabilize(
     } else {
         current
     };
-    (desired.clamp(a.min_replicas, a.max_replicas), recs)
+    (
+        desired
+            .min(scale_up_limit(current))
+            .clamp(a.min_replicas, a.max_replicas),
+        recs,
+    )
+}
+
+/// Whether scaling out further waits for the groups already asked for to be ready. A signal
+/// that is not divided by groups (TTFT, a custom query) stays high while new groups load
+/// (minutes, for a 20B), and every look would multiply the groups again; a per-group average
+/// of a total (concurrency, queue depth) asks for the same total each time, and does not.
+pub fn waits_for_ready(per_group: bool, current: i32, ready: i32, desired: i32) -> bool {
+    !per_group && desired > current && ready < current
+}
+
+/// The most groups one look may scale to: HPA's default scale-up policy (the larger of 4 more
+/// and twice as many per period), so a spike in the metric cannot jump to `maxReplicas` at
+/// once: groups take minutes to load, and the next look sees whether more are needed.
+pub fn scale_up_limit(current: i32) -> i32 {
+    current.saturating_add(4).max(current.saturating_mul(2))
 }
 
 #[cfg(test)]
@@ -277,6 +325,55 @@ mod tests {
                 replicas: 2
             }]
         );
+    }
+
+    #[test]
+    fn one_look_scales_out_at_most_to_twice_or_four_more() {
+        let mut a = spec();
+        a.max_replicas = 100;
+        assert_eq!(stabilize(1, 50, &[], 1000, &a).0, 5);
+        assert_eq!(stabilize(8, 50, &[], 1000, &a).0, 16);
+        assert_eq!(stabilize(8, 10, &[], 1000, &a).0, 10);
+        // Scale-in is not limited: the down window holds it instead.
+        assert_eq!(stabilize(16, 1, &[], 1000, &a).0, 1);
+        assert_eq!(scale_up_limit(0), 4);
+        assert_eq!(scale_up_limit(i32::MAX), i32::MAX);
+    }
+
+    #[test]
+    fn latency_signals_scale_out_again_only_once_the_new_groups_serve() {
+        // TTFT (not per group) high while 2 of 4 groups load: hold.
+        assert!(waits_for_ready(false, 4, 2, 8));
+        assert!(!waits_for_ready(false, 4, 4, 8));
+        // Scaling in never waits; neither do averages of a total.
+        assert!(!waits_for_ready(false, 4, 2, 3));
+        assert!(!waits_for_ready(true, 4, 2, 8));
+    }
+
+    #[test]
+    fn a_query_gives_one_value_or_none() {
+        let read = |v: serde_json::Value| read_value(&v);
+        let vector = |values: &[&str]| {
+            let result: Vec<_> = values
+                .iter()
+                .map(|x| serde_json::json!({"metric": {}, "value": [1.0, x]}))
+                .collect();
+            serde_json::json!({"resultType": "vector", "result": result})
+        };
+        assert_eq!(read(vector(&["2.5"])).unwrap(), Some(2.5));
+        assert_eq!(read(vector(&[])).unwrap(), None);
+        assert_eq!(read(vector(&["NaN"])).unwrap(), None);
+        assert_eq!(read(vector(&["+Inf"])).unwrap(), None);
+        assert_eq!(
+            read(serde_json::json!({"resultType": "scalar", "result": [1.0, "3"]})).unwrap(),
+            Some(3.0)
+        );
+        // One series per group: which one is meant is unknowable.
+        let many = read(vector(&["1", "2"])).unwrap_err().to_string();
+        assert!(many.contains("2 series"), "{many}");
+        let matrix = read(serde_json::json!({"resultType": "matrix", "result": []})).unwrap_err();
+        assert!(matrix.to_string().contains("matrix"), "{matrix}");
+        assert!(read(vector(&["lots"])).is_err());
     }
 
     #[test]

@@ -98,13 +98,14 @@ pub struct AutoscalingSpec {
     /// under one of the operator's `NEOX_PROMETHEUS_ALLOWED_URLS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus_url: Option<String>,
-    /// A built-in signal (default queueDepth).
+    /// A built-in signal (default concurrency).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<ScalingMetric>,
     /// A PromQL query giving the per-group value to hold at `target` (instead of `metric`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
-    /// Value per group to hold: waiting requests per group, or TTFT p90 seconds.
+    /// Value per group to hold: requests in flight (concurrency) or waiting (queueDepth) per
+    /// group, or TTFT p90 seconds.
     #[x_kube(validation = Rule::new("self > 0.0").message("autoscaling.target must be positive"))]
     pub target: f64,
     /// Relative deviation from target that causes no scaling.
@@ -132,10 +133,18 @@ fn default_down_window() -> i32 {
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum ScalingMetric {
-    /// `neox_requests_waiting` averaged over the groups' leaders.
+    /// Requests in flight (`neox_requests_running` + `neox_requests_waiting`) averaged over
+    /// the groups' leaders: it grows with the load whatever the number of groups, so groups
+    /// follow the load both ways. Target: the requests a group should hold, below
+    /// `engine.maxBatchSize`.
+    Concurrency,
+    /// `neox_requests_waiting` averaged over the groups' leaders: nothing waits once there are
+    /// enough groups, so it scales in to `minReplicas` then, and out again when a queue
+    /// forms; for bursts and batch work, where that is wanted.
     QueueDepth,
-    /// p90 of `neox_time_to_first_token_seconds` over the last 2 minutes; 0 when no request
-    /// started in them, so an idle deployment scales in.
+    /// p90 of `neox_time_to_first_token_seconds` over the last 2 minutes; 0 when nothing is
+    /// in flight, so an idle deployment scales in; no value (hold) while requests are in
+    /// flight but none got a first token.
     TtftP90,
 }
 

@@ -685,10 +685,19 @@ async fn autoscale_step(
             let v = if per_group { v / f64::from(current.max(1)) } else { v };
             let fresh = autoscale::recommend(current, v, a);
             let (desired, recs) = autoscale::stabilize(current, fresh, &history, now, a);
-            let msg = format!(
+            let ready = d.status.as_ref().map_or(0, |s| s.ready_replicas);
+            let mut msg = format!(
                 "metric {v:.3} per group against target {} (recommended {fresh})",
                 a.target
             );
+            let desired = if autoscale::waits_for_ready(per_group, bounded, ready, desired) {
+                msg.push_str(&format!(
+                    "; holding at {bounded} until the groups added are ready ({ready} of {current})"
+                ));
+                bounded
+            } else {
+                desired
+            };
             (desired, decision(desired, Some(v), msg), recs)
         }
         Ok(None) => (

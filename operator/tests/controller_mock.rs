@@ -706,7 +706,7 @@ fn two_groups(
 
 #[tokio::test]
 async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
-    // 12 requests waiting over 2 groups, target 2 per group: ceil(2 × 6/2) = 6, capped at 5.
+    // 12 requests in flight over 2 groups, target 2 per group: ceil(2 × 6/2) = 6, capped at 5.
     let (url, seen) = fake_prometheus("12").await;
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url, "scaleUpStabilizationSeconds": 0
@@ -717,7 +717,10 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
     let q = seen.lock().unwrap().clone();
     assert_eq!(
         q,
-        vec![r#"sum(neox_requests_waiting{namespace="serving",pod=~"llm-[0-9]+-0"})"#.to_owned()]
+        vec![
+            r#"(sum(neox_requests_running{namespace="serving",pod=~"llm-[0-9]+-0"}) + sum(neox_requests_waiting{namespace="serving",pod=~"llm-[0-9]+-0"}))"#
+                .to_owned()
+        ]
     );
     let rec = rec.lock().unwrap();
     let mut want = vec!["PATCH /apis/serving.neox.dev/v1alpha1/namespaces/serving/neoxdeployments/llm".to_owned()];

@@ -18,7 +18,7 @@ fn have_prometheus() -> bool {
 }
 
 #[test]
-fn queue_depth_in_prometheus_drives_the_scale_decision() {
+fn requests_in_flight_in_prometheus_drive_the_scale_decision() {
     if !have_prometheus() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -103,8 +103,9 @@ fn queue_depth_in_prometheus_drives_the_scale_decision() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    // The TTFT signal of an idle deployment: no first token in the window reads as 0 seconds
-    // (the bare quantile is NaN, which would hold the groups forever).
+    // The TTFT signal of an idle deployment: nothing in flight and no first token in the
+    // window reads as 0 seconds (the bare quantile is NaN, which would hold the groups
+    // forever).
     let mut ttft_spec = a.clone();
     ttft_spec.metric = Some(neox_operator::crd::ScalingMetric::TtftP90);
     let (ttft, _) = autoscale::query_for(&d, &ttft_spec);
@@ -129,14 +130,19 @@ fn queue_depth_in_prometheus_drives_the_scale_decision() {
             .spawn()
             .unwrap(),
     );
-    let value = wait_for_value(&rt, &url, &promql, "the queue", |v| v >= 4.0);
-    // One group with `value` waiting against a target of 2 per group: scale out.
+    // The default signal, requests in flight: one running and eight waiting.
+    let value = wait_for_value(&rt, &url, &promql, "the requests in flight", |v| v >= 8.0);
+    assert!(value <= 9.0, "{value} in flight of 9 sent");
+    // One group with `value` in flight against a target of 2 per group: scale out.
     let desired = autoscale::recommend(1, value, &a);
-    assert!(
-        desired >= 2,
-        "queue of {value} should ask for more groups, got {desired}"
-    );
     assert_eq!(desired, ((value / 2.0).ceil() as i32).min(8));
+    // The queue alone: all but the one running.
+    let mut queue_spec = a.clone();
+    queue_spec.metric = Some(neox_operator::crd::ScalingMetric::QueueDepth);
+    let (queue, per_group) = autoscale::query_for(&d, &queue_spec);
+    assert!(per_group);
+    let waiting = wait_for_value(&rt, &url, &queue, "the queue", |v| v >= 4.0);
+    assert!(waiting < 9.0, "{waiting} waiting with one of 9 running");
     // Queued requests wait seconds for their first token: the same TTFT query now sees them.
     let busy = wait_for_value(&rt, &url, &ttft, "TTFT under load", |v| v > 0.0);
     assert!(busy.is_finite());
