@@ -15,6 +15,7 @@ pub struct Metrics {
     pub groups_desired: IntGaugeVec,
     pub groups_ready: IntGaugeVec,
     pub group_restarts: IntCounterVec,
+    pub spec_invalid: IntGaugeVec,
     pub leader: IntGauge,
     /// The (namespace, name) pairs the per-deployment series are labelled with, so the series
     /// of a deleted NeoXDeployment can be dropped.
@@ -52,6 +53,13 @@ impl Metrics {
                 ),
                 &["namespace", "name"],
             )?,
+            spec_invalid: IntGaugeVec::new(
+                Opts::new(
+                    "neox_operator_spec_invalid",
+                    "1 while a NeoXDeployment's spec is held as invalid (its groups keep their template)",
+                ),
+                &["namespace", "name"],
+            )?,
             leader: IntGauge::new("neox_operator_leader", "1 while this replica holds the leader lease")?,
             labelled: Arc::default(),
         };
@@ -61,6 +69,7 @@ impl Metrics {
         m.registry.register(Box::new(m.groups_desired.clone()))?;
         m.registry.register(Box::new(m.groups_ready.clone()))?;
         m.registry.register(Box::new(m.group_restarts.clone()))?;
+        m.registry.register(Box::new(m.spec_invalid.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
         Ok(m)
     }
@@ -73,8 +82,11 @@ impl Metrics {
         self.duration.observe(took.as_secs_f64());
     }
 
-    pub fn set_groups(&self, ns: &str, name: &str, desired: i32, ready: i32) {
+    /// What a pass saw of a deployment: the groups it asks for, those ready, and whether its
+    /// spec is held as invalid.
+    pub fn set_groups(&self, ns: &str, name: &str, desired: i32, ready: i32, invalid: bool) {
         self.remember(ns, name);
+        self.spec_invalid.with_label_values(&[ns, name]).set(i64::from(invalid));
         // The restart counter exists from 0, so the first restart counts in `increase()`.
         self.group_restarts.with_label_values(&[ns, name]);
         self.groups_desired.with_label_values(&[ns, name]).set(desired as i64);
@@ -104,6 +116,7 @@ impl Metrics {
             let _ = self.groups_desired.remove_label_values(&labels);
             let _ = self.groups_ready.remove_label_values(&labels);
             let _ = self.group_restarts.remove_label_values(&labels);
+            let _ = self.spec_invalid.remove_label_values(&labels);
             false
         });
     }
@@ -124,8 +137,8 @@ mod tests {
     #[test]
     fn a_deleted_deployment_leaves_no_series() {
         let m = Metrics::new().unwrap();
-        m.set_groups("prod", "chat", 2, 1);
-        m.set_groups("prod", "code", 1, 1);
+        m.set_groups("prod", "chat", 2, 1, false);
+        m.set_groups("prod", "code", 1, 1, false);
         // From 0, so Prometheus' increase() counts the first restart.
         assert!(m
             .render()
@@ -140,7 +153,7 @@ mod tests {
             "{text}"
         );
         // Seen again later (re-created): reported again.
-        m.set_groups("prod", "chat", 1, 0);
+        m.set_groups("prod", "chat", 1, 0, true);
         assert!(m
             .render()
             .contains(r#"neox_operator_groups_desired{name="chat",namespace="prod"} 1"#));

@@ -402,6 +402,8 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
             publish(ctx, d, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
         }
         patch_status(&deployments, &name, &status).await?;
+        // The groups are still watched: alerts on them keep working while the spec is held.
+        ctx.metrics.set_groups(&ns, &name, d.spec.replicas, plan.ready, true);
         return Ok(Requeue::requeue(Duration::from_secs(300)));
     }
 
@@ -555,7 +557,7 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
         publish(ctx, d, EventType::Warning, PROGRESS_DEADLINE_EXCEEDED, stalled).await;
     }
     patch_status(&deployments, &name, &status).await?;
-    ctx.metrics.set_groups(&ns, &name, replicas, plan.ready);
+    ctx.metrics.set_groups(&ns, &name, replicas, plan.ready, false);
     Ok(Requeue::requeue(Duration::from_secs(requeue)))
 }
 

@@ -502,7 +502,17 @@ async fn an_invalid_spec_is_reported_in_a_condition_and_nothing_is_created() {
     let (client, rec) = two_groups(&valid, ready_group(&valid, 1));
     let mut invalid = d;
     invalid.spec.replicas = 2;
-    reconcile(Arc::new(invalid), context(client, 1000)).await.unwrap();
+    let ctx = context(client, 1000);
+    reconcile(Arc::new(invalid), ctx.clone()).await.unwrap();
+    // The groups stay visible to the alerts, and the held spec is a series of its own.
+    let metrics = ctx.metrics.render();
+    for series in [
+        r#"neox_operator_groups_ready{name="llm",namespace="serving"} 2"#,
+        r#"neox_operator_groups_desired{name="llm",namespace="serving"} 2"#,
+        r#"neox_operator_spec_invalid{name="llm",namespace="serving"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
     let rec = rec.lock().unwrap();
     assert_eq!(
         rec.lines(),

@@ -55,7 +55,7 @@ fn alert_rules_only_use_metrics_that_exist() {
     assert!(used.len() >= 7, "{used:?}");
     let worker = neox_worker::metrics::Metrics::new().unwrap().render();
     let operator = neox_operator::metrics::Metrics::new().unwrap();
-    operator.set_groups("ns", "name", 1, 1);
+    operator.set_groups("ns", "name", 1, 1, true);
     operator.group_restarted("ns", "name");
     let exported = format!("{worker}{}", operator.render());
     for name in used {
