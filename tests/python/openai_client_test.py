@@ -39,6 +39,12 @@ class Completions(unittest.TestCase):
         ids = [m.id for m in CLIENT.models.list()]
         self.assertEqual(ids, [MODEL])
 
+    def test_the_model_is_retrieved_by_name_and_others_are_not_found(self):
+        self.assertEqual(CLIENT.models.retrieve(MODEL).id, MODEL)
+        with self.assertRaises(openai.NotFoundError) as e:
+            CLIENT.models.retrieve("gpt-4")
+        self.assertEqual(e.exception.body["code"], "model_not_found")
+
     def test_logit_bias_from_the_sdk_bans_the_golden_first_token(self):
         # The SDK sends int keys as JSON strings; -100 bans the token HF's greedy picks first.
         p = GOLD["prompts"][0]
@@ -146,7 +152,7 @@ class Errors(unittest.TestCase):
         self.bad("temperature", temperature=-0.5)
         self.bad("max_tokens", max_tokens=10_000)
         self.bad("logprobs", logprobs=6)
-        self.bad("top_p", top_p=0.0)
+        self.bad("top_p", top_p=1.5)
         self.bad("frequency_penalty", frequency_penalty=3.0)
         self.bad("suffix", suffix="THE END")
         self.bad("bogus", extra_body={"bogus": 1})

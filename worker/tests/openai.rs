@@ -498,6 +498,15 @@ fn bad_requests_get_openai_errors_naming_the_parameter_and_lose_nothing() {
     let models = s.http("GET", "/v1/models", &[], "").json();
     assert_eq!(models["data"][0]["id"], MODEL);
     assert_eq!(models["data"][0]["max_model_len"], 512);
+    let one = s.http("GET", &format!("/v1/models/{MODEL}"), &[], "");
+    assert_eq!(one.status, 200);
+    assert_eq!(
+        (&one.json()["id"], &one.json()["max_model_len"]),
+        (&json!(MODEL), &json!(512))
+    );
+    let other = s.http("GET", "/v1/models/EleutherAI/gpt-neox-20b", &[], "");
+    assert_eq!(other.status, 404);
+    assert_eq!(other.json()["error"]["code"], "model_not_found");
     assert_eq!(s.http("GET", "/health", &[], "").status, 200);
     complete(&s, base);
 }

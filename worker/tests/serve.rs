@@ -988,6 +988,9 @@ fn after_sigterm_health_says_not_serving_while_requests_are_still_admitted_for_t
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(flipped, "health still SERVING 2 s after SIGTERM");
+        // So does the HTTP API's, which load balancers in front of it probe.
+        let http_health = server.http("GET", "/health", &[], "");
+        assert_eq!((http_health.status, http_health.body.as_str()), (503, "draining"));
         // ... while a request arriving meanwhile is still served, whole.
         let r = c.generate(greedy("ROMEO:\n", 5)).await.unwrap().into_inner();
         assert_eq!(r.token_ids.len(), 5);

@@ -77,6 +77,9 @@ pub struct EngineHandle {
     waiting: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
+    /// Cleared when the server is told to stop: probes read not-ready at once, while work is
+    /// still admitted until `drain` (traffic takes seconds to move away).
+    leaving: Arc<AtomicBool>,
     config: EngineConfig,
     rejected: prometheus::IntCounterVec,
 }
@@ -93,6 +96,17 @@ impl EngineHandle {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// True while serving and not told to stop: what readiness probes and load balancers
+    /// should read.
+    pub fn is_ready(&self) -> bool {
+        self.is_serving() && !self.leaving.load(Ordering::SeqCst)
+    }
+
+    /// Says the server is about to stop (readiness goes false) without refusing work yet.
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
     }
 
     /// Stops admitting new requests (running and queued ones finish).
@@ -223,6 +237,7 @@ pub fn start(
         waiting: Arc::new(AtomicUsize::new(0)),
         healthy: Arc::new(AtomicBool::new(true)),
         draining: Arc::new(AtomicBool::new(false)),
+        leaving: Arc::new(AtomicBool::new(false)),
         config: config.clone(),
         rejected: metrics.rejected.clone(),
     };

@@ -165,6 +165,7 @@ pub async fn serve(
         s = shutdown_signal() => (Exit::Drained, Some(s)),
         _ = group_failure(&engine) => (Exit::GroupFailed, None),
     };
+    engine.leave();
     reporter.set_service_status("", ServingStatus::NotServing).await;
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)

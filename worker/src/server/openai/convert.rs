@@ -104,8 +104,9 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
     }
     let choices = prompts.len() * n as usize;
     if choices > max_choices {
+        // Blame what the client can lower to fit: `n` if it asks for several, else the prompts.
         return Err(bad(
-            "n",
+            if n > 1 { "n" } else { "prompt" },
             format!(
                 "{} prompts x n {n} = {choices} choices, more than this server holds at once ({max_choices})",
                 prompts.len()
@@ -126,19 +127,20 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
         Some(m) => m,
     };
     // Temperature 0 is greedy whatever filters come with it, as OpenAI and vLLM take it (the
-    // gRPC API refuses the mix as contradictory).
-    let greedy = req.temperature == Some(0.0);
+    // gRPC API refuses the mix as contradictory); so is top_p 0, which OpenAI accepts: it keeps
+    // only the likeliest token.
+    let greedy = req.temperature == Some(0.0) || req.top_p == Some(0.0);
     let parameters = pb::GenerationParameters {
         max_new_tokens: max_tokens,
         // OpenAI samples at temperature 1 unless told otherwise.
-        temperature: Some(req.temperature.unwrap_or(1.0)),
+        temperature: Some(if greedy { 0.0 } else { req.temperature.unwrap_or(1.0) }),
         top_k: if greedy { 0 } else { top_k },
         top_p: req.top_p.filter(|_| !greedy),
         typical_p: req.typical_p.filter(|_| !greedy),
         repetition_penalty: req.repetition_penalty,
         frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         presence_penalty: req.presence_penalty.unwrap_or(0.0),
-        seed: req.seed,
+        seed: req.seed.map(|s| s as u64),
         stop_sequences: stop,
         stop_token_ids,
         ignore_eos: req.ignore_eos.unwrap_or(false),
@@ -338,6 +340,14 @@ mod tests {
             (g.temperature, g.top_k, g.top_p, g.typical_p),
             (Some(0.0), 0, None, None)
         );
+        // So is top_p 0 (OpenAI accepts it; the gRPC API's top_p is in (0, 1]).
+        let top_p_zero =
+            plan_of(serde_json::json!({"model": "m", "prompt": "x", "temperature": 0.7, "top_p": 0})).unwrap();
+        let g = params(&top_p_zero);
+        assert_eq!((g.temperature, g.top_p), (Some(0.0), None));
+        // A negative seed seeds as its 64 bits.
+        let seeded = plan_of(serde_json::json!({"model": "m", "prompt": "x", "seed": -1})).unwrap();
+        assert_eq!(params(&seeded).seed, Some(u64::MAX));
     }
 
     #[test]
@@ -379,6 +389,10 @@ mod tests {
             assert!(e.message.starts_with(param), "{}", e.message);
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         }
+        // More prompts than a small engine holds, one choice each: the prompts are to blame.
+        let many = serde_json::json!({"model": "m", "prompt": vec!["a"; 20]});
+        let e = plan(serde_json::from_value(many).unwrap(), &limits(), 16).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"), "{}", e.message);
         // Empty suffix and logit_bias, and best_of == n, are what OpenAI's clients send by default.
         plan_of(serde_json::json!({"model": "m", "prompt": "x", "suffix": "", "logit_bias": {}, "n": 2, "best_of": 2}))
             .unwrap();

@@ -68,7 +68,8 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             format!(
-                "no route {method} {path}: this server offers POST /v1/completions, GET /v1/models, POST /tokenize, \
+                "no route {method} {path}: this server offers POST /v1/completions, GET /v1/models, \
+                 GET /v1/models/{{model}}, POST /tokenize, \
                  POST /detokenize and GET /health \
                  (GPT-NeoX is a base model with no chat template, so there is no /v1/chat/completions)"
             ),

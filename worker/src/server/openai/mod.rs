@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -54,6 +54,8 @@ pub fn router(api: OpenAiApi) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        // Served names may hold slashes (`EleutherAI/gpt-neox-20b`).
+        .route("/v1/models/{*model}", get(model))
         .route("/tokenize", post(tokenize_handler))
         .route("/detokenize", post(detokenize_handler))
         .route("/health", get(health))
@@ -114,10 +116,11 @@ fn read_body(api: &OpenAiApi, body: Result<Bytes, BytesRejection>) -> Result<Byt
     })
 }
 
-/// Ready for requests: 503 once the group broke or the server drains, so a load balancer
-/// probing it stops sending work.
+/// Ready for requests: 503 once the group broke or the server is stopping (from the signal
+/// on, as gRPC health), so a load balancer probing it stops sending work while what it still
+/// sends is served.
 async fn health(State(api): State<Arc<OpenAiApi>>) -> Response {
-    if api.engine.is_serving() {
+    if api.engine.is_ready() {
         (StatusCode::OK, "ok").into_response()
     } else if api.engine.is_healthy() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
@@ -131,15 +134,17 @@ async fn models(State(api): State<Arc<OpenAiApi>>) -> Response {
         StatusCode::OK,
         &ModelList {
             object: "list",
-            data: vec![ModelCard {
-                id: api.model.clone(),
-                object: "model",
-                created: now_secs(),
-                owned_by: "neox-serve",
-                max_model_len: api.limits.max_total_tokens,
-            }],
+            data: vec![api.card()],
         },
     )
+}
+
+/// One model (the OpenAI SDK's `models.retrieve`): the served one, or 404 naming it.
+async fn model(State(api): State<Arc<OpenAiApi>>, Path(name): Path<String>) -> Response {
+    match api.check_model(&name) {
+        Ok(()) => json(StatusCode::OK, &api.card()),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn completions(
@@ -256,6 +261,16 @@ struct Run {
 
 impl OpenAiApi {
     /// A request's `model` must be the one served (404 otherwise, as OpenAI answers).
+    fn card(&self) -> ModelCard {
+        ModelCard {
+            id: self.model.clone(),
+            object: "model",
+            created: now_secs(),
+            owned_by: "neox-serve",
+            max_model_len: self.limits.max_total_tokens,
+        }
+    }
+
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model {
             Ok(())
@@ -528,8 +543,11 @@ mod tests {
         let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "stream_options": {"include_usage": 1}}"#)
             .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("stream_options"));
-        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "seed": -1}"#).unwrap_err();
+        let e = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "seed": 1.5}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("seed"));
+        // OpenAI's seed is a signed 64-bit integer.
+        let negative = parse::<CompletionRequest>(br#"{"model": "m", "prompt": "x", "seed": -1}"#).unwrap();
+        assert_eq!(negative.seed, Some(-1));
         for body in [&b"{"[..], b"[]", b"{\"model\": \"m\", \"prompt\": \"x\"} trailing", b""] {
             let e = parse::<CompletionRequest>(body).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST);

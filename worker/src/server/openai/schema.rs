@@ -29,7 +29,8 @@ pub struct CompletionRequest {
     /// OpenAI's end-user id for abuse monitoring: accepted, not used (nor logged).
     #[allow(dead_code)]
     pub user: Option<String>,
-    pub seed: Option<u64>,
+    /// Signed, as OpenAI's: its 64 bits seed the sampler as they are.
+    pub seed: Option<i64>,
     pub suffix: Option<String>,
     pub top_k: Option<i32>,
     pub typical_p: Option<f32>,
