@@ -458,12 +458,18 @@ pub struct Recommendation {
 #[serde(rename_all = "camelCase")]
 pub struct GroupStatus {
     pub index: i32,
-    /// Pending, Starting, Ready, Updating, Restarting, BackingOff, InsufficientCapacity.
+    /// Pending, Starting, Ready, Updating, Restarting, BackingOff, Queued,
+    /// InsufficientCapacity, Unschedulable, Stuck.
     pub phase: String,
     pub ready_ranks: i32,
     pub revision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The group has been Ready since it was created: the disruption budget protects its
+    /// pods. A group that never served (waiting for capacity, quota or admission) is left
+    /// out, so it cannot use up the budget and block drains of the groups that serve.
+    #[serde(default)]
+    pub served: bool,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -184,6 +184,7 @@ pub fn plan(
                 ready_ranks: 0,
                 revision: revision.into(),
                 message: None,
+                served: false,
             });
             unavailable += 1;
             requeue = requeue.min(5);
@@ -213,6 +214,8 @@ pub fn plan(
             ready_ranks,
             revision: o.revision.clone(),
             message: None,
+            // Ready now; whether it served before is the last status's to say.
+            served: ready,
         };
         if ready {
             ready_count += 1;

@@ -14,7 +14,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::autoscale;
-use crate::crd::{AutoscalingSpec, Condition, NeoXDeployment, NeoXDeploymentStatus, Recommendation, ScaleDecision};
+use crate::crd::{
+    AutoscalingSpec, Condition, GroupStatus, NeoXDeployment, NeoXDeploymentStatus, Recommendation, ScaleDecision,
+};
 use crate::decisions::{self, Action, ObservedGroup, Plan};
 use crate::metrics::Metrics;
 use crate::observe::observe_groups;
@@ -264,7 +266,14 @@ pub fn status_for(d: &NeoXDeployment, plan: &Plan, problems: &[String], now: i64
         ready_replicas: plan.ready,
         updated_replicas: plan.updated,
         selector: resources::leader_selector(d),
-        groups: plan.groups.clone(),
+        groups: plan
+            .groups
+            .iter()
+            .map(|g| GroupStatus {
+                served: g.served || old_status.groups.iter().any(|o| o.index == g.index && o.served),
+                ..g.clone()
+            })
+            .collect(),
         last_scale_decision: old_status.last_scale_decision,
         recommendations: old_status.recommendations,
         last_progress_time: last_progress.map(rfc3339),

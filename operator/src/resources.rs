@@ -18,7 +18,9 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -520,15 +522,32 @@ pub fn client_service(d: &NeoXDeployment) -> Service {
 /// would let one drain evict a rank of several groups before any of them reads unready. Once
 /// a rank is gone the rest of its group turns unready and holds further evictions until the
 /// group is back. Pods that are not Ready may always be evicted (a broken group must not
-/// block a drain).
+/// block a drain). Groups that never served (status says so) are left out: their pods, Pending
+/// for capacity, gated by Kueue or refused by a quota, count as expected but unhealthy and
+/// would use up the budget, blocking every drain of the groups that do serve.
 pub fn disruption_budget(d: &NeoXDeployment) -> PodDisruptionBudget {
     let pods = d.spec.rollout.max_unavailable.max(1);
+    let mut selector = deployment_pods(d);
+    let unserved: Vec<String> = d
+        .status
+        .iter()
+        .flat_map(|s| &s.groups)
+        .filter(|g| !g.served)
+        .map(|g| g.index.to_string())
+        .collect();
+    if !unserved.is_empty() {
+        selector.match_expressions = Some(vec![LabelSelectorRequirement {
+            key: GROUP_LABEL.into(),
+            operator: "NotIn".into(),
+            values: Some(unserved),
+        }]);
+    }
     PodDisruptionBudget {
         metadata: deployment_meta(d),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(pods)),
             unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
-            selector: Some(deployment_pods(d)),
+            selector: Some(selector),
             ..Default::default()
         }),
         ..Default::default()

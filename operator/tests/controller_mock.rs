@@ -1063,3 +1063,62 @@ async fn pods_refused_at_creation_are_reported_with_the_refusal_not_restarted() 
     assert_eq!(rec.events, vec!["RestartingGroup"]);
     assert_ne!(rec.body_of(STATUS)["status"]["groups"][1]["phase"], "Stuck");
 }
+
+#[tokio::test]
+async fn groups_that_never_served_are_left_out_of_the_disruption_budget() {
+    // Group 0 serves; group 1 served and is restarting; group 2 was added past the cluster's
+    // GPUs and has never been ready. Counting group 2's pods (expected, unhealthy) would use
+    // up the budget and block every drain of group 0's nodes.
+    let mut d = deployment(3, 2);
+    let rev = resources::revision(&d);
+    let group = |index: i32, phase: &str, served: bool| neox_operator::crd::GroupStatus {
+        index,
+        phase: phase.into(),
+        revision: rev.clone(),
+        served,
+        ..Default::default()
+    };
+    d.status = Some(neox_operator::crd::NeoXDeploymentStatus {
+        groups: vec![
+            group(0, "Ready", true),
+            group(1, "Ready", true),
+            group(2, "Starting", false),
+        ],
+        ..Default::default()
+    });
+    let mut pods = ready_group(&d, 0);
+    pods.extend((0..2).map(|r| pod(&d, 1, r, false)));
+    pods.extend((0..2).map(|r| pod(&d, 2, r, false)));
+    let sts = (0..3).map(|g| existing_sts(&d, g, Some(&rev))).collect();
+    let (client, rec) = fake(sts, pods);
+    reconcile(Arc::new(d.clone()), context(client, 1000)).await.unwrap();
+    let rec = rec.lock().unwrap();
+    let pdb = &rec.body_of(&format!("PATCH {PDB}"))["spec"];
+    assert_eq!(pdb["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["selector"],
+        serde_json::json!({
+            "matchLabels": {"serving.neox.dev/deployment": "llm"},
+            "matchExpressions": [{"key": "serving.neox.dev/group", "operator": "NotIn", "values": ["2"]}],
+        })
+    );
+    // Served stays served while the group is down; the new group has not served yet.
+    let status = &rec.body_of(STATUS)["status"];
+    let served: Vec<(i64, bool)> = status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["index"].as_i64().unwrap(), g["served"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(served, vec![(0, true), (1, true), (2, false)]);
+    // Once every group has served, the budget covers them all, as before.
+    let mut all = d.clone();
+    for g in &mut all.status.as_mut().unwrap().groups {
+        g.served = true;
+    }
+    let selector = serde_json::to_value(resources::disruption_budget(&all)).unwrap()["spec"]["selector"].clone();
+    assert_eq!(
+        selector,
+        serde_json::json!({"matchLabels": {"serving.neox.dev/deployment": "llm"}})
+    );
+}
