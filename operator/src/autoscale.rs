@@ -27,6 +27,10 @@ pub enum QueryError {
         "autoscaling.prometheusUrl {0} is not a Prometheus this operator may ask (its NEOX_PROMETHEUS_ALLOWED_URLS; Helm: prometheus.allowedUrls)"
     )]
     NotAllowed(String),
+    #[error(
+        "autoscaling.query is off in this operator (NEOX_PROMETHEUS_CUSTOM_QUERIES; Helm: prometheus.customQueries): use autoscaling.metric, or ask the operator's admin"
+    )]
+    QueryNotAllowed,
 }
 
 /// Whether `url` is under one of the `allowed` URLs: the same scheme, host and port, and a path

@@ -61,6 +61,11 @@ pub struct Context {
     /// The node directories a deployment's `model.hostPath` may be in
     /// (`NEOX_HOST_PATH_PREFIXES`, comma-separated); none by default.
     pub host_paths_allowed: Vec<String>,
+    /// Whether a deployment may give its own PromQL (`autoscaling.query`;
+    /// `NEOX_PROMETHEUS_CUSTOM_QUERIES=true`). Off by default: the operator asks with its own
+    /// credentials and writes the value to the deployment's status, so any query would let
+    /// whoever may create a NeoXDeployment read any metric, other namespaces' included.
+    pub custom_queries_allowed: bool,
 }
 
 impl Context {
@@ -91,6 +96,8 @@ impl Context {
             prometheus_url: env("NEOX_PROMETHEUS_URL"),
             prometheus_allowed: env("NEOX_PROMETHEUS_ALLOWED_URLS").map(comma_list).unwrap_or_default(),
             host_paths_allowed: env("NEOX_HOST_PATH_PREFIXES").map(comma_list).unwrap_or_default(),
+            custom_queries_allowed: env("NEOX_PROMETHEUS_CUSTOM_QUERIES")
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
         }
     }
 }
@@ -680,6 +687,10 @@ async fn autoscale_step(
         None => ctx.prometheus_url.clone().ok_or(autoscale::QueryError::NoUrl),
     };
     let (promql, per_group) = autoscale::query_for(d, a);
+    let url = url.and_then(|u| match &a.query {
+        Some(_) if !ctx.custom_queries_allowed => Err(autoscale::QueryError::QueryNotAllowed),
+        _ => Ok(u),
+    });
     let value = match url {
         Err(e) => Err(e.to_string()),
         Ok(u) => autoscale::query(&u, &promql).await.map_err(|e| e.to_string()),

@@ -898,6 +898,34 @@ async fn a_prometheus_url_the_operator_does_not_allow_is_never_asked() {
 }
 
 #[tokio::test]
+async fn a_custom_query_is_asked_only_where_the_operator_allows_them() {
+    // The value lands in the deployment's status: any PromQL, asked with the operator's
+    // credentials, would let a namespace user read any metric.
+    let (url, seen) = fake_prometheus("3").await;
+    let autoscaling = serde_json::json!({"minReplicas": 1, "maxReplicas": 5, "target": 1.0, "prometheusUrl": url,
+        "query": "sum(secret_metric{namespace=\"other-team\"})"});
+    let (d, client, rec) = two_ready_groups_autoscaled(autoscaling.clone());
+    reconcile(Arc::new(d), context_allowing(client, 1000, &[&url]))
+        .await
+        .unwrap();
+    assert!(seen.lock().unwrap().is_empty(), "asked a custom query");
+    let message = rec.lock().unwrap().body_of(STATUS)["status"]["lastScaleDecision"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("autoscaling.query is off"), "{message}");
+    // Allowed: asked as written.
+    let (d, client, _) = two_ready_groups_autoscaled(autoscaling);
+    let mut ctx = Arc::into_inner(context_allowing(client, 1000, &[&url])).unwrap();
+    ctx.custom_queries_allowed = true;
+    reconcile(Arc::new(d), Arc::new(ctx)).await.unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![r#"sum(secret_metric{namespace="other-team"})"#.to_owned()]
+    );
+}
+
+#[tokio::test]
 async fn a_rollout_without_progress_past_its_deadline_is_reported_once() {
     let mut d = deployment(2, 2);
     d.metadata.generation = Some(2);

@@ -53,6 +53,8 @@ const ALL_OPTIONS: &[&str] = &[
     "--set",
     "prometheus.allowedUrls={http://thanos.monitoring:9090,https://prom.example/tenant}",
     "--set",
+    "prometheus.customQueries=true",
+    "--set",
     "workerImage=registry.example/neox-worker:1",
     "--set",
     "workerCudaImage=registry.example/neox-worker-cuda:1",
@@ -276,6 +278,11 @@ fn helm_chart_lints_renders_and_validates() {
     assert!(
         !default.contains("NEOX_HOST_PATH_PREFIXES"),
         "no host path is allowed by default"
+    );
+    assert!(all.contains("NEOX_PROMETHEUS_CUSTOM_QUERIES"));
+    assert!(
+        !default.contains("NEOX_PROMETHEUS_CUSTOM_QUERIES"),
+        "custom queries are off by default"
     );
     assert!(
         all.contains("NEOX_PROMETHEUS_ALLOWED_URLS")

@@ -214,6 +214,7 @@ pub fn context_allowing(client: Client, now: i64, allowed: &[&str]) -> Arc<Conte
     ctx.clock = Box::new(move || now);
     ctx.prometheus_url = None;
     ctx.prometheus_allowed = allowed.iter().map(|u| u.to_string()).collect();
+    ctx.custom_queries_allowed = false;
     Arc::new(ctx)
 }
 
