@@ -25,8 +25,14 @@ pub struct Metrics {
     pub group_healthy: IntGauge,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+/// First tokens: from a cached prefix's tens of milliseconds to minutes queued behind a 20B.
+const TTFT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+/// Between tokens: 5-50 ms on GPUs, 10-100 ms on CPUs, more in big batches; fine where decode
+/// steps fall, so TPOT percentiles mean something.
+const TPOT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 ];
 const DURATION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -60,12 +66,12 @@ impl Metrics {
             time_to_first_token: hist(
                 "neox_time_to_first_token_seconds",
                 "Time from request arrival to its first generated token",
-                LATENCY_BUCKETS,
+                TTFT_BUCKETS,
             )?,
             time_per_output_token: hist(
                 "neox_time_per_output_token_seconds",
                 "Time between consecutive generated tokens of a request",
-                LATENCY_BUCKETS,
+                TPOT_BUCKETS,
             )?,
             request_duration: hist(
                 "neox_request_duration_seconds",
