@@ -162,6 +162,15 @@ fn queued_together(prefix_caching: bool, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>
     (outs, log)
 }
 
+/// The golden case with the longest prompt.
+fn longest_case_index(g: &Goldens) -> usize {
+    let (prompt, _) = g.longest_case();
+    g.cases()
+        .into_iter()
+        .find(|i| g.ids(&format!("case{i}.input_ids")) == prompt)
+        .unwrap()
+}
+
 /// HF's greedy continuation of golden case `case`'s prompt.
 fn golden_case(g: &Goldens, case: usize) -> (Vec<u32>, Vec<u32>) {
     (
@@ -173,13 +182,7 @@ fn golden_case(g: &Goldens, case: usize) -> (Vec<u32>, Vec<u32>) {
 #[test]
 fn identical_prompts_queued_together_compute_their_prompt_once() {
     let g = Goldens::load();
-    let (prompt, _) = g.longest_case();
-    let case = g
-        .cases()
-        .into_iter()
-        .find(|i| g.ids(&format!("case{i}.input_ids")) == prompt)
-        .unwrap();
-    let want = g.ids(&format!("case{case}.greedy"));
+    let (prompt, want) = golden_case(&g, longest_case_index(&g));
     let copies = 4;
     let len = prompt.len();
     // Sequence ids: 1 is the request that holds the engine, then the copies in order.
@@ -225,12 +228,8 @@ fn identical_prompts_queued_together_compute_their_prompt_once() {
 #[test]
 fn a_prompt_waiting_for_its_twin_does_not_hold_up_the_queue() {
     let g = Goldens::load();
-    let (prompt, _) = g.longest_case();
-    let twin_case = g
-        .cases()
-        .into_iter()
-        .find(|i| g.ids(&format!("case{i}.input_ids")) == prompt)
-        .unwrap();
+    let twin_case = longest_case_index(&g);
+    let (prompt, _) = golden_case(&g, twin_case);
     let other_case = g
         .cases()
         .into_iter()
