@@ -168,20 +168,6 @@ fn create_failure(s: &StatefulSet, since: i64, events: &[CoreEvent], now: i64) -
         .map(|(_, message)| message)
 }
 
-/// Notes on each group short of pods (for longer than its StatefulSet needs to make them)
-/// why its StatefulSet cannot make them, where its FailedCreate Events say.
-pub fn note_create_failures(
-    groups: &mut [ObservedGroup],
-    stss: &[StatefulSet],
-    pods: &[Pod],
-    events: &[CoreEvent],
-    now: i64,
-) {
-    for (g, s, since) in short_groups(groups, stss, pods, now) {
-        groups[g].cannot_create = create_failure(s, since, events, now);
-    }
-}
-
 /// Groups short of pods for longer than the grace: their position in `groups`, their
 /// StatefulSet and since when.
 fn short_groups<'a>(
@@ -221,10 +207,15 @@ pub async fn observe_groups(
     let sts_list = stss.list(&lp).await?.items;
     let pod_list = pods.list(&lp).await?.items;
     let mut groups = observe(d, &sts_list, &pod_list);
-    if !short_groups(&groups, &sts_list, &pod_list, now).is_empty() {
+    let short = short_groups(&groups, &sts_list, &pod_list, now);
+    if !short.is_empty() {
         let failures = ListParams::default().fields("involvedObject.kind=StatefulSet,reason=FailedCreate");
         match events.list(&failures).await {
-            Ok(list) => note_create_failures(&mut groups, &sts_list, &pod_list, &list.items, now),
+            Ok(list) => {
+                for (g, s, since) in short {
+                    groups[g].cannot_create = create_failure(s, since, &list.items, now);
+                }
+            }
             Err(e) => tracing::warn!(
                 name = %d.name_any(),
                 "could not read FailedCreate Events (the operator's role needs list on events): {e}"

@@ -260,7 +260,7 @@ struct Run {
 }
 
 impl OpenAiApi {
-    /// A request's `model` must be the one served (404 otherwise, as OpenAI answers).
+    /// The served model, as `/v1/models` lists it.
     fn card(&self) -> ModelCard {
         ModelCard {
             id: self.model.clone(),
@@ -271,6 +271,7 @@ impl OpenAiApi {
         }
     }
 
+    /// A request's `model` must be the one served (404 otherwise, as OpenAI answers).
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model {
             Ok(())
