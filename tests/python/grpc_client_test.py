@@ -67,6 +67,29 @@ class Api(unittest.TestCase):
         p = GOLD["prompts"][0]
         self.assertEqual(list(STUB.Tokenize(pb.TokenizeRequest(text=p["prompt"])).ids), p["input_ids"])
 
+    def test_tokenize_bytes_join_to_the_text(self):
+        text = "Hé said “no” — ½"
+        r = STUB.Tokenize(pb.TokenizeRequest(text=text))
+        self.assertEqual(len(r.token_bytes), len(r.ids))
+        self.assertEqual(b"".join(r.token_bytes), text.encode())
+        # Byte-level BPE splits these characters: such a token's text reads U+FFFD.
+        self.assertTrue(any("\ufffd" in t for t in r.tokens), list(r.tokens))
+
+    def test_gzip_compressed_calls_are_served(self):
+        # grpcio compresses each request and tells the server it takes gzip back.
+        p = GOLD["prompts"][0]
+        n = len(p["output_ids"])
+        with grpc.insecure_channel(ADDR, compression=grpc.Compression.Gzip) as channel:
+            stub = rpc.TextGenerationStub(channel)
+            r = stub.Generate(greedy(p["prompt"], n))
+            self.assertEqual(list(r.token_ids), p["output_ids"])
+            msgs = list(stub.GenerateStream(greedy(p["prompt"], n)))
+            self.assertEqual([m.token.id for m in msgs if m.HasField("token")], p["output_ids"])
+            # A request that compresses far below the size limit is still judged by its size.
+            with self.assertRaises(grpc.RpcError) as cm:
+                stub.Generate(pb.GenerateRequest(prompt="x" * (1 << 20)))
+            self.assertIn(cm.exception.code(), (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT))
+
     def test_unary_greedy_equals_hf(self):
         for p in GOLD["prompts"]:
             r = STUB.Generate(greedy(p["prompt"], len(p["output_ids"])))
