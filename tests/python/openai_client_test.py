@@ -71,6 +71,25 @@ class Completions(unittest.TestCase):
         self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "length")
         self.assertEqual(chunks[-1].usage.completion_tokens, 40)
 
+    def test_continuous_usage_stats_count_up_to_the_final_usage(self):
+        # vLLM's extension: every chunk carries the usage so far.
+        p = GOLD["prompts"][1]
+        chunks = list(greedy(p["prompt"], stream=True,
+                             stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        content = [c for c in chunks if c.choices]
+        counts = [c.usage.completion_tokens for c in content]
+        self.assertEqual(counts, sorted(counts))
+        self.assertEqual(counts[-1], 40)
+        self.assertTrue(all(c.usage.prompt_tokens == len(p["input_ids"]) for c in content))
+        self.assertTrue(all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+                            for c in content))
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, 40)
+        self.assertEqual(chunks[-1].usage.prompt_tokens, len(p["input_ids"]))
+        # Without include_usage it asks for nothing, as in vLLM.
+        chunks = list(greedy(p["prompt"], stream=True, stream_options={"continuous_usage_stats": True}))
+        self.assertTrue(all(c.usage is None for c in chunks))
+
     def test_batched_prompts_come_back_in_order(self):
         prompts = [p["prompt"] for p in GOLD["prompts"]]
         c = greedy(prompts)

@@ -24,6 +24,8 @@ pub struct Plan {
     pub echo: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// Every chunk carries the usage so far (only with `include_usage`, as vLLM has it).
+    pub continuous_usage: bool,
     pub logprobs: bool,
     /// `max_tokens: 0`: the prompt is only scored (with echo) and the one token the engine
     /// generates is dropped.
@@ -170,7 +172,11 @@ pub fn plan(req: CompletionRequest, lim: &Limits, max_choices: usize) -> Result<
         n: n as usize,
         echo,
         stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        continuous_usage: req
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage && o.continuous_usage_stats),
         logprobs: req.logprobs.is_some(),
         score_only,
     })

@@ -257,6 +257,8 @@ struct Run {
     held: Vec<Vec<(usize, UnboundedReceiverStream<Event>)>>,
     /// Steps due before the next event: those choices' echoed prompts.
     ready: VecDeque<Step>,
+    /// Every prompt's tokens (after truncation), for the usage of chunks before the end.
+    prompt_tokens: usize,
 }
 
 impl OpenAiApi {
@@ -305,6 +307,7 @@ impl OpenAiApi {
         let mut events = StreamMap::new();
         let mut held: Vec<Vec<_>> = (0..plan.prompts.len()).map(|_| Vec::new()).collect();
         let mut choices = Vec::with_capacity(plan.choices());
+        let prompt_tokens = validated.iter().map(|v| v.prompt_ids.len()).sum();
         for (p, v) in validated.into_iter().enumerate() {
             // Only the first choice scores the prompt; the others are given its log-probabilities
             // (and start from its KV, which the engine copies), rather than each recomputing
@@ -347,6 +350,7 @@ impl OpenAiApi {
             held,
             ready: VecDeque::new(),
             choices,
+            prompt_tokens,
         })
     }
 }
@@ -412,6 +416,18 @@ impl Run {
         }))
     }
 
+    /// Every prompt's tokens and the tokens generated so far; cached tokens as far as the
+    /// finished choices told.
+    fn usage_so_far(&self, finished: &Usage) -> Usage {
+        let completion_tokens = self.choices.iter().map(|c| c.asm.completion_tokens).sum();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+            prompt_tokens_details: finished.prompt_tokens_details,
+        }
+    }
+
     fn completion(&self, choices: Vec<schema::Choice>, usage: Option<Option<Usage>>, created: u64) -> Completion {
         Completion {
             id: self.id.clone(),
@@ -474,7 +490,8 @@ impl Run {
         let created = now_secs();
         let mut usage = Usage::default();
         let mut finished = 0;
-        // With usage asked for, every chunk before the usage chunk carries `usage: null`.
+        // With usage asked for, every chunk before the usage chunk carries `usage: null`, or
+        // the usage so far with continuous usage stats.
         let chunk_usage = self.plan.include_usage.then_some(None);
         while let Some(step) = self.next(&mut usage).await {
             let (index, piece, finish_reason) = match step {
@@ -495,6 +512,10 @@ impl Run {
                 text: piece.text,
                 logprobs: piece.logprobs,
                 finish_reason,
+            };
+            let chunk_usage = match self.plan.continuous_usage {
+                true => Some(Some(self.usage_so_far(&usage))),
+                false => chunk_usage,
             };
             if tx
                 .send(data(&self.completion(vec![choice], chunk_usage, created)))

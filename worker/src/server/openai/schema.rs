@@ -92,6 +92,9 @@ impl Stop {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
 }
 
 /// A whole response, or (with `object` the same) one chunk of a streamed one.
