@@ -113,7 +113,15 @@ pub async fn run(client: Client, metrics: Metrics, opts: Options) -> anyhow::Res
             tracing::info!("shutting down");
             let _ = stop_tx.send(());
             if tokio::time::timeout(SHUTDOWN_GRACE, &mut controller).await.is_err() {
+                // Its writes may still land: the lease must run out before another leads.
                 tracing::warn!("reconciles still running after {SHUTDOWN_GRACE:?}; exiting anyway");
+            } else if let Some(l) = &lease {
+                metrics.leader.set(0);
+                match tokio::time::timeout(opts.lease_duration / 3, l.release()).await {
+                    Ok(Ok(())) => tracing::info!("released the leader lease"),
+                    Ok(Err(e)) => tracing::warn!("releasing the leader lease: {e}"),
+                    Err(_) => tracing::warn!("releasing the leader lease: no answer in time"),
+                }
             }
         }
         _ = lost_lease => {

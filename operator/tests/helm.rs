@@ -209,6 +209,15 @@ fn helm_chart_lints_renders_and_validates() {
             .unwrap();
         e["value"].as_str().unwrap().to_owned()
     };
+    // The operator keeps a replica through drains and node loss, installed either way.
+    operator_replicas_are_spread_and_kept_through_drains(&docs(&default));
+    operator_replicas_are_spread_and_kept_through_drains(&docs(&read("deploy/operator.yaml")));
+    let (ok, out, err) = run(&helm, &["template", "x", &chart, "--set", "replicaCount=1"]);
+    assert!(ok, "{err}");
+    assert!(
+        !docs(&out).iter().any(|d| d["kind"] == "PodDisruptionBudget"),
+        "a budget over one replica blocks every drain of its node"
+    );
     assert_eq!(rust_log(&[]), "info,kube=warn");
     assert_eq!(rust_log(&["logLevel=debug"]), "debug,kube=warn");
     assert_eq!(rust_log(&["logLevel=debug\\,kube=debug"]), "debug,kube=debug");
@@ -403,6 +412,34 @@ fn helm_chart_lints_renders_and_validates() {
         assert!(std::env::var_os("CI").is_none(), "CI must install kubernetes-validate");
         eprintln!("SKIPPED part: kubernetes-validate not installed");
     }
+}
+
+/// A PodDisruptionBudget letting one operator pod go at a time, and a soft spread over nodes,
+/// both selecting the operator's pods.
+fn operator_replicas_are_spread_and_kept_through_drains(all: &[Value]) {
+    let dep = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let labels = &dep["spec"]["template"]["metadata"]["labels"];
+    let selects = |sel: &Value, what: &str| {
+        let sel = sel.as_object().unwrap_or_else(|| panic!("{what}: no matchLabels"));
+        assert!(!sel.is_empty(), "{what}");
+        for (k, v) in sel {
+            assert_eq!(&labels[k], v, "{what} selects {k}={v}, which the operator pods lack");
+        }
+    };
+    let pdb = all
+        .iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .expect("a PodDisruptionBudget for the operator");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["metadata"]["namespace"], dep["metadata"]["namespace"]);
+    selects(&pdb["spec"]["selector"]["matchLabels"], "the budget");
+    let spread = &dep["spec"]["template"]["spec"]["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        spread["whenUnsatisfiable"], "ScheduleAnyway",
+        "a one-node cluster must run both"
+    );
+    selects(&spread["labelSelector"]["matchLabels"], "the spread");
 }
 
 /// NOTES.txt of release `x` installed (dry run) in namespace `team-a` with `sets`.

@@ -107,3 +107,34 @@ async fn a_leader_whose_renewals_hang_stops_before_the_lease_can_be_taken() {
     assert!(stopped.is_ok(), "still leading 3 s into hung renewals");
     assert!(t0.elapsed() >= Duration::from_millis(1900), "{:?}", t0.elapsed());
 }
+
+#[tokio::test]
+async fn a_released_lease_is_taken_at_once_and_only_its_holder_releases_it() {
+    let store = Arc::new(Mutex::new(Store::default()));
+    let (me, next) = (
+        LeaseLock::new(fake(store.clone()), "ops", "neox", "me", Duration::from_secs(30)),
+        LeaseLock::new(fake(store.clone()), "ops", "neox", "next", Duration::from_secs(30)),
+    );
+    me.acquire().await;
+    assert!(!next.try_acquire().await.unwrap(), "taken while held");
+    me.release().await.unwrap();
+    let lease = store.lock().unwrap().lease.clone().unwrap();
+    assert!(
+        lease["spec"].get("holderIdentity").is_none_or(Value::is_null),
+        "{lease}"
+    );
+    // Well within the 30 s it would wait for an unreleased lease.
+    assert!(next.try_acquire().await.unwrap(), "a released lease was not taken");
+    // A replica that no longer holds it leaves it alone.
+    me.release().await.unwrap();
+    assert_eq!(
+        store.lock().unwrap().lease.as_ref().unwrap()["spec"]["holderIdentity"],
+        "next"
+    );
+    // client-go's release writes an empty holder.
+    store.lock().unwrap().lease = Some(held_by("", "2026-01-01T00:00:00.000000Z", 30));
+    assert!(
+        me.try_acquire().await.unwrap(),
+        "client-go's released lease was not taken"
+    );
+}

@@ -256,7 +256,11 @@ impl TextGeneration for GenerationService {
                 .iter()
                 .map(|&id| tokenizer.token_bytes(id).unwrap_or_default())
                 .collect();
-            Ok(pb::TokenizeResponse { ids, tokens, token_bytes })
+            Ok(pb::TokenizeResponse {
+                ids,
+                tokens,
+                token_bytes,
+            })
         });
         answer.await.map_err(Status::internal)?.map(Response::new)
     }
