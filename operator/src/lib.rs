@@ -3,6 +3,7 @@
 //! `crd` (the resource) → `resources` (desired Kubernetes objects, pure) → `observe` (the
 //! groups as they exist) → `decisions` (restart and rollout choices from observed state, pure)
 //! → `reconcile` (the API calls) → `controller` (watches, leader election, metrics).
+//! `autoscale` is HPA's rule over a value `prometheus` (the client) reads.
 
 pub mod autoscale;
 pub mod controller;
@@ -12,6 +13,7 @@ pub mod lease;
 pub mod metrics;
 pub mod observe;
 pub mod per_deployment;
+pub mod prometheus;
 pub mod reconcile;
 pub mod resources;
 

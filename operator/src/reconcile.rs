@@ -21,6 +21,7 @@ use crate::decisions::{self, Action, ObservedGroup, Plan};
 use crate::metrics::Metrics;
 use crate::observe::observe_groups;
 use crate::per_deployment::PerDeployment;
+use crate::prometheus::{self, Prometheus, QueryError};
 use crate::resources::{self, LAST_RESTART_ANNOTATION, RESTARTS_ANNOTATION};
 
 /// Field manager of every server-side apply.
@@ -52,6 +53,8 @@ pub struct Context {
     pub autoscaled_at: PerDeployment<i64>,
     /// Failed reconciles in a row, per NeoXDeployment uid: the retry backs off.
     pub failures: PerDeployment<u32>,
+    /// How the autoscaler reaches Prometheus (trusted CA, bearer token).
+    pub prometheus: Prometheus,
     /// The Prometheus the autoscaler asks unless a deployment names its own
     /// (`NEOX_PROMETHEUS_URL`).
     pub prometheus_url: Option<String>,
@@ -93,6 +96,7 @@ impl Context {
             clock,
             autoscaled_at: Default::default(),
             failures: Default::default(),
+            prometheus: Prometheus::from_env(),
             prometheus_url: env("NEOX_PROMETHEUS_URL"),
             prometheus_allowed: env("NEOX_PROMETHEUS_ALLOWED_URLS").map(comma_list).unwrap_or_default(),
             host_paths_allowed: env("NEOX_HOST_PATH_PREFIXES").map(comma_list).unwrap_or_default(),
@@ -680,20 +684,20 @@ async fn autoscale_step(
     let history = d.status.as_ref().map(|s| s.recommendations.clone()).unwrap_or_default();
     let bounded = current.clamp(a.min_replicas, a.max_replicas);
     let url = match a.prometheus_url.as_deref().filter(|u| !u.is_empty()) {
-        Some(u) if ctx.prometheus_url.as_deref() == Some(u) || autoscale::url_allowed(u, &ctx.prometheus_allowed) => {
+        Some(u) if ctx.prometheus_url.as_deref() == Some(u) || prometheus::url_allowed(u, &ctx.prometheus_allowed) => {
             Ok(u.to_owned())
         }
-        Some(u) => Err(autoscale::QueryError::NotAllowed(autoscale::redact(u))),
-        None => ctx.prometheus_url.clone().ok_or(autoscale::QueryError::NoUrl),
+        Some(u) => Err(QueryError::NotAllowed(prometheus::redact(u))),
+        None => ctx.prometheus_url.clone().ok_or(QueryError::NoUrl),
     };
     let (promql, per_group) = autoscale::query_for(d, a);
     let url = url.and_then(|u| match &a.query {
-        Some(_) if !ctx.custom_queries_allowed => Err(autoscale::QueryError::QueryNotAllowed),
+        Some(_) if !ctx.custom_queries_allowed => Err(QueryError::QueryNotAllowed),
         _ => Ok(u),
     });
     let value = match url {
         Err(e) => Err(e.to_string()),
-        Ok(u) => autoscale::query(&u, &promql).await.map_err(|e| e.to_string()),
+        Ok(u) => ctx.prometheus.query(&u, &promql).await.map_err(|e| e.to_string()),
     };
     let decision = |to: i32, metric_value: Option<f64>, message: String| ScaleDecision {
         time: rfc3339(now),

@@ -377,6 +377,61 @@ fn helm_chart_lints_renders_and_validates() {
     );
     assert!(!out.contains("http://plain:9090"));
 
+    // A secured Prometheus: the token file as given; the CA from a ConfigMap mounted read-only
+    // where the env points (it wins over a CA file).
+    let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    let (ok, out, err) = run(
+        &helm,
+        &[
+            "template",
+            "x",
+            &chart,
+            "--set",
+            &format!("prometheus.bearerTokenFile={token}"),
+            "--set",
+            "prometheus.caFile=/ignored.crt",
+            "--set",
+            "prometheus.caConfigMap.name=prom-ca",
+            "--set",
+            "prometheus.caConfigMap.key=service-ca.crt",
+        ],
+    );
+    assert!(ok, "{err}");
+    let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    let value = |name: &str| {
+        let found: Vec<_> = env.iter().filter(|e| e["name"] == name).collect();
+        assert_eq!(found.len(), 1, "{name} once: {env:?}");
+        found[0]["value"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(value("NEOX_PROMETHEUS_BEARER_TOKEN_FILE"), token);
+    let ca = value("NEOX_PROMETHEUS_CA_FILE");
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(ca, format!("{}/service-ca.crt", mount["mountPath"].as_str().unwrap()));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(volume["configMap"]["name"], "prom-ca");
+    let (ok, out, err) = run(
+        &helm,
+        &["template", "x", &chart, "--set", "prometheus.caFile=/etc/ssl/prom.crt"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("NEOX_PROMETHEUS_CA_FILE") && out.contains("\"/etc/ssl/prom.crt\""),
+        "{out}"
+    );
+    assert!(
+        !out.contains("volumeMounts"),
+        "nothing to mount for a file already in the pod"
+    );
+    assert!(!default.contains("NEOX_PROMETHEUS_BEARER_TOKEN_FILE") && !default.contains("NEOX_PROMETHEUS_CA_FILE"));
+
     // Every built-in object against the Kubernetes 1.33 schemas.
     let builtin: Vec<String> = docs(&default)
         .into_iter()
@@ -483,6 +538,8 @@ fn bad_values_are_refused_by_the_values_schema() {
         ("metrics.port=70000", "/metrics/port"),
         ("prometheus.url=prometheus:9090", "/prometheus/url"),
         ("prometheus.allowedUrls={prometheus:9090}", "/prometheus/allowedUrls/0"),
+        ("prometheus.bearerTokenFile=token", "/prometheus/bearerTokenFile"),
+        ("prometheus.caConfigMap.key=../ca.crt", "/prometheus/caConfigMap/key"),
         ("hostPathPrefixes={models}", "/hostPathPrefixes/0"),
         ("replicas=3", "additional properties"),
         // Helm merges a model source into the default builtin: two sources, which the CRD

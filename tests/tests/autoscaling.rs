@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use neox_operator::autoscale;
 use neox_operator::crd::{AutoscalingSpec, NeoXDeployment, NeoXDeploymentSpec};
+use neox_operator::prometheus::Prometheus;
 use neox_tests::{binary, free_port, Killed};
 
 fn have_prometheus() -> bool {
@@ -95,8 +96,9 @@ fn requests_in_flight_in_prometheus_drive_the_scale_decision() {
         .enable_all()
         .build()
         .unwrap();
+    let prom = Prometheus::new(None, None);
     let t0 = Instant::now();
-    while !matches!(rt.block_on(autoscale::query(&url, &promql)), Ok(Some(_))) {
+    while !matches!(rt.block_on(prom.query(&url, &promql)), Ok(Some(_))) {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "Prometheus never scraped the worker"
@@ -150,9 +152,9 @@ fn requests_in_flight_in_prometheus_drive_the_scale_decision() {
 
 /// Queries until the answer passes `ok` (a minute at most).
 fn wait_for_value(rt: &tokio::runtime::Runtime, url: &str, promql: &str, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    let t0 = Instant::now();
+    let (prom, t0) = (Prometheus::new(None, None), Instant::now());
     loop {
-        let got = rt.block_on(autoscale::query(url, promql));
+        let got = rt.block_on(prom.query(url, promql));
         if let Ok(Some(v)) = got {
             if ok(v) {
                 return v;
