@@ -4,19 +4,32 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::core::Collector;
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: IntCounter,
-    pub errors: IntCounter,
+    /// By deployment and reason: the API server's (`Forbidden`, `Invalid`, `Conflict`, ...) or
+    /// ours (`Unreachable`, `NameTaken`, `NoNamespace`).
+    pub errors: IntCounterVec,
     pub duration: Histogram,
     pub groups_desired: IntGaugeVec,
     pub groups_ready: IntGaugeVec,
     pub group_restarts: IntCounterVec,
     pub spec_invalid: IntGaugeVec,
     pub leader: IntGauge,
+    /// The autoscaler's last look: the value it compared with the target (per group where the
+    /// signal is divided by groups), the target, and the groups it settled on.
+    pub autoscaler_value: GaugeVec,
+    pub autoscaler_target: GaugeVec,
+    pub autoscaler_desired: IntGaugeVec,
+    /// 1 while the autoscaler's last look read no value (Prometheus unreachable or refused, no
+    /// samples): the groups hold, whatever the load.
+    pub autoscaler_value_missing: IntGaugeVec,
     /// The (namespace, name) pairs the per-deployment series are labelled with, so the series
     /// of a deleted NeoXDeployment can be dropped.
     labelled: Arc<Mutex<BTreeSet<(String, String)>>>,
@@ -27,7 +40,10 @@ impl Metrics {
         let m = Self {
             registry: Registry::new(),
             reconciles: IntCounter::new("neox_operator_reconciles_total", "Reconciliations run")?,
-            errors: IntCounter::new("neox_operator_reconcile_errors_total", "Reconciliations that failed")?,
+            errors: IntCounterVec::new(
+                Opts::new("neox_operator_reconcile_errors_total", "Reconciliations that failed"),
+                &["namespace", "name", "reason"],
+            )?,
             duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "neox_operator_reconcile_duration_seconds",
@@ -61,6 +77,31 @@ impl Metrics {
                 &["namespace", "name"],
             )?,
             leader: IntGauge::new("neox_operator_leader", "1 while this replica holds the leader lease")?,
+            autoscaler_value: GaugeVec::new(
+                Opts::new(
+                    "neox_operator_autoscaler_value",
+                    "The value the autoscaler last compared with its target (per group for concurrency and queueDepth)",
+                ),
+                &["namespace", "name"],
+            )?,
+            autoscaler_target: GaugeVec::new(
+                Opts::new("neox_operator_autoscaler_target", "The autoscaler's target value"),
+                &["namespace", "name"],
+            )?,
+            autoscaler_desired: IntGaugeVec::new(
+                Opts::new(
+                    "neox_operator_autoscaler_desired_groups",
+                    "The groups the autoscaler last settled on",
+                ),
+                &["namespace", "name"],
+            )?,
+            autoscaler_value_missing: IntGaugeVec::new(
+                Opts::new(
+                    "neox_operator_autoscaler_value_missing",
+                    "1 while the autoscaler's last look read no value (the groups hold)",
+                ),
+                &["namespace", "name"],
+            )?,
             labelled: Arc::default(),
         };
         m.registry.register(Box::new(m.reconciles.clone()))?;
@@ -71,15 +112,49 @@ impl Metrics {
         m.registry.register(Box::new(m.group_restarts.clone()))?;
         m.registry.register(Box::new(m.spec_invalid.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
+        m.registry.register(Box::new(m.autoscaler_value.clone()))?;
+        m.registry.register(Box::new(m.autoscaler_target.clone()))?;
+        m.registry.register(Box::new(m.autoscaler_desired.clone()))?;
+        m.registry.register(Box::new(m.autoscaler_value_missing.clone()))?;
         Ok(m)
     }
 
-    pub fn observe_reconcile(&self, took: Duration, failed: bool) {
+    /// A reconcile of `ns/name` that took `took`, and why it failed if it did.
+    pub fn observe_reconcile(&self, ns: &str, name: &str, took: Duration, failed: Option<&str>) {
         self.reconciles.inc();
-        if failed {
-            self.errors.inc();
+        if let Some(reason) = failed {
+            self.remember(ns, name);
+            self.errors.with_label_values(&[ns, name, reason]).inc();
         }
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// An autoscaler look: the value it read (none: it could not), its target, and the groups
+    /// it settled on.
+    pub fn autoscaled(&self, ns: &str, name: &str, value: Option<f64>, target: f64, desired: i32) {
+        self.remember(ns, name);
+        let labels = [ns, name];
+        match value {
+            Some(v) => self.autoscaler_value.with_label_values(&labels).set(v),
+            // A stale value would read as the load now.
+            None => drop(self.autoscaler_value.remove_label_values(&labels)),
+        }
+        self.autoscaler_value_missing
+            .with_label_values(&labels)
+            .set(i64::from(value.is_none()));
+        self.autoscaler_target.with_label_values(&labels).set(target);
+        self.autoscaler_desired
+            .with_label_values(&labels)
+            .set(i64::from(desired));
+    }
+
+    /// A deployment no longer autoscaled leaves no autoscaler series.
+    pub fn not_autoscaled(&self, ns: &str, name: &str) {
+        let labels = [ns, name];
+        let _ = self.autoscaler_value.remove_label_values(&labels);
+        let _ = self.autoscaler_value_missing.remove_label_values(&labels);
+        let _ = self.autoscaler_target.remove_label_values(&labels);
+        let _ = self.autoscaler_desired.remove_label_values(&labels);
     }
 
     /// What a pass saw of a deployment: the groups it asks for, those ready, and whether its
@@ -117,6 +192,18 @@ impl Metrics {
             let _ = self.groups_ready.remove_label_values(&labels);
             let _ = self.group_restarts.remove_label_values(&labels);
             let _ = self.spec_invalid.remove_label_values(&labels);
+            self.not_autoscaled(ns, name);
+            // One series per reason: find them by their deployment labels.
+            for family in self.errors.collect() {
+                for m in family.get_metric() {
+                    let label = |k: &str| m.get_label().iter().find(|l| l.name() == k).map(|l| l.value());
+                    if label("namespace") == Some(ns) && label("name") == Some(name) {
+                        if let Some(reason) = label("reason") {
+                            let _ = self.errors.remove_label_values(&[ns, name, reason]);
+                        }
+                    }
+                }
+            }
             false
         });
     }
@@ -144,6 +231,12 @@ mod tests {
             .render()
             .contains(r#"neox_operator_group_restarts_total{name="chat",namespace="prod"} 0"#));
         m.group_restarted("prod", "chat");
+        m.observe_reconcile("prod", "chat", Duration::from_millis(5), Some("Forbidden"));
+        m.observe_reconcile("prod", "chat", Duration::from_millis(5), Some("Conflict"));
+        m.autoscaled("prod", "chat", Some(1.5), 2.0, 3);
+        assert!(m
+            .render()
+            .contains(r#"neox_operator_reconcile_errors_total{name="chat",namespace="prod",reason="Forbidden"} 1"#));
         let live = BTreeSet::from([("prod".to_owned(), "code".to_owned())]);
         m.forget_all_but(&live);
         let text = m.render();

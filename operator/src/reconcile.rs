@@ -38,6 +38,20 @@ pub enum Error {
     NameTaken { kind: String, name: String, why: String },
 }
 
+impl Error {
+    /// A short name for the metric: the API server's reason (a fixed set: `Forbidden`,
+    /// `Invalid`, `Conflict`, ...) or ours.
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if !s.reason.is_empty() => &s.reason,
+            Error::Kube(kube::Error::Api(_)) => "ApiError",
+            Error::Kube(_) => "Unreachable",
+            Error::NoNamespace(_) => "NoNamespace",
+            Error::NameTaken { .. } => "NameTaken",
+        }
+    }
+}
+
 /// Shared state of the controller.
 pub struct Context {
     pub client: Client,
@@ -335,7 +349,9 @@ pub async fn reconcile(d: Arc<NeoXDeployment>, ctx: Arc<Context>) -> Result<Requ
         Err(e @ Error::NameTaken { .. }) => report_blocked(&d, &ctx, "NameConflict", e.to_string()).await,
         _ => {}
     }
-    ctx.metrics.observe_reconcile(started.elapsed(), result.is_err());
+    let (ns, name) = (d.namespace().unwrap_or_default(), d.name_any());
+    let failed = result.as_ref().err().map(Error::reason);
+    ctx.metrics.observe_reconcile(&ns, &name, started.elapsed(), failed);
     if result.is_ok() {
         ctx.failures.remove(&d);
     }
@@ -428,6 +444,9 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     }
 
     // Autoscaling first: the groups below follow the replicas it settles on.
+    if d.spec.autoscaling.is_none() {
+        ctx.metrics.not_autoscaled(&ns, &name);
+    }
     let mut replicas = d.spec.replicas;
     let mut scaled = None;
     let autoscale_wait = d
@@ -439,6 +458,8 @@ async fn reconcile_inner(d: &NeoXDeployment, ctx: &Context) -> Result<Requeue, E
     if let Some(a) = d.spec.autoscaling.as_ref().filter(|_| autoscale_wait.is_none()) {
         let (desired, decision, recs) = autoscale_step(ctx, d, a, now).await;
         ctx.autoscaled_at.set(d, now);
+        ctx.metrics
+            .autoscaled(&ns, &name, decision.metric_value, a.target, desired);
         if desired != replicas {
             let patch = Patch::Merge(json!({ "spec": { "replicas": desired } }));
             deployments.patch(&name, &PatchParams::default(), &patch).await?;

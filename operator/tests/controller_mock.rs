@@ -617,6 +617,12 @@ async fn failed_reconciles_retry_with_backoff_until_one_succeeds() {
     }
     let secs = |s| Action::requeue(std::time::Duration::from_secs(s));
     assert_eq!(waits, [secs(5), secs(10), secs(20)]);
+    // Counted per deployment with the API server's reason, so an alert can say which and why.
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"neox_operator_reconcile_errors_total{name="llm",namespace="serving",reason="Invalid"} 3"#),
+        "{metrics}"
+    );
     // Once a pass goes through, the next failure starts over.
     let (client, _rec) = fake(vec![], vec![]);
     let mut ok_ctx = Arc::try_unwrap(ctx).ok().unwrap();
@@ -721,9 +727,17 @@ async fn the_autoscaler_scales_groups_from_prometheus_hpa_style() {
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": url, "scaleUpStabilizationSeconds": 0
     }));
-    let action = reconcile(Arc::new(d), context_allowing(client, 1000, &[&url]))
-        .await
-        .unwrap();
+    let ctx = context_allowing(client, 1000, &[&url]);
+    let action = reconcile(Arc::new(d), ctx.clone()).await.unwrap();
+    let metrics = ctx.metrics.render();
+    for series in [
+        "neox_operator_autoscaler_value{name=\"llm\",namespace=\"serving\"} 6",
+        "neox_operator_autoscaler_target{name=\"llm\",namespace=\"serving\"} 2",
+        "neox_operator_autoscaler_desired_groups{name=\"llm\",namespace=\"serving\"} 5",
+        "neox_operator_autoscaler_value_missing{name=\"llm\",namespace=\"serving\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
     let q = seen.lock().unwrap().clone();
     assert_eq!(
         q,
@@ -846,9 +860,25 @@ async fn an_unreachable_prometheus_never_scales_and_says_why() {
     let (d, client, rec) = two_ready_groups_autoscaled(serde_json::json!({
         "minReplicas": 1, "maxReplicas": 5, "target": 2.0, "prometheusUrl": "http://127.0.0.1:9"
     }));
-    reconcile(Arc::new(d), context_allowing(client, 1000, &["http://127.0.0.1:9"]))
-        .await
-        .unwrap();
+    let ctx = context_allowing(client, 1000, &["http://127.0.0.1:9"]);
+    reconcile(Arc::new(d.clone()), ctx.clone()).await.unwrap();
+    // Blind: flagged, and no value that would read as the load now.
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"neox_operator_autoscaler_value_missing{name="llm",namespace="serving"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("neox_operator_autoscaler_value{"), "{metrics}");
+    // Autoscaling turned off: its series go.
+    let mut manual = d;
+    manual.spec.autoscaling = None;
+    let (client, _) = fake(vec![], vec![]);
+    let mut ctx = Arc::try_unwrap(ctx).ok().unwrap();
+    ctx.client = client;
+    let ctx = Arc::new(ctx);
+    reconcile(Arc::new(manual), ctx.clone()).await.unwrap();
+    let metrics = ctx.metrics.render();
+    assert!(!metrics.contains("neox_operator_autoscaler"), "{metrics}");
     let rec = rec.lock().unwrap();
     assert_eq!(rec.lines(), expect(&[]));
     let decision = &rec.body_of(STATUS)["status"]["lastScaleDecision"];

@@ -57,6 +57,8 @@ fn alert_rules_only_use_metrics_that_exist() {
     let operator = neox_operator::metrics::Metrics::new().unwrap();
     operator.set_groups("ns", "name", 1, 1, true);
     operator.group_restarted("ns", "name");
+    operator.observe_reconcile("ns", "name", std::time::Duration::ZERO, Some("Forbidden"));
+    operator.autoscaled("ns", "name", None, 2.0, 1);
     let exported = format!("{worker}{}", operator.render());
     for name in used {
         assert!(
