@@ -324,12 +324,24 @@ impl Default for WorkerSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RankResources {
+    /// CPU request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub cpu: Option<String>,
+    /// CPU limit, unset by default: a limit throttles decode steps under CFS quotas. Set it
+    /// where a ResourceQuota on `limits.cpu` asks for one; at least `cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub cpu_limit: Option<String>,
+    /// Memory request and limit (the same: a rank over its request would be the first evicted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub memory: Option<String>,
+    /// Ephemeral storage request and limit (logs, `/tmp`), where a ResourceQuota or the
+    /// scheduler asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub ephemeral_storage: Option<String>,
     /// GPUs per rank: 0 for CPU workers, 1 for GPU ones (each rank drives one GPU; more GPUs
     /// means more ranks, `tensorParallelSize`).
     #[serde(default)]

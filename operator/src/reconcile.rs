@@ -177,8 +177,17 @@ pub fn spec_problems(d: &NeoXDeployment) -> Vec<String> {
             out.push(format!("model.builtin {b:?} is not a built-in model (shakespeare)"));
         }
     }
-    if d.spec.worker.resources.gpus > 1 {
+    let r = &d.spec.worker.resources;
+    if r.gpus > 1 {
         out.push("worker.resources.gpus must be 0 or 1: each rank drives one GPU".into());
+    }
+    if let (Some(req), Some(lim)) = (&r.cpu, &r.cpu_limit) {
+        let (q, l) = (resources::quantity(req), resources::quantity(lim));
+        if q.zip(l).is_some_and(|(q, l)| l < q) {
+            out.push(format!(
+                "worker.resources.cpuLimit {lim} is below worker.resources.cpu {req}: no pod could be created"
+            ));
+        }
     }
     out
 }

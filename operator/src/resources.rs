@@ -280,9 +280,14 @@ pub fn pod_template(d: &NeoXDeployment) -> PodSpec {
     if let Some(c) = &r.cpu {
         requests.insert("cpu".to_owned(), Quantity(c.clone()));
     }
-    if let Some(m) = &r.memory {
-        requests.insert("memory".to_owned(), Quantity(m.clone()));
-        limits.insert("memory".to_owned(), Quantity(m.clone()));
+    if let Some(c) = &r.cpu_limit {
+        limits.insert("cpu".to_owned(), Quantity(c.clone()));
+    }
+    for (name, q) in [("memory", &r.memory), ("ephemeral-storage", &r.ephemeral_storage)] {
+        if let Some(q) = q {
+            requests.insert(name.to_owned(), Quantity(q.clone()));
+            limits.insert(name.to_owned(), Quantity(q.clone()));
+        }
     }
     if gpus > 0 {
         let name = r.gpu_resource_name.clone().unwrap_or_else(|| "nvidia.com/gpu".into());
@@ -498,6 +503,34 @@ fn deployment_pods(d: &NeoXDeployment) -> LabelSelector {
 }
 
 /// The Service clients use: rank 0 of every group, only while ready.
+/// A Kubernetes quantity's value (`500m` is 0.5, `2Ki` 2048), for comparing two of a kind;
+/// `None` where it is not one.
+pub fn quantity(q: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    let (number, scale) = SUFFIXES
+        .iter()
+        .find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f)))
+        .or_else(|| q.strip_suffix('P').map(|n| (n, 1e15)))
+        .or_else(|| q.strip_suffix('E').map(|n| (n, 1e18)))
+        .unwrap_or((q, 1.0));
+    // Plain numbers and exponents (`1e3`) parse as floats.
+    number.parse::<f64>().ok().filter(|v| v.is_finite()).map(|v| v * scale)
+}
+
 pub fn client_service(d: &NeoXDeployment) -> Service {
     Service {
         metadata: deployment_meta(d),

@@ -7,7 +7,7 @@ mod admission;
 use admission::{admission_errors, default_errors, read};
 
 use neox_operator::crd::NeoXDeployment;
-use neox_operator::resources;
+use neox_operator::{reconcile, resources};
 use serde_json::Value;
 
 #[test]
@@ -94,6 +94,14 @@ fn bad_neoxdeployments_are_refused_with_a_reason() {
         (
             "does not match",
             Box::new(|v| v["spec"]["worker"]["resources"]["memory"] = "lots".into()),
+        ),
+        (
+            "does not match",
+            Box::new(|v| v["spec"]["worker"]["resources"]["cpuLimit"] = "2 cores".into()),
+        ),
+        (
+            "does not match",
+            Box::new(|v| v["spec"]["worker"]["resources"]["ephemeralStorage"] = "10GB".into()),
         ),
         ("not in", Box::new(|v| v["spec"]["model"]["dtype"] = "int8".into())),
         (
@@ -445,6 +453,56 @@ fn gpu_groups_without_an_image_get_the_cuda_build() {
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(image(&gpu), format!("ghcr.io/neox-serve/neox-worker-cuda:{version}"));
     assert_eq!(image(&cpu), format!("ghcr.io/neox-serve/neox-worker:{version}"));
+}
+
+#[test]
+fn a_cpu_limit_and_ephemeral_storage_reach_every_rank_only_when_asked_for() {
+    let mut d: NeoXDeployment = serde_json::from_value(sample("deploy/samples/shakespeare-cpu.yaml")).unwrap();
+    let resources_of = |d: &NeoXDeployment| {
+        let sts = serde_json::to_value(resources::statefulset(d, 0)).unwrap();
+        sts["spec"]["template"]["spec"]["containers"][0]["resources"].clone()
+    };
+    // No CPU limit by default: CFS quotas would throttle decode steps.
+    let plain = resources_of(&d);
+    assert!(plain["limits"].get("cpu").is_none(), "{plain}");
+    assert!(plain["requests"].get("ephemeral-storage").is_none(), "{plain}");
+    let r = &mut d.spec.worker.resources;
+    (r.cpu, r.cpu_limit, r.ephemeral_storage) = (Some("2".into()), Some("2500m".into()), Some("10Gi".into()));
+    let asked = resources_of(&d);
+    assert_eq!(asked["requests"]["cpu"], "2");
+    assert_eq!(asked["limits"]["cpu"], "2500m");
+    assert_eq!(asked["requests"]["ephemeral-storage"], "10Gi");
+    assert_eq!(asked["limits"]["ephemeral-storage"], "10Gi");
+    assert_eq!(reconcile::spec_problems(&d), Vec::<String>::new());
+    // A limit below the request: the API server would refuse every pod.
+    d.spec.worker.resources.cpu_limit = Some("1500m".into());
+    let problems = reconcile::spec_problems(&d);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("cpuLimit 1500m is below worker.resources.cpu 2"),
+        "{problems:?}"
+    );
+    d.spec.worker.resources.cpu_limit = Some("2".into());
+    assert_eq!(reconcile::spec_problems(&d), Vec::<String>::new());
+}
+
+#[test]
+fn quantities_read_as_kubernetes_reads_them() {
+    for (q, v) in [
+        ("500m", 0.5),
+        ("2", 2.0),
+        ("1.5", 1.5),
+        ("2Ki", 2048.0),
+        ("1G", 1e9),
+        ("3Mi", 3145728.0),
+        ("1e3", 1000.0),
+        ("2P", 2e15),
+    ] {
+        assert_eq!(resources::quantity(q), Some(v), "{q}");
+    }
+    for bad in ["", "lots", "m", "2 cores"] {
+        assert_eq!(resources::quantity(bad), None, "{bad}");
+    }
 }
 
 fn env_value(d: &NeoXDeployment, name: &str) -> Option<String> {
