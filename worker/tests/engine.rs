@@ -26,6 +26,8 @@ struct Log {
     forks: Vec<(u64, u64, usize)>,
     /// The sequence ids each step fed, in order.
     steps: Vec<Vec<u64>>,
+    /// Per sequence id, the KV room reserved for it each time that changed.
+    reserves: HashMap<u64, Vec<usize>>,
 }
 
 /// A local runner whose first step waits for the test (so requests can queue meanwhile), and
@@ -46,6 +48,10 @@ impl StepRunner for Recording {
         let mut log = self.log.lock().unwrap();
         for p in plan {
             *log.fed.entry(p.id).or_default() += p.tokens.len();
+            let seen = log.reserves.entry(p.id).or_default();
+            if seen.last() != Some(&p.reserve) {
+                seen.push(p.reserve);
+            }
         }
         log.steps.push(plan.iter().map(|p| p.id).collect());
         drop(log);
@@ -112,23 +118,7 @@ fn queued_together(prefix_caching: bool, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>
         .min_by_key(Vec::len)
         .unwrap();
     let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
-    let config = EngineConfig {
-        max_batch_size: 8,
-        max_tokens_per_step: 512,
-        max_waiting_requests: 16,
-        max_total_tokens: loaded.model.config().max_position_embeddings,
-        kv_block_size: 16,
-        kv_blocks: 64,
-        sampling: SamplingPlace::Host,
-        prefix_caching,
-        forks_share_blocks: false,
-        speculation: SpeculationConfig {
-            max_tokens: 0,
-            max_ngram: 0,
-            min_ngram: 0,
-            max_batch: 0,
-        },
-    };
+    let config = config(&loaded.model, 16, 64, prefix_caching);
     let (entered_tx, entered) = mpsc::channel();
     let (release, gate) = mpsc::channel();
     let log = Arc::new(Mutex::new(Log::default()));
@@ -160,6 +150,84 @@ fn queued_together(prefix_caching: bool, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>
     join.join().unwrap();
     let log = std::mem::take(&mut *log.lock().unwrap());
     (outs, log)
+}
+
+/// Host sampling, no speculation, per-sequence caches.
+fn config(model: &GptNeoX, kv_block_size: usize, kv_blocks: usize, prefix_caching: bool) -> EngineConfig {
+    EngineConfig {
+        max_batch_size: 8,
+        max_tokens_per_step: 512,
+        max_waiting_requests: 16,
+        max_total_tokens: model.config().max_position_embeddings,
+        kv_block_size,
+        kv_blocks,
+        sampling: SamplingPlace::Host,
+        prefix_caching,
+        paged_kv: false,
+        speculation: SpeculationConfig {
+            max_tokens: 0,
+            max_ngram: 0,
+            min_ngram: 0,
+            max_batch: 0,
+        },
+    }
+}
+
+/// Runs one greedy request of `new` tokens alone; its tokens and the log.
+fn alone(prompt: &[u32], new: usize, kv_block_size: usize, kv_blocks: usize) -> (Vec<u32>, Log) {
+    let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
+    let config = config(&loaded.model, kv_block_size, kv_blocks, false);
+    let log = Arc::new(Mutex::new(Log::default()));
+    let runner = Recording {
+        inner: LocalRunner::new(loaded.model),
+        entered: None,
+        gate: None,
+        log: log.clone(),
+    };
+    let (handle, join) = engine::start(
+        Box::new(runner),
+        Arc::new(loaded.tokenizer),
+        config,
+        Metrics::new().unwrap(),
+    );
+    let (req, rx) = greedy_request(prompt, new);
+    handle.submit(req).unwrap();
+    let out = generated(rx);
+    drop(handle);
+    join.join().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    (out, log)
+}
+
+#[test]
+fn a_long_sequence_grows_its_cache_a_few_times_not_every_block() {
+    let g = Goldens::load();
+    let (prompt, golden) = golden_case(&g, longest_case_index(&g));
+    // To the end of the context, a block of 2 tokens at a time: 110 blocks.
+    let new = 256 - prompt.len();
+    let (out, log) = alone(&prompt, new, 2, 256);
+    // The copies keep the KV intact: HF's greedy tokens, then what a whole-context
+    // reservation made up front (no growth at all) gives.
+    assert_eq!(out[..golden.len()], golden[..]);
+    let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
+    let mut runner = LocalRunner::new(loaded.model);
+    let opts = neox_worker::engine::OfflineOptions::greedy(new);
+    let (whole, _) = neox_worker::engine::generate_batch(&mut runner, &[prompt.clone()], &opts).unwrap();
+    assert_eq!(out, whole[0].ids);
+    // Growing exactly, a block at a time, it would grow (and copy its history) 110 times.
+    let grown = &log.reserves[&1];
+    assert!(grown.len() <= 20, "{} growths: {grown:?}", grown.len());
+    assert!(
+        *grown.last().unwrap() <= 256 + 1,
+        "reserved past the request: {grown:?}"
+    );
+    // A budget of just the context: the last quarter of it is never taken ahead, so there it
+    // grows a block at a time; the tokens are the same.
+    let (tight, log) = alone(&prompt, new, 2, 128);
+    assert_eq!(tight, out);
+    let grown = &log.reserves[&1];
+    let last_quarter: Vec<usize> = grown.iter().copied().filter(|&r| r > 192).collect();
+    assert_eq!(last_quarter, (194..=256).step_by(2).collect::<Vec<_>>(), "{grown:?}");
 }
 
 /// The golden case with the longest prompt.

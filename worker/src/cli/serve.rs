@@ -275,7 +275,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         kv_blocks: blocks.total(),
         sampling: a.sampling,
         prefix_caching: a.prefix_caching,
-        forks_share_blocks: paged,
+        paged_kv: paged,
         speculation: SpeculationConfig {
             max_tokens: a.speculative_tokens,
             max_ngram: a.speculative_ngram_max,

@@ -100,7 +100,7 @@ impl Engine {
             let mut hit = found.hit;
             // Full blocks of the prefix the ranks share with the source instead of copying.
             let shared = match hit {
-                Some(h) if self.config.forks_share_blocks => h.tokens / bs,
+                Some(h) if self.config.paged_kv => h.tokens / bs,
                 _ => 0,
             };
             let Some(taken) = self.make_room(need, need - shared, &mut hit)? else {
@@ -186,6 +186,11 @@ impl Engine {
             .blocks
             .blocks_for(tokens)
             .saturating_sub(self.running[i].hold.len());
+        let ahead = self.room_ahead(i, need);
+        if ahead > 0 && self.blocks.try_take(need + ahead) {
+            self.running[i].hold.own += need + ahead;
+            return Ok(true);
+        }
         // Only on a miss: free blocks are the common case, and `evictable` walks every holding.
         while !self.blocks.try_take(need) {
             if self.blocks.free() + self.evictable(None) < need || !self.evict_prefix(None)? {
@@ -194,6 +199,26 @@ impl Engine {
         }
         self.running[i].hold.own += need;
         Ok(true)
+    }
+
+    /// Blocks to take beyond the `need` of `running[i]` as it grows. A per-sequence cache copies
+    /// its whole history into a larger buffer each time its reservation grows, so growing a
+    /// block at a time copies a long sequence every few tokens (a stall each time, quadratic
+    /// work in all). A quarter of what it holds ahead makes the copies geometric: a handful
+    /// per sequence. Only while a quarter of the budget stays free, so the room ahead never
+    /// costs a preemption that growing exactly would not, and never past what the request can
+    /// ever use. Paged caches copy nothing as they grow: none for them.
+    fn room_ahead(&self, i: usize, need: usize) -> usize {
+        let s = &self.running[i];
+        if need == 0 || self.config.paged_kv {
+            return 0;
+        }
+        let held = s.hold.len() + need;
+        let most = self
+            .blocks
+            .blocks_for(s.prompt_len() + s.req.stop.max_new_tokens + self.config.speculation.max_tokens);
+        let spare = self.blocks.free().saturating_sub(need + self.blocks.total() / 4);
+        (held / 4).min(most.saturating_sub(held)).min(spare)
     }
 
     /// Makes sure sequence `id` (running) holds blocks for `tokens` tokens, preempting the most

@@ -50,9 +50,10 @@ pub struct EngineConfig {
     /// Keep finished sequences' KV while blocks are free and start prompts that share their
     /// tokens from a copy (see `prefix_cache`).
     pub prefix_caching: bool,
-    /// Whether a fork shares its source's full prefix blocks on the ranks (the paged layout)
-    /// rather than copying them (per-sequence caches), so the budget counts them once.
-    pub forks_share_blocks: bool,
+    /// Whether the ranks' caches are paged: a fork shares its source's full prefix blocks
+    /// (the budget counts them once) and a growing sequence copies nothing. Per-sequence
+    /// caches copy both.
+    pub paged_kv: bool,
     /// Draft tokens from prompt lookup (speculative decoding; off when `max_tokens` is 0).
     pub speculation: SpeculationConfig,
 }
