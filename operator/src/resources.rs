@@ -502,7 +502,6 @@ fn deployment_pods(d: &NeoXDeployment) -> LabelSelector {
     }
 }
 
-/// The Service clients use: rank 0 of every group, only while ready.
 /// A Kubernetes quantity's value (`500m` is 0.5, `2Ki` 2048), for comparing two of a kind;
 /// `None` where it is not one.
 pub fn quantity(q: &str) -> Option<f64> {
@@ -531,6 +530,7 @@ pub fn quantity(q: &str) -> Option<f64> {
     number.parse::<f64>().ok().filter(|v| v.is_finite()).map(|v| v * scale)
 }
 
+/// The Service clients use: rank 0 of every group, only while ready.
 pub fn client_service(d: &NeoXDeployment) -> Service {
     Service {
         metadata: deployment_meta(d),

@@ -212,7 +212,7 @@ fn a_long_sequence_grows_its_cache_a_few_times_not_every_block() {
     let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
     let mut runner = LocalRunner::new(loaded.model);
     let opts = neox_worker::engine::OfflineOptions::greedy(new);
-    let (whole, _) = neox_worker::engine::generate_batch(&mut runner, &[prompt.clone()], &opts).unwrap();
+    let (whole, _) = neox_worker::engine::generate_batch(&mut runner, std::slice::from_ref(&prompt), &opts).unwrap();
     assert_eq!(out, whole[0].ids);
     // Growing exactly, a block at a time, it would grow (and copy its history) 110 times.
     let grown = &log.reserves[&1];
