@@ -193,13 +193,7 @@ fn helm_chart_lints_renders_and_validates() {
     }
     // A bare log level keeps the Kubernetes client quiet; a filter is taken as written.
     let rust_log = |sets: &[&str]| -> String {
-        let mut args = vec!["template", "x", chart.as_str()];
-        for s in sets {
-            args.extend(["--set", s]);
-        }
-        let (ok, out, err) = run(&helm, &args);
-        assert!(ok, "{err}");
-        let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let (_, dep) = rendered_deployment(&helm, &chart, sets);
         let env = &dep["spec"]["template"]["spec"]["containers"][0]["env"];
         let e = env
             .as_array()
@@ -352,20 +346,14 @@ fn helm_chart_lints_renders_and_validates() {
     }
 
     // A Prometheus URL with credentials comes from a Secret, never as a plain value.
-    let (ok, out, err) = run(
+    let (out, dep) = rendered_deployment(
         &helm,
+        &chart,
         &[
-            "template",
-            "x",
-            &chart,
-            "--set",
             "prometheus.url=http://plain:9090",
-            "--set",
             "prometheus.urlSecret.name=prom-creds",
         ],
     );
-    assert!(ok, "{err}");
-    let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
     let env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()
         .unwrap()
@@ -380,24 +368,16 @@ fn helm_chart_lints_renders_and_validates() {
     // A secured Prometheus: the token file as given; the CA from a ConfigMap mounted read-only
     // where the env points (it wins over a CA file).
     let token = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-    let (ok, out, err) = run(
+    let (_, dep) = rendered_deployment(
         &helm,
+        &chart,
         &[
-            "template",
-            "x",
-            &chart,
-            "--set",
             &format!("prometheus.bearerTokenFile={token}"),
-            "--set",
             "prometheus.caFile=/ignored.crt",
-            "--set",
             "prometheus.caConfigMap.name=prom-ca",
-            "--set",
             "prometheus.caConfigMap.key=service-ca.crt",
         ],
     );
-    assert!(ok, "{err}");
-    let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
     let pod = &dep["spec"]["template"]["spec"];
     let env = pod["containers"][0]["env"].as_array().unwrap();
     let value = |name: &str| {
@@ -467,6 +447,18 @@ fn helm_chart_lints_renders_and_validates() {
         assert!(std::env::var_os("CI").is_none(), "CI must install kubernetes-validate");
         eprintln!("SKIPPED part: kubernetes-validate not installed");
     }
+}
+
+/// Release `x` rendered with `sets` (each a `--set`): the whole output and its Deployment.
+fn rendered_deployment(helm: &str, chart: &str, sets: &[&str]) -> (String, Value) {
+    let mut args = vec!["template", "x", chart];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = run(helm, &args);
+    assert!(ok, "{err}");
+    let dep = docs(&out).into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+    (out, dep)
 }
 
 /// A PodDisruptionBudget letting one operator pod go at a time, and a soft spread over nodes,

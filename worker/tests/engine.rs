@@ -121,19 +121,7 @@ fn queued_together(prefix_caching: bool, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>
     let config = config(&loaded.model, 16, 64, prefix_caching);
     let (entered_tx, entered) = mpsc::channel();
     let (release, gate) = mpsc::channel();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let runner = Recording {
-        inner: LocalRunner::new(loaded.model),
-        entered: Some(entered_tx),
-        gate: Some(gate),
-        log: log.clone(),
-    };
-    let (handle, join) = engine::start(
-        Box::new(runner),
-        Arc::new(loaded.tokenizer),
-        config,
-        Metrics::new().unwrap(),
-    );
+    let (handle, join, log) = start_recording(loaded, config, Some((entered_tx, gate)));
     let (first, first_rx) = greedy_request(&shortest, 1);
     handle.submit(first).unwrap();
     entered.recv().unwrap();
@@ -173,15 +161,19 @@ fn config(model: &GptNeoX, kv_block_size: usize, kv_blocks: usize, prefix_cachin
     }
 }
 
-/// Runs one greedy request of `new` tokens alone; its tokens and the log.
-fn alone(prompt: &[u32], new: usize, kv_block_size: usize, kv_blocks: usize) -> (Vec<u32>, Log) {
-    let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
-    let config = config(&loaded.model, kv_block_size, kv_blocks, false);
+/// An engine over a recording runner; with `gate`, its first step tells the first sender and
+/// waits for the second.
+fn start_recording(
+    loaded: neox_worker::model::LoadedModel,
+    config: EngineConfig,
+    gate: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
+) -> (engine::EngineHandle, std::thread::JoinHandle<()>, Arc<Mutex<Log>>) {
     let log = Arc::new(Mutex::new(Log::default()));
+    let (entered, gate) = gate.unzip();
     let runner = Recording {
         inner: LocalRunner::new(loaded.model),
-        entered: None,
-        gate: None,
+        entered,
+        gate,
         log: log.clone(),
     };
     let (handle, join) = engine::start(
@@ -190,6 +182,14 @@ fn alone(prompt: &[u32], new: usize, kv_block_size: usize, kv_blocks: usize) -> 
         config,
         Metrics::new().unwrap(),
     );
+    (handle, join, log)
+}
+
+/// Runs one greedy request of `new` tokens alone; its tokens and the log.
+fn alone(prompt: &[u32], new: usize, kv_block_size: usize, kv_blocks: usize) -> (Vec<u32>, Log) {
+    let loaded = load_model(fixture_dir().to_str().unwrap(), DType::F32);
+    let config = config(&loaded.model, kv_block_size, kv_blocks, false);
+    let (handle, join, log) = start_recording(loaded, config, None);
     let (req, rx) = greedy_request(prompt, new);
     handle.submit(req).unwrap();
     let out = generated(rx);
