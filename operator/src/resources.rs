@@ -505,7 +505,8 @@ fn deployment_pods(d: &NeoXDeployment) -> LabelSelector {
 /// A Kubernetes quantity's value (`500m` is 0.5, `2Ki` 2048), for comparing two of a kind;
 /// `None` where it is not one.
 pub fn quantity(q: &str) -> Option<f64> {
-    const SUFFIXES: [(&str, f64); 13] = [
+    // The binary ones first: `Pi` must not read as `P`.
+    const SUFFIXES: [(&str, f64); 15] = [
         ("Ki", 1024.0),
         ("Mi", 1_048_576.0),
         ("Gi", 1_073_741_824.0),
@@ -519,12 +520,12 @@ pub fn quantity(q: &str) -> Option<f64> {
         ("M", 1e6),
         ("G", 1e9),
         ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
     ];
     let (number, scale) = SUFFIXES
         .iter()
         .find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f)))
-        .or_else(|| q.strip_suffix('P').map(|n| (n, 1e15)))
-        .or_else(|| q.strip_suffix('E').map(|n| (n, 1e18)))
         .unwrap_or((q, 1.0));
     // Plain numbers and exponents (`1e3`) parse as floats.
     number.parse::<f64>().ok().filter(|v| v.is_finite()).map(|v| v * scale)

@@ -93,10 +93,10 @@ pub async fn serve(
         limits,
         info,
     };
-    // Room for prompts well past the limit, so that validation (which names the field) refuses
-    // them rather than the decoder (OUT_OF_RANGE, no field).
     // Gzip requests are taken (the size limit holds on the decompressed message); answers go
     // out uncompressed: a stream's messages are a token each, which gzip only makes longer.
+    // Room for prompts well past the limit, so that validation (which names the field) refuses
+    // them rather than the decoder (OUT_OF_RANGE, no field).
     let generation = TextGenerationServer::new(svc)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .max_decoding_message_size(opts.max_message_bytes.saturating_mul(4))

@@ -490,9 +490,6 @@ impl Run {
         let created = now_secs();
         let mut usage = Usage::default();
         let mut finished = 0;
-        // With usage asked for, every chunk before the usage chunk carries `usage: null`, or
-        // the usage so far with continuous usage stats.
-        let chunk_usage = self.plan.include_usage.then_some(None);
         while let Some(step) = self.next(&mut usage).await {
             let (index, piece, finish_reason) = match step {
                 Ok(Step::Piece(_, p)) if p.is_empty() => continue,
@@ -513,9 +510,11 @@ impl Run {
                 logprobs: piece.logprobs,
                 finish_reason,
             };
+            // With usage asked for, every chunk before the usage chunk carries `usage: null`, or
+            // the usage so far with continuous usage stats.
             let chunk_usage = match self.plan.continuous_usage {
                 true => Some(Some(self.usage_so_far(&usage))),
-                false => chunk_usage,
+                false => self.plan.include_usage.then_some(None),
             };
             if tx
                 .send(data(&self.completion(vec![choice], chunk_usage, created)))
