@@ -53,11 +53,10 @@ pub fn url_allowed(url: &str, allowed: &[String]) -> bool {
         Some((scheme, x.host()?.to_ascii_lowercase(), port))
     };
     let Some(want) = origin(&u) else { return false };
-    allowed.iter().filter_map(|a| a.parse::<hyper::Uri>().ok()).any(|a| {
-        let base = a.path().trim_end_matches('/');
-        let rest = u.path().strip_prefix(base);
-        origin(&a).as_ref() == Some(&want) && rest.is_some_and(|r| r.is_empty() || r.starts_with('/'))
-    })
+    allowed
+        .iter()
+        .filter_map(|a| a.parse::<hyper::Uri>().ok())
+        .any(|a| origin(&a).as_ref() == Some(&want) && crate::resources::path_under(u.path(), a.path()))
 }
 
 /// What a query parameter keeps as is: RFC 3986's unreserved characters.

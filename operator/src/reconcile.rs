@@ -132,12 +132,8 @@ fn comma_list(v: String) -> Vec<String> {
 /// node file (kubelet's secret volumes, say) through pods the operator makes for them.
 pub fn host_path_problem(d: &NeoXDeployment, allowed: &[String]) -> Option<String> {
     let path = d.spec.model.host_path.as_deref()?;
-    let inside = |dir: &String| {
-        let dir = dir.trim_end_matches('/');
-        path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
-    };
     let plain = path.starts_with('/') && !path.split('/').any(|c| c == "..");
-    if plain && allowed.iter().any(inside) {
+    if plain && allowed.iter().any(|dir| resources::path_under(path, dir)) {
         return None;
     }
     let dirs = if allowed.is_empty() {

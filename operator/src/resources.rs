@@ -502,6 +502,13 @@ fn deployment_pods(d: &NeoXDeployment) -> LabelSelector {
     }
 }
 
+/// Whether `path` is `base` or below it, component-wise (`/models/x` is under `/models/`, not
+/// under `/mod`): the one rule for the host paths and Prometheus URLs the operator allows.
+pub fn path_under(path: &str, base: &str) -> bool {
+    path.strip_prefix(base.trim_end_matches('/'))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// A Kubernetes quantity's value (`500m` is 0.5, `2Ki` 2048), for comparing two of a kind;
 /// `None` where it is not one.
 pub fn quantity(q: &str) -> Option<f64> {
