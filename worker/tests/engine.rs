@@ -202,7 +202,7 @@ fn alone(prompt: &[u32], new: usize, kv_block_size: usize, kv_blocks: usize) -> 
 #[test]
 fn a_long_sequence_grows_its_cache_a_few_times_not_every_block() {
     let g = Goldens::load();
-    let (prompt, golden) = golden_case(&g, longest_case_index(&g));
+    let (prompt, golden) = golden_case(&g, g.longest_case_index());
     // To the end of the context, a block of 2 tokens at a time: 110 blocks.
     let new = 256 - prompt.len();
     let (out, log) = alone(&prompt, new, 2, 256);
@@ -230,15 +230,6 @@ fn a_long_sequence_grows_its_cache_a_few_times_not_every_block() {
     assert_eq!(last_quarter, (194..=256).step_by(2).collect::<Vec<_>>(), "{grown:?}");
 }
 
-/// The golden case with the longest prompt.
-fn longest_case_index(g: &Goldens) -> usize {
-    let (prompt, _) = g.longest_case();
-    g.cases()
-        .into_iter()
-        .find(|i| g.ids(&format!("case{i}.input_ids")) == prompt)
-        .unwrap()
-}
-
 /// HF's greedy continuation of golden case `case`'s prompt.
 fn golden_case(g: &Goldens, case: usize) -> (Vec<u32>, Vec<u32>) {
     (
@@ -250,7 +241,7 @@ fn golden_case(g: &Goldens, case: usize) -> (Vec<u32>, Vec<u32>) {
 #[test]
 fn identical_prompts_queued_together_compute_their_prompt_once() {
     let g = Goldens::load();
-    let (prompt, want) = golden_case(&g, longest_case_index(&g));
+    let (prompt, want) = golden_case(&g, g.longest_case_index());
     let copies = 4;
     let len = prompt.len();
     // Sequence ids: 1 is the request that holds the engine, then the copies in order.
@@ -296,7 +287,7 @@ fn identical_prompts_queued_together_compute_their_prompt_once() {
 #[test]
 fn a_prompt_waiting_for_its_twin_does_not_hold_up_the_queue() {
     let g = Goldens::load();
-    let twin_case = longest_case_index(&g);
+    let twin_case = g.longest_case_index();
     let (prompt, _) = golden_case(&g, twin_case);
     let other_case = g
         .cases()

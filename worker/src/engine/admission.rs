@@ -191,13 +191,11 @@ impl Engine {
             self.running[i].hold.own += need + ahead;
             return Ok(true);
         }
-        // Only on a miss: free blocks are the common case, and `evictable` walks every holding.
-        while !self.blocks.try_take(need) {
-            if self.blocks.free() + self.evictable(None) < need || !self.evict_prefix(None)? {
-                return Ok(false);
-            }
-        }
-        self.running[i].hold.own += need;
+        // Evicting cached prefixes (none it starts from) as admission does.
+        let Some(taken) = self.make_room(need, need, &mut None)? else {
+            return Ok(false);
+        };
+        self.running[i].hold.own += taken;
         Ok(true)
     }
 

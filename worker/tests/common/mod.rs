@@ -84,13 +84,17 @@ impl Goldens {
         v
     }
 
-    /// The longest case's prompt ids and HF logits (every position).
-    pub fn longest_case(&self) -> (Vec<u32>, Vec<Vec<f32>>) {
-        let case = self
-            .cases()
+    /// The case with the longest prompt.
+    pub fn longest_case_index(&self) -> usize {
+        self.cases()
             .into_iter()
             .max_by_key(|i| self.ids(&format!("case{i}.input_ids")).len())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// The longest case's prompt ids and HF logits (every position).
+    pub fn longest_case(&self) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let case = self.longest_case_index();
         (
             self.ids(&format!("case{case}.input_ids")),
             self.f32_2d(&format!("case{case}.logits")),
