@@ -201,7 +201,9 @@ def main():
     p.add_argument("--context-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--skip-unfused", action="store_true", help="skip the run without the fused CUDA kernels")
+    p.add_argument("--compare", default="cublas",
+                   help="run the same binary again with: cublas (its matmuls all on cuBLAS, NEOX_GEMV_MAX_ROWS=0), "
+                        "unfused (candle's one kernel per op, NEOX_UNFUSED=1); comma-separated, or none")
     p.add_argument("--write-only", action="store_true", help="write the checkpoint and stop")
     p.add_argument("--layers", type=int, help="fewer layers than the shape has (per-layer profiling)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for the JSON results")
@@ -256,8 +258,18 @@ def main():
         return res
 
     ours = run_worker("neox", {})
-    # The same binary with candle's one-kernel-per-op path: what the fused kernels buy.
-    unfused = None if a.skip_unfused or dev != "cuda" else run_worker("neox-unfused", {"NEOX_UNFUSED": "1"})
+    # The same binary without a part of its CUDA path: what that part buys.
+    variants = {
+        "cublas": ("cuBLAS for every matmul", {"NEOX_GEMV_MAX_ROWS": "0"}),
+        "unfused": ("candle's one kernel per op", {"NEOX_UNFUSED": "1"}),
+    }
+    compared = {}
+    for name in [] if dev != "cuda" or a.compare == "none" else a.compare.split(","):
+        if name not in variants:
+            sys.exit(f"--compare: unknown variant {name!r} (one of {', '.join(variants)})")
+        res = run_worker(f"neox-{name}", variants[name][1])
+        if res:
+            compared[name] = res
 
     hf = None
     if not a.skip_hf:
@@ -270,13 +282,17 @@ def main():
 
     if ours:
         report(a, ours, hf, floor_ms)
-    if ours and unfused:
-        print("\nfused kernels vs candle's one kernel per op (same binary, NEOX_UNFUSED=1):")
-        for f, u in zip(ours["decode"], unfused["decode"]):
+    for name, other in compared.items() if ours else []:
+        what, env = variants[name]
+        print(f"\nneox-serve vs the same binary with {what} ({' '.join(f'{k}={v}' for k, v in env.items())}):")
+        for f, u in zip(ours["decode"], other["decode"]):
             print(f"  decode batch {f['batch']:<3} {f['ms_per_step']:7.2f} vs {u['ms_per_step']:7.2f} ms/step "
                   f"({u['ms_per_step'] / f['ms_per_step']:.2f}x); +4 drafts {f['ms_per_step_verifying_4_drafts']:7.2f} "
                   f"vs {u['ms_per_step_verifying_4_drafts']:7.2f} ms")
-    print(json.dumps({"neox": ours, "neox_unfused": unfused, "hf": hf, "copy_gbps": bw, "floor_ms": floor_ms}))
+        print(f"  prefill {a.prefill_len} tokens/s {ours['prefill']['tokens_per_second']:.0f} "
+              f"vs {other['prefill']['tokens_per_second']:.0f}")
+    print(json.dumps({"neox": ours, **{f"neox_{n}": r for n, r in compared.items()}, "hf": hf, "copy_gbps": bw,
+                      "floor_ms": floor_ms}))
     if failures:
         sys.exit("; ".join(failures))
 

@@ -10,6 +10,10 @@
 //   paged_attention softmax(q·Kᵀ·scale)·V for each new token and head, reading the sequence's
 //                   keys through its block table (no gather, no mask);
 //   bias_act        the MLP's bias and activation.
+// and one for the matmuls themselves when a step has only a few rows:
+//   gemv            y = act(x·Wᵀ + bias) for up to 6 rows of x, each weight read once with
+//                   16-byte loads that bypass L1 (cuBLAS's batch-1 GEMVs stay further from
+//                   the bandwidth floor and add a split-K reduction kernel).
 // Every kernel computes in f32 and rounds once to the storage type. Pointers are __restrict__:
 // without it every store (x_out, o1, ...) would order the loads after it, serialising a row.
 #include <cuda_bf16.h>
@@ -106,20 +110,119 @@ __device__ void add_layernorm(const T *__restrict__ x, const T *__restrict__ a, 
   }
 }
 
-// y = act(x + bias[col]) over `rows · cols` elements: 0 GELU (erf), 1 GELU (tanh), 2 ReLU.
+// The MLP activations by code: 0 GELU (erf), 1 GELU (tanh), 2 ReLU; any other: none.
+__device__ __forceinline__ float activate(float v, int act) {
+  if (act == 0) return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+  if (act == 1) return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+  if (act == 2) return fmaxf(v, 0.f);
+  return v;
+}
+
+// y = act(x + bias[col]) over `rows · cols` elements.
 template <typename T> __device__ void bias_act(const T *__restrict__ x, const T *__restrict__ bias, T *__restrict__ y, size_t n, int cols, int act) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float v = to_f(x[i]);
     if (bias) v = rounded<T>(v + to_f(bias[i % cols]));
-    if (act == 0) {
-      v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-    } else if (act == 1) {
-      v = 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    } else {
-      v = fmaxf(v, 0.f);
-    }
-    y[i] = from_f<T>(v);
+    y[i] = from_f<T>(activate(v, act));
   }
+}
+
+// A weight load: read once per step, so it skips L1 and leaves it to x, which every warp reads.
+__device__ __forceinline__ uint4 load_streaming(const uint4 *p) {
+#if __CUDA_ARCH__ >= 700
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+#else
+  return __ldg(p);
+#endif
+}
+
+// The 16 bytes of `raw` as 16 / sizeof(T) floats.
+template <typename T> __device__ __forceinline__ void widen(const uint4 &raw, float *f) {
+  const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int u = 0; u < 16 / (int)sizeof(T); u++) f[u] = to_f(e[u]);
+}
+template <> __device__ __forceinline__ void widen<__half>(const uint4 &raw, float *f) {
+  const __half2 *e = reinterpret_cast<const __half2 *>(&raw);
+#pragma unroll
+  for (int u = 0; u < 4; u++) {
+    const float2 p = __half22float2(e[u]);
+    f[2 * u] = p.x;
+    f[2 * u + 1] = p.y;
+  }
+}
+
+// Weight loads in flight per lane before any is used: 4 (times 16 bytes, times 32 lanes), with
+// enough warps resident to cover HBM's latency at full bandwidth.
+#define GEMV_LOADS 4
+
+// y [M, n] = act(x [M, k] · w [n, k]ᵀ + bias [n]). A warp owns C output columns (rows of w),
+// its lanes striding over k in 16-byte chunks; each x chunk, read from L1, serves all C
+// columns and each weight chunk all M rows, so the weights are read once and x M / C times
+// per weight byte (L1, not HBM, limits a warp with one column and 8 rows). x, w 16-byte
+// aligned and k a multiple of 16 / sizeof(T) (the host checks). Rounds as the unfused path
+// does: the product to T, then the bias sum to T.
+template <typename T, int M, int C>
+__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ bias, T *__restrict__ y, int n, int k, int act) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int B = GEMV_LOADS / C > 0 ? GEMV_LOADS / C : 1;
+  const int lane = threadIdx.x % 32;
+  const int col0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * C;
+  if (col0 >= n) return;
+  const int chunks = k / V;
+  const uint4 *xr = reinterpret_cast<const uint4 *>(x);
+  const uint4 *wr[C];
+#pragma unroll
+  for (int j = 0; j < C; j++) wr[j] = reinterpret_cast<const uint4 *>(w + (size_t)min(col0 + j, n - 1) * k);
+  float acc[M][C];
+#pragma unroll
+  for (int r = 0; r < M; r++)
+#pragma unroll
+    for (int j = 0; j < C; j++) acc[r][j] = 0.f;
+  auto accumulate = [&](const uint4 *raw, int c) {
+    float wf[C][V], xf[V];
+#pragma unroll
+    for (int j = 0; j < C; j++) widen<T>(raw[j], wf[j]);
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+      widen<T>(__ldg(xr + (size_t)r * chunks + c), xf);
+#pragma unroll
+      for (int j = 0; j < C; j++)
+#pragma unroll
+        for (int u = 0; u < V; u++) acc[r][j] = fmaf(wf[j][u], xf[u], acc[r][j]);
+    }
+  };
+  int c = lane;
+  for (; c + 32 * (B - 1) < chunks; c += 32 * B) {
+    uint4 raw[B][C];
+#pragma unroll
+    for (int b = 0; b < B; b++)
+#pragma unroll
+      for (int j = 0; j < C; j++) raw[b][j] = load_streaming(wr[j] + c + 32 * b);
+#pragma unroll
+    for (int b = 0; b < B; b++) accumulate(raw[b], c + 32 * b);
+  }
+  for (; c < chunks; c += 32) {
+    uint4 raw[C];
+#pragma unroll
+    for (int j = 0; j < C; j++) raw[j] = load_streaming(wr[j] + c);
+    accumulate(raw, c);
+  }
+#pragma unroll
+  for (int r = 0; r < M; r++)
+#pragma unroll
+    for (int j = 0; j < C; j++) {
+      float v = acc[r][j];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+      const int col = col0 + j;
+      if (lane == 0 && col < n) {
+        v = rounded<T>(v);
+        if (bias) v = rounded<T>(v + to_f(bias[col]));
+        y[(size_t)r * n + col] = from_f<T>(activate(v, act));
+      }
+    }
 }
 
 // Grid (tokens, ceil(heads · hd / blockDim)): one (head, dim) per thread. qkv: [tokens, heads, 3, hd] (HF's query_key_value rows), bias [heads·3·hd]
@@ -264,6 +367,25 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
     paged_attention<T>(q, k_arena, v_arena, blocks, seq_of, len_of, out, heads, hd, arena_len, max_blocks,    \
                        block_size, scale);                                                                    \
   }
+
+// Columns a warp owns by row count, as measured on an H100 over the 20B shapes
+// (worker/benches/gpu_gemv.rs): one for a single row, two beyond (four lost at every count
+// up to 7). Past 6 rows cuBLAS is as fast, so there are no kernels for them.
+#define INSTANTIATE_GEMV(T, S, M, C)                                                                          \
+  extern "C" __global__ void gemv##M##_##S(const T *x, const T *w, const T *bias, T *y, int n, int k, int act) { \
+    gemv<T, M, C>(x, w, bias, y, n, k, act);                                                                  \
+  }
+#define INSTANTIATE_GEMVS(T, S)                                                                               \
+  INSTANTIATE_GEMV(T, S, 1, 1)                                                                                \
+  INSTANTIATE_GEMV(T, S, 2, 2)                                                                                \
+  INSTANTIATE_GEMV(T, S, 3, 2)                                                                                \
+  INSTANTIATE_GEMV(T, S, 4, 2)                                                                                \
+  INSTANTIATE_GEMV(T, S, 5, 2)                                                                                \
+  INSTANTIATE_GEMV(T, S, 6, 2)
+
+INSTANTIATE_GEMVS(float, f32)
+INSTANTIATE_GEMVS(__half, f16)
+INSTANTIATE_GEMVS(__nv_bfloat16, bf16)
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)

@@ -19,7 +19,7 @@ LOGS=${OUT:-/tmp}
 BENCH=0
 [ "${1:-}" = "--bench" ] && BENCH=1
 # shellcheck source=gpu-env.sh
-. worker/scripts/gpu-env.sh neox-worker gpu-tests neox
+. worker/scripts/gpu-env.sh neox-worker gpu-tests neox gpu-gemv-bench
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
 echo "missing libraries:"; ldd "$BIN/neox-worker" | grep "not found" || echo "  none"
 df -h / /tmp /dev/shm 2>/dev/null; free -g
@@ -168,6 +168,8 @@ bench() {
   python3 worker/benches/gpu_20b.py --worker "$BIN/neox-worker" --dir "$CKPT" --out "$LOGS" "${@}"
 }
 [ $BENCH = 1 ] && check "20B-shaped benchmark beside HF transformers" bench "${@:2}"
+# After it: the checkpoint writer holds the GPU's memory while it runs.
+[ $BENCH = 1 ] && check "the GEMV kernels beside cuBLAS on the 20B matrix shapes" timeout 300 "$BIN/gpu-gemv-bench"
 
 echo
 echo "== figures"

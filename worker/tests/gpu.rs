@@ -247,6 +247,109 @@ fn sampling_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// The decode GEMV kernel against dot products in f64 on the host, over the same (rounded)
+/// inputs: every row count it takes (1..=GEMV_MAX_ROWS), k below one chunk per lane up to the 20B width,
+/// with and without the bias-and-GELU epilogue; and what it leaves to cuBLAS. Bounds: a few roundings to the dtype (f16's
+/// unit roundoff is 4.9e-4, bf16's 3.9e-3) of the largest output, and f32 summation order.
+#[test]
+fn gemv_matches_host_dot_products_for_every_row_count() {
+    use neox_worker::model::{gemv, Activation, GEMV_MAX_ROWS};
+    let dev = gpu();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let gelu = |v: f64| 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2));
+    for (dtype, bound) in [(DType::F32, 1e-5f64), (DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+        for (n, k) in [(300, 6144), (77, 200), (33, 24)] {
+            let w = Tensor::from_vec(random(n * k), (n, k), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bias = Tensor::from_vec(random(n), n, &dev).unwrap().to_dtype(dtype).unwrap();
+            let (wh, bh) = (flat_f32(&w), flat_f32(&bias));
+            for rows in 1..=GEMV_MAX_ROWS {
+                let x = Tensor::from_vec(random(rows * k), (rows, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let xh = flat_f32(&x);
+                for epilogue in [false, true] {
+                    let (b, act) = if epilogue {
+                        (Some(&bias), Some(Activation::GeluErf))
+                    } else {
+                        (None, None)
+                    };
+                    let y = gemv(&x, &w, b, act, GEMV_MAX_ROWS)
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{dtype:?} {rows}x{k} · {n}x{k}: the GEMV kernel did not take it"));
+                    assert_eq!(y.dims(), &[rows, n]);
+                    let got = flat_f32(&y);
+                    let want: Vec<f64> = (0..rows * n)
+                        .map(|i| {
+                            let (r, c) = (i / n, i % n);
+                            let dot: f64 = (0..k).map(|j| xh[r * k + j] as f64 * wh[c * k + j] as f64).sum();
+                            if epilogue {
+                                gelu(dot + bh[c] as f64)
+                            } else {
+                                dot
+                            }
+                        })
+                        .collect();
+                    let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+                        / scale;
+                    assert!(
+                        err <= bound,
+                        "{dtype:?} {rows}x{k} · {n}x{k} (epilogue {epilogue}): relative error {err:.2e} > {bound:.0e}"
+                    );
+                }
+            }
+        }
+    }
+    // What it leaves to cuBLAS: more rows than it has kernels for, an input not on 16 bytes.
+    let w = Tensor::zeros((16, 64), DType::F16, &dev).unwrap();
+    let more = Tensor::zeros((GEMV_MAX_ROWS + 1, 64), DType::F16, &dev).unwrap();
+    assert!(gemv(&more, &w, None, None, GEMV_MAX_ROWS + 1).unwrap().is_none());
+    let flat = Tensor::zeros(65, DType::F16, &dev).unwrap();
+    let shifted = flat.narrow(0, 1, 64).unwrap().reshape((1, 64)).unwrap();
+    assert!(gemv(&shifted, &w, None, None, GEMV_MAX_ROWS).unwrap().is_none());
+    assert!(gemv(&more.narrow(0, 0, 1).unwrap(), &w, None, None, 0)
+        .unwrap()
+        .is_none());
+}
+
+/// erf in f64 for the GELU reference (std has none): the Maclaurin series below 3, where its
+/// terms stay small enough not to cancel, and erfc's asymptotic series beyond (error < 1e-8).
+fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let value = if a < 3.0 {
+        let (mut term, mut sum) = (a, a);
+        for n in 1..200 {
+            term *= -a * a / n as f64;
+            let t = term / (2 * n + 1) as f64;
+            sum += t;
+            if t.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let y = 1.0 / (2.0 * a * a);
+        let series = 1.0 - y + 3.0 * y * y - 15.0 * y * y * y + 105.0 * y.powi(4);
+        1.0 - (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * series
+    };
+    value.copysign(x)
+}
+
 fn flat_f32(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
         .unwrap()

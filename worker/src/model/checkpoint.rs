@@ -54,6 +54,10 @@ pub enum Slice {
 pub struct Checkpoint {
     files: Vec<File>,
     index: HashMap<String, usize>,
+    /// Stages tensors bound for a CUDA device (made at the first; its Drop waits for the
+    /// last copies).
+    #[cfg(feature = "cuda")]
+    uploader: std::sync::Mutex<Option<super::upload::Uploader>>,
 }
 
 fn parse_file(name: String, bytes: Bytes) -> Result<File, ModelError> {
@@ -153,7 +157,12 @@ impl Checkpoint {
                 index.insert(name.clone(), i);
             }
         }
-        Self { files, index }
+        Self {
+            files,
+            index,
+            #[cfg(feature = "cuda")]
+            uploader: std::sync::Mutex::new(None),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -240,7 +249,26 @@ impl Checkpoint {
                 (out.into(), vec![rows, len])
             }
         };
-        let t = Tensor::from_raw_buffer(&bytes, src_dtype, &shape, device).map_err(|e| err(e.to_string()))?;
+        let t = self
+            .to_device(&bytes, src_dtype, &shape, device)
+            .map_err(|e| err(e.to_string()))?;
         t.to_dtype(dtype).map_err(|e| err(e.to_string()))
+    }
+
+    fn to_device(&self, bytes: &[u8], dtype: DType, shape: &[usize], device: &Device) -> Result<Tensor, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            let mut uploader = self
+                .uploader
+                .lock()
+                .map_err(|_| ModelError::Internal("a weight upload panicked".into()))?;
+            if uploader.is_none() {
+                *uploader = Some(super::upload::Uploader::new(dev)?);
+            }
+            if let Some(u) = uploader.as_mut() {
+                return u.upload(bytes, dtype, shape);
+            }
+        }
+        Ok(Tensor::from_raw_buffer(bytes, dtype, shape, device)?)
     }
 }

@@ -21,6 +21,13 @@ const NORM_THREADS: u32 = 1024;
 pub(super) const MAX_HIDDEN: usize = 16 * NORM_THREADS as usize;
 /// Shared memory a block may use without opting in to more.
 const SHARED_LIMIT: usize = 48 * 1024;
+/// Most rows of `x` the GEMV kernels take (`gemv1` .. `gemv6` in the .cu file): past 6 rows
+/// cuBLAS reads the weights as fast (measured on an H100, worker/benches/gpu_gemv.rs).
+pub const GEMV_MAX_ROWS: usize = 6;
+/// Output columns a warp of `gemvM` owns, by M - 1 (as instantiated in the .cu file).
+const GEMV_COLS_PER_WARP: [usize; GEMV_MAX_ROWS] = [1, 2, 2, 2, 2, 2];
+/// Warps (output columns) of a `gemv` block.
+const GEMV_WARPS: u32 = 4;
 
 /// Whether the kernels handle this dtype.
 pub(super) fn supports(dtype: DType) -> bool {
@@ -131,6 +138,87 @@ fn check_shape(t: &Tensor, want: &[usize], what: &str) -> Result<(), ModelError>
     Ok(())
 }
 
+/// Up to how many rows a linear layer takes `gemv` rather than cuBLAS: [`GEMV_MAX_ROWS`], or
+/// `NEOX_GEMV_MAX_ROWS` (0: always cuBLAS, for side-by-side figures).
+pub(super) fn gemv_max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("NEOX_GEMV_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map_or(GEMV_MAX_ROWS, |n: usize| n.min(GEMV_MAX_ROWS))
+    })
+}
+
+/// `act(x · wᵀ + bias)` for `x` `[.., k]` of at most `max_rows` rows and `w` `[n, k]` through the
+/// GEMV kernel, or `None` where it does not apply (more rows, a dtype or device it has no
+/// kernel for, a `k` or an address not on 16 bytes): the caller then uses cuBLAS.
+pub fn gemv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<Activation>,
+    max_rows: usize,
+) -> Result<Option<Tensor>, ModelError> {
+    let Ok((n, k)) = w.dims2() else {
+        return Ok(None);
+    };
+    let dtype = w.dtype();
+    let elems_per_load = 16 / dtype.size_in_bytes();
+    let rows = x.elem_count() / k.max(1);
+    let takes = supports(dtype)
+        && x.dtype() == dtype
+        && x.device().is_cuda()
+        && w.is_contiguous()
+        && x.dim(x.rank().saturating_sub(1))? == k
+        && k.is_multiple_of(elems_per_load)
+        && (1..=max_rows.min(GEMV_MAX_ROWS)).contains(&rows);
+    if !takes {
+        return Ok(None);
+    }
+    if let Some(b) = bias {
+        check_shape(b, &[n], "a linear layer's bias")?;
+    }
+    let x = x.contiguous()?;
+    let (xp, wp) = (ptr(&x)?, ptr(w)?);
+    if xp % 16 != 0 || wp % 16 != 0 {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    let y = output(&dims, &x)?;
+    let cols_per_warp = GEMV_COLS_PER_WARP[rows - 1];
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(GEMV_WARPS as usize * cols_per_warp) as u32, 1, 1),
+        block_dim: (32 * GEMV_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let args = [
+        Arg::U64(xp),
+        Arg::U64(wp),
+        Arg::U64(opt_ptr(bias)?),
+        Arg::U64(ptr(&y)?),
+        Arg::I32(as_i32(n, "output features")?),
+        Arg::I32(as_i32(k, "input features")?),
+        Arg::I32(act.map_or(-1, activation_code)),
+    ];
+    if n > 0 {
+        launch(w, &format!("gemv{rows}"), cfg, &args)?;
+    }
+    Ok(Some(y))
+}
+
+/// The kernels' code of an activation (`activate` in the .cu file).
+fn activation_code(act: Activation) -> i32 {
+    match act {
+        Activation::GeluErf => 0,
+        Activation::GeluTanh => 1,
+        Activation::Relu => 2,
+    }
+}
+
 /// A layer norm's weight and bias.
 pub(super) type Norm<'a> = (&'a Tensor, &'a Tensor);
 
@@ -220,12 +308,7 @@ pub(super) fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Re
         Arg::U64(ptr(&y)?),
         Arg::U64(n as u64),
         Arg::I32(as_i32(cols, "MLP width")?),
-        // The kernel's codes.
-        Arg::I32(match act {
-            Activation::GeluErf => 0,
-            Activation::GeluTanh => 1,
-            Activation::Relu => 2,
-        }),
+        Arg::I32(activation_code(act)),
     ];
     if n > 0 {
         launch(x, "bias_act", cfg, &args)?;

@@ -73,6 +73,10 @@ impl Linear {
                 x.device()
             ))),
             Weight::Dense { weight, bias } => {
+                #[cfg(feature = "cuda")]
+                if let Some(y) = super::fused::gemv(x, weight, bias.as_ref(), None, super::fused::gemv_max_rows())? {
+                    return Ok(y);
+                }
                 let y = x.matmul(&weight.t()?)?;
                 Ok(match bias {
                     Some(b) => y.broadcast_add(b)?,
@@ -85,8 +89,28 @@ impl Linear {
     /// `x · Wᵀ` alone, for a caller that fuses the bias into its next kernel ([`Self::bias`]).
     #[cfg(feature = "cuda")]
     pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let weight = self.dense()?;
+        match super::fused::gemv(x, weight, None, None, super::fused::gemv_max_rows())? {
+            Some(y) => Ok(y),
+            None => Ok(x.matmul(&weight.t()?)?),
+        }
+    }
+
+    /// `act(x · Wᵀ + b)`: in the GEMV kernel's epilogue when it takes `x`, else cuBLAS and the
+    /// fused bias-and-activation kernel.
+    #[cfg(feature = "cuda")]
+    pub fn forward_act(&self, x: &Tensor, act: super::Activation) -> Result<Tensor, ModelError> {
+        let weight = self.dense()?;
+        if let Some(y) = super::fused::gemv(x, weight, self.bias(), Some(act), super::fused::gemv_max_rows())? {
+            return Ok(y);
+        }
+        super::fused::bias_act(&x.matmul(&weight.t()?)?, self.bias(), act)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn dense(&self) -> Result<&Tensor, ModelError> {
         match &self.weight {
-            Weight::Dense { weight, .. } => Ok(x.matmul(&weight.t()?)?),
+            Weight::Dense { weight, .. } => Ok(weight),
             Weight::Packed { .. } => Err(ModelError::Internal("packed CPU weights have no unfused form".into())),
         }
     }

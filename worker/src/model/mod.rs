@@ -11,10 +11,15 @@ mod linear;
 mod neox;
 mod paged_kv;
 mod tokenizer;
+#[cfg(feature = "cuda")]
+mod upload;
 
 pub use builtin::{builtin_names, BUILTIN_DEFAULT};
 pub use checkpoint::{Checkpoint, Slice};
 pub use config::{Activation, NeoXConfig};
+/// The decode GEMV kernels, public for the GPU tests and the GEMV benchmark.
+#[cfg(feature = "cuda")]
+pub use fused::{gemv, GEMV_MAX_ROWS};
 pub use kv_cache::SequenceCache;
 pub use neox::{GptNeoX, LogitsWanted, SeqStep};
 pub use paged_kv::KvPool;
@@ -196,7 +201,15 @@ pub fn load(spec: &str, dtype: DType, device: &Device, rank: RankInfo) -> Result
     };
     let config = NeoXConfig::from_json(&config_text)?;
     let tokenizer = NeoXTokenizer::from_bytes(&tokenizer_bytes, config.eos_token_id)?;
+    let started = std::time::Instant::now();
     let model = GptNeoX::load(&config, &checkpoint, dtype, device, rank)?;
+    drop(checkpoint);
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "loaded {:.2} GB of weights onto {device:?} in {secs:.2} s ({:.1} GB/s)",
+        model.weight_bytes() as f64 / 1e9,
+        model.weight_bytes() as f64 / 1e9 / secs.max(1e-9)
+    );
     let model = model.with_sampleable_vocab(tokenizer.vocab_size().min(config.vocab_size));
     Ok(LoadedModel { name, model, tokenizer })
 }

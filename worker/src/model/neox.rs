@@ -897,10 +897,8 @@ impl GptNeoX {
             let normed_mlp = n2
                 .take()
                 .ok_or_else(|| ModelError::Internal("a layer without its MLP layer norm".into()))?;
-            let up = layer.mlp_up.forward_without_bias(&normed_mlp)?;
-            let mlp = layer
-                .mlp_down
-                .forward(&fused::bias_act(&up, layer.mlp_up.bias(), self.config.activation)?)?;
+            let up = layer.mlp_up.forward_act(&normed_mlp, self.config.activation)?;
+            let mlp = layer.mlp_down.forward(&up)?;
             let (next1, next2, eps) = match self.layers.get(li + 1) {
                 Some(next) => (norm(&next.ln_attn), Some(norm(&next.ln_mlp)), next.ln_attn.eps),
                 None => (norm(&self.final_ln), None, self.final_ln.eps),
