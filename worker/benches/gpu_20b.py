@@ -240,7 +240,7 @@ def main():
     def run_worker(name, env_extra):
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.worker_timeout,
-                               env={**os.environ, **env_extra})
+                               env={**os.environ, "NEOX_LOG": "info", **env_extra})
         except subprocess.TimeoutExpired:
             failures.append(f"neox-worker bench ({name}) ran past {a.worker_timeout} s")
             print(failures[-1], flush=True)
@@ -250,6 +250,10 @@ def main():
             failures.append(f"neox-worker bench ({name}) exited {r.returncode}")
             print(failures[-1], flush=True)
             return None
+        if a.out:
+            # Its log: where the load time went (weights staged, host copies, waits).
+            with open(os.path.join(a.out, f"{name}.log"), "w") as f:
+                f.write(r.stderr)
         res = json.loads(r.stdout.strip().splitlines()[-1])
         # The worker reports device memory in use; this process' context was there before.
         res["peak_memory_bytes"] = max(res["peak_memory_bytes"] - baseline, 0)

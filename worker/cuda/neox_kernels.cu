@@ -11,7 +11,7 @@
 //                   keys through its block table (no gather, no mask);
 //   bias_act        the MLP's bias and activation.
 // and one for the matmuls themselves when a step has only a few rows:
-//   gemv            y = act(x·Wᵀ + bias) for up to 6 rows of x, each weight read once with
+//   gemv            y = act(x·Wᵀ + bias) for up to 3 rows of x, each weight read once with
 //                   16-byte loads that bypass L1 (cuBLAS's batch-1 GEMVs stay further from
 //                   the bandwidth floor and add a split-K reduction kernel).
 // Every kernel computes in f32 and rounds once to the storage type. Pointers are __restrict__:
@@ -154,9 +154,6 @@ template <> __device__ __forceinline__ void widen<__half>(const uint4 &raw, floa
   }
 }
 
-// Weight loads in flight per lane before any is used: 4 (times 16 bytes, times 32 lanes), with
-// enough warps resident to cover HBM's latency at full bandwidth.
-#define GEMV_LOADS 4
 
 // y [M, n] = act(x [M, k] · w [n, k]ᵀ + bias [n]). A warp owns C output columns (rows of w),
 // its lanes striding over k in 16-byte chunks; each x chunk, read from L1, serves all C
@@ -164,10 +161,12 @@ template <> __device__ __forceinline__ void widen<__half>(const uint4 &raw, floa
 // per weight byte (L1, not HBM, limits a warp with one column and 8 rows). x, w 16-byte
 // aligned and k a multiple of 16 / sizeof(T) (the host checks). Rounds as the unfused path
 // does: the product to T, then the bias sum to T.
-template <typename T, int M, int C>
+// LOADS: weight loads in flight per lane before any is used (times 16 bytes, times 32 lanes),
+// with enough warps resident to cover HBM's latency at full bandwidth.
+template <typename T, int M, int C, int LOADS>
 __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ bias, T *__restrict__ y, int n, int k, int act) {
   constexpr int V = 16 / sizeof(T);
-  constexpr int B = GEMV_LOADS / C > 0 ? GEMV_LOADS / C : 1;
+  constexpr int B = LOADS / C > 0 ? LOADS / C : 1;
   const int lane = threadIdx.x % 32;
   const int col0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * C;
   if (col0 >= n) return;
@@ -368,20 +367,18 @@ __device__ void paged_attention(const T *__restrict__ q, const T *__restrict__ k
                        block_size, scale);                                                                    \
   }
 
-// Columns a warp owns by row count, as measured on an H100 over the 20B shapes
-// (worker/benches/gpu_gemv.rs): one for a single row, two beyond (four lost at every count
-// up to 7). Past 6 rows cuBLAS is as fast, so there are no kernels for them.
-#define INSTANTIATE_GEMV(T, S, M, C)                                                                          \
+// Columns a warp owns and loads in flight by row count, as measured on an H100 over the 20B
+// shapes (worker/benches/gpu_gemv.rs, results/h100-session16): one column for a single row,
+// two beyond (four lost at every count up to 7); 8 loads rather than 4 gained 1-2% at one and
+// two rows. From 4 rows on cuBLAS is as fast (0.96-1.00x), so there are no kernels for them.
+#define INSTANTIATE_GEMV(T, S, M, C, L)                                                                       \
   extern "C" __global__ void gemv##M##_##S(const T *x, const T *w, const T *bias, T *y, int n, int k, int act) { \
-    gemv<T, M, C>(x, w, bias, y, n, k, act);                                                                  \
+    gemv<T, M, C, L>(x, w, bias, y, n, k, act);                                                               \
   }
 #define INSTANTIATE_GEMVS(T, S)                                                                               \
-  INSTANTIATE_GEMV(T, S, 1, 1)                                                                                \
-  INSTANTIATE_GEMV(T, S, 2, 2)                                                                                \
-  INSTANTIATE_GEMV(T, S, 3, 2)                                                                                \
-  INSTANTIATE_GEMV(T, S, 4, 2)                                                                                \
-  INSTANTIATE_GEMV(T, S, 5, 2)                                                                                \
-  INSTANTIATE_GEMV(T, S, 6, 2)
+  INSTANTIATE_GEMV(T, S, 1, 1, 8)                                                                             \
+  INSTANTIATE_GEMV(T, S, 2, 2, 8)                                                                             \
+  INSTANTIATE_GEMV(T, S, 3, 2, 4)
 
 INSTANTIATE_GEMVS(float, f32)
 INSTANTIATE_GEMVS(__half, f16)

@@ -82,7 +82,7 @@ serve() {
   local grpc=$1 metrics=$2
   shift 2
   stop_server
-  "$BIN/neox-worker" serve --device cuda --dtype fp32 --grpc-addr "127.0.0.1:$grpc" \
+  NEOX_LOG=info "$BIN/neox-worker" serve --device cuda --dtype fp32 --grpc-addr "127.0.0.1:$grpc" \
     --metrics-addr "127.0.0.1:$metrics" --http-addr off "$@" >"$LOGS/serve-$grpc.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 240); do
@@ -106,7 +106,13 @@ ALONE=""
 
 serving() {
   serve 50091 9491 || return 1
-  local i got pids=() hits first second long
+  local i got pids=() hits first second long t0
+  grep -h "warmed up\|loaded .* of weights\|staged" "$LOGS/serve-50091.log"
+  # The warm-up compiled the kernels' PTX before health said SERVING: a first request is fast.
+  t0=$(date +%s.%N)
+  "$BIN/neox" --addr http://127.0.0.1:50091 generate $'ROMEO:\n' --max-new-tokens 40 --ignore-eos --temperature 0.8 \
+    --top-k 40 --seed 1 --json >/dev/null || return 1
+  echo "FIGURE first request after start-up (40 tokens, sampled): $(python3 -c "import time; print(f'{time.time() - $t0:.2f}')") s"
   for i in $(seq 1 8); do
     "$BIN/neox" --addr http://127.0.0.1:50091 generate $'ROMEO:\n' --max-new-tokens 40 --json >"/tmp/neox-gpu-gen-$i.json" &
     pids+=($!)

@@ -290,6 +290,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .context("allocating the paged KV pool")?;
     }
     tracing::info!(paged, blocks = blocks.total(), "KV cache layout");
+    if runner.model().device().is_cuda() {
+        warm_up(runner.as_mut()).context("warming up the CUDA kernels")?;
+    }
     let metrics = Metrics::new().context("creating metrics")?;
     let tokenizer = Arc::new(group.tokenizer.clone());
     let (handle, engine_thread) = engine::start(runner, tokenizer.clone(), config, metrics.clone());
@@ -316,4 +319,30 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
         Exit::GroupFailed => bail!("the worker group failed; exiting so the group restarts as a unit"),
     }
+}
+
+/// Runs every kind of step once before the worker reports ready. The first launch of a CUDA
+/// kernel compiles its module's PTX for the device (measured on an H100: 15 s at start-up and
+/// 5 s more at the first use of another path, with an empty driver cache), which belongs in
+/// start-up, not in a user's first request. Two prompts, one longer than the fused kernels
+/// take, so both prefill paths run; greedy and filtered sampling on the device.
+fn warm_up(runner: &mut dyn neox_worker::shard::StepRunner) -> Result<()> {
+    let started = std::time::Instant::now();
+    let long = (runner.model().config().max_position_embeddings.saturating_sub(4)).min(80);
+    let prompts = [vec![0u32; 3], vec![0u32; long.max(1)]];
+    engine::generate_batch(runner, &prompts, &engine::OfflineOptions::greedy(3))?;
+    let filtered = engine::OfflineOptions {
+        sampling: engine::SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        },
+        place: SamplingPlace::Device,
+        ..engine::OfflineOptions::greedy(2)
+    };
+    engine::generate_batch(runner, &prompts, &filtered)?;
+    tracing::info!(secs = started.elapsed().as_secs_f64(), "warmed up the CUDA kernels");
+    Ok(())
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 
 use super::ModelError;
@@ -241,12 +242,19 @@ impl Checkpoint {
                 if c0 + len > cols {
                     return Err(err(format!("columns {c0}..{} out of {cols}", c0 + len)));
                 }
-                let mut out = Vec::with_capacity(rows * len * elem);
-                for r in 0..rows {
-                    let base = (r * cols + c0) * elem;
-                    out.extend_from_slice(&data[base..base + len * elem]);
+                if c0 == 0 && len == cols {
+                    // One rank's "slice" is the whole tensor: no copy (a single-threaded one
+                    // was 12 of the 20B model's 15 s load on an H100).
+                    (data.into(), info.shape.clone())
+                } else {
+                    let row_bytes = len * elem;
+                    let mut out = vec![0u8; rows * row_bytes];
+                    out.par_chunks_mut(row_bytes.max(1)).enumerate().for_each(|(r, dst)| {
+                        let base = (r * cols + c0) * elem;
+                        dst.copy_from_slice(&data[base..base + row_bytes]);
+                    });
+                    (out.into(), vec![rows, len])
                 }
-                (out.into(), vec![rows, len])
             }
         };
         let t = self

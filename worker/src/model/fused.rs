@@ -21,11 +21,11 @@ const NORM_THREADS: u32 = 1024;
 pub(super) const MAX_HIDDEN: usize = 16 * NORM_THREADS as usize;
 /// Shared memory a block may use without opting in to more.
 const SHARED_LIMIT: usize = 48 * 1024;
-/// Most rows of `x` the GEMV kernels take (`gemv1` .. `gemv6` in the .cu file): past 6 rows
+/// Most rows of `x` the GEMV kernels take (`gemv1` .. `gemv3` in the .cu file): from 4 rows on
 /// cuBLAS reads the weights as fast (measured on an H100, worker/benches/gpu_gemv.rs).
-pub const GEMV_MAX_ROWS: usize = 6;
+pub const GEMV_MAX_ROWS: usize = 3;
 /// Output columns a warp of `gemvM` owns, by M - 1 (as instantiated in the .cu file).
-const GEMV_COLS_PER_WARP: [usize; GEMV_MAX_ROWS] = [1, 2, 2, 2, 2, 2];
+const GEMV_COLS_PER_WARP: [usize; GEMV_MAX_ROWS] = [1, 2, 2];
 /// Warps (output columns) of a `gemv` block.
 const GEMV_WARPS: u32 = 4;
 

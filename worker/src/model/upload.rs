@@ -30,6 +30,11 @@ pub(super) struct Uploader {
     /// When the last copy out of each buffer is done (none yet: free).
     copied: [Option<CudaEvent>; 2],
     next: usize,
+    /// Bytes staged, and the time spent copying them on the host and waiting for free buffers.
+    bytes: usize,
+    host_copy: std::time::Duration,
+    waited: std::time::Duration,
+    started: std::time::Instant,
 }
 
 fn device_error(what: &str, e: impl std::fmt::Display) -> ModelError {
@@ -50,6 +55,10 @@ impl Uploader {
             stream,
             copied: [None, None],
             next: 0,
+            bytes: 0,
+            host_copy: Default::default(),
+            waited: Default::default(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -99,6 +108,7 @@ impl Uploader {
     fn copy_chunk(&mut self, chunk: &[u8], to: u64) -> Result<(), ModelError> {
         let b = self.next;
         self.next = 1 - b;
+        let t = std::time::Instant::now();
         if let Some(done) = self.copied[b].take() {
             done.synchronize()
                 .map_err(|e| device_error("waiting for a weight copy", e))?;
@@ -107,10 +117,14 @@ impl Uploader {
             .as_mut_slice()
             .map_err(|e| device_error("staging a weight", e))?;
         let staging = &mut staging[..chunk.len()];
+        let copying = std::time::Instant::now();
+        self.waited += copying - t;
         staging
             .par_chunks_mut(PIECE_BYTES)
             .zip(chunk.par_chunks(PIECE_BYTES))
             .for_each(|(d, s)| d.copy_from_slice(s));
+        self.host_copy += copying.elapsed();
+        self.bytes += chunk.len();
         // SAFETY: `to` lies inside the allocation `copy_typed` made for these bytes; the
         // staging buffer is not written again before `copied[b]` says this copy is done, nor
         // freed before `Drop` waits for every copy.
@@ -133,5 +147,12 @@ impl Drop for Uploader {
                 tracing::error!("waiting for the last weight copies: {e}");
             }
         }
+        tracing::info!(
+            "staged {:.2} GB in {:.2} s: {:.2} s copying on the host, {:.2} s waiting for the device",
+            self.bytes as f64 / 1e9,
+            self.started.elapsed().as_secs_f64(),
+            self.host_copy.as_secs_f64(),
+            self.waited.as_secs_f64()
+        );
     }
 }
