@@ -327,10 +327,20 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 /// start-up, not in a user's first request. Two prompts, one longer than the fused kernels
 /// take, so both prefill paths run; greedy and filtered sampling on the device.
 fn warm_up(runner: &mut dyn neox_worker::shard::StepRunner) -> Result<()> {
+    const NEW_TOKENS: usize = 3;
     let started = std::time::Instant::now();
-    let long = (runner.model().config().max_position_embeddings.saturating_sub(4)).min(80);
-    let prompts = [vec![0u32; 3], vec![0u32; long.max(1)]];
-    engine::generate_batch(runner, &prompts, &engine::OfflineOptions::greedy(3))?;
+    // Prompt and new tokens must fit the context, however small.
+    let room = runner
+        .model()
+        .config()
+        .max_position_embeddings
+        .saturating_sub(NEW_TOKENS);
+    if room == 0 {
+        return Ok(());
+    }
+    let long = (neox_worker::model::FUSED_MAX_NEW + 16).min(room);
+    let prompts = [vec![0u32; NEW_TOKENS.min(room)], vec![0u32; long]];
+    engine::generate_batch(runner, &prompts, &engine::OfflineOptions::greedy(NEW_TOKENS))?;
     let filtered = engine::OfflineOptions {
         sampling: engine::SamplingParams {
             temperature: 0.8,

@@ -270,12 +270,11 @@ impl Checkpoint {
                 .uploader
                 .lock()
                 .map_err(|_| ModelError::Internal("a weight upload panicked".into()))?;
-            if uploader.is_none() {
-                *uploader = Some(super::upload::Uploader::new(dev)?);
-            }
-            if let Some(u) = uploader.as_mut() {
-                return u.upload(bytes, dtype, shape);
-            }
+            let u = match uploader.as_mut() {
+                Some(u) => u,
+                None => uploader.insert(super::upload::Uploader::new(dev)?),
+            };
+            return u.upload(bytes, dtype, shape);
         }
         Ok(Tensor::from_raw_buffer(bytes, dtype, shape, device)?)
     }

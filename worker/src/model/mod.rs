@@ -21,7 +21,7 @@ pub use config::{Activation, NeoXConfig};
 #[cfg(feature = "cuda")]
 pub use fused::{gemv, GEMV_MAX_ROWS};
 pub use kv_cache::SequenceCache;
-pub use neox::{GptNeoX, LogitsWanted, SeqStep};
+pub use neox::{GptNeoX, LogitsWanted, SeqStep, FUSED_MAX_NEW};
 pub use paged_kv::KvPool;
 pub use tokenizer::{IncrementalDecoder, NeoXTokenizer};
 

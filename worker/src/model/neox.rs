@@ -97,8 +97,7 @@ pub struct GptNeoX {
 /// Most new tokens a sequence may feed for its step to take the fused kernels: their attention
 /// runs one block per token and head, which suits decode and speculative verification, not
 /// long prompts (those run as batched matmuls).
-#[cfg(feature = "cuda")]
-const FUSED_MAX_NEW: usize = 64;
+pub const FUSED_MAX_NEW: usize = 64;
 
 /// Whether the fused CUDA kernels can run this model (`NEOX_UNFUSED=1` turns them off, for
 /// side-by-side benchmarks and bisecting).

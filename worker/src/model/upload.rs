@@ -3,9 +3,10 @@
 //! candle's `from_slice` copies from pageable memory: the driver stages it through a small
 //! buffer of its own and returns only when the copy is done, so the host side (page faults
 //! on the memory-mapped checkpoint, then a copy) and the DMA never overlap, one tensor at a
-//! time. Measured on an H100 with the 20B checkpoint in RAM that loaded 41 GB in 20-22 s,
-//! where HF transformers took 8-9 s. Here the host copies a chunk into one of two pinned
-//! buffers, on every core of the compute pool, while the device reads the other.
+//! time. Here the host copies a chunk into one of two pinned buffers, on every core of the
+//! compute pool, while the device reads the other. Measured on an H100 (checkpoint in RAM):
+//! 41 GB staged in 2.1 s (19 GB/s); loading an 8-layer 20B-wide model (8.5 GB) took 3.7 s this
+//! way against 5.0-5.4 s through `from_slice`, while a since-removed copy took 2.4 s of each.
 
 use std::sync::Arc;
 
